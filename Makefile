@@ -1,0 +1,81 @@
+# meshwright: everything a fresh Debian 12 machine needs, as root, from two commands:
+#   make demo    bring the default lab up (later: converge the mesh on it)
+#   make test    everything CI runs
+# Every step is idempotent and cached.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV := .venv
+BIN := $(VENV)/bin
+CACHE := .cache
+COLLECTION := $(CACHE)/collections/ansible_collections/containers/podman
+export CONTAINERS_CONF := $(CURDIR)/src/meshwright/lab/containers.conf
+export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/$(CACHE)/collections
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+DEB_PACKAGES := podman runc netavark aardvark-dns uidmap fuse-overlayfs debootstrap \
+	wireguard-tools wireguard-go iproute2 nftables iptables conntrack tcpdump iperf3 \
+	ca-certificates python3-venv
+
+.PHONY: help setup deb venv collections image demo demo-down test lint unit lab-test clean
+
+help:
+	@echo "make demo       bring the default lab up and show it   (make demo-down removes it)"
+	@echo "make test       lint, unit and lab tests: everything CI runs"
+	@echo "make setup      only install what the two above need"
+
+setup: deb venv collections image
+
+deb:
+	@missing=$$(for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:" $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: requirements.lock pyproject.toml
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
+	touch $@
+
+collections: $(COLLECTION)/MANIFEST.json
+$(COLLECTION)/MANIFEST.json: requirements-collections.txt | venv
+	$(BIN)/pip download -q --disable-pip-version-check --no-deps --require-hashes \
+	  -r requirements-collections.txt -d $(CACHE)/wheels
+	rm -rf $(COLLECTION)
+	$(BIN)/python -c 'import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); \
+	  [z.extract(n, sys.argv[2]) for n in z.namelist() \
+	   if n.startswith("ansible_collections/containers/podman/")]' \
+	  $(CACHE)/wheels/ansible-12.3.0-py3-none-any.whl $(CACHE)/collections
+	test -f $@ && touch $@
+
+image: deb venv
+	$(BIN)/meshwright lab image
+
+demo: setup
+	$(BIN)/meshwright lab up
+
+demo-down: venv
+	$(BIN)/meshwright lab down
+
+lint: venv collections
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/ansible-lint --profile production
+
+unit: venv
+	$(BIN)/pytest -q tests/unit
+
+lab-test: setup
+	$(BIN)/pytest -q tests/lab
+
+test: setup lint
+	$(BIN)/pytest -q tests
+
+clean: demo-down
+	rm -rf $(CACHE) $(VENV)

@@ -1,0 +1,99 @@
+"""The `meshwright` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from meshwright.lab.topology import TopologyError
+
+DEFAULT_TOPOLOGY = Path("inventory/lab/topology.yml")
+DEFAULT_INVENTORY = Path("inventory/lab/hosts.yml")
+
+
+def _lab(args: argparse.Namespace) -> int:
+    from meshwright.lab import image, podman, runner
+
+    try:
+        if args.action == "image":
+            print(image.ensure_image())
+            return 0
+        topology = runner.read_topology(args.topology, args.name)
+        inventory = None if args.no_inventory else args.inventory
+        if args.action == "up":
+            runner.up(topology, inventory)
+            if not args.quiet:
+                _print_status(runner.status(topology.name))
+        elif args.action == "down":
+            runner.down(topology.name, inventory)
+        elif args.action == "status":
+            rows = runner.status(topology.name)
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            else:
+                _print_status(rows)
+    except TopologyError as exc:
+        print(f"{args.topology}: {exc}", file=sys.stderr)
+        return 2
+    except podman.PodmanError as exc:
+        print(f"lab: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_status(rows: list[dict]) -> None:
+    if not rows:
+        print("no lab hosts")
+        return
+    print(f"{'host':<14} {'role':<9} {'site':<9} {'nat':<12} {'state':<8} addresses")
+    for row in rows:
+        addrs = "  ".join(
+            f"{net.split('-', 1)[-1]}={','.join(a)}" for net, a in row["addresses"].items()
+        )
+        print(
+            f"{row['name']:<14} {row['role']:<9} {row['site'] or '-':<9} "
+            f"{row['nat'] or '-':<12} {row['state']:<8} {addrs}"
+        )
+
+
+def _stun_server(argv: list[str]) -> int:
+    from meshwright import stun_server
+
+    return stun_server.main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["stun-server"]:
+        return _stun_server(argv[1:])
+    parser = argparse.ArgumentParser(prog="meshwright", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    lab = sub.add_parser("lab", help="the multi-site NAT lab on podman")
+    lab.add_argument("action", choices=["up", "down", "status", "image"])
+    lab.add_argument(
+        "--topology",
+        type=Path,
+        default=DEFAULT_TOPOLOGY,
+        help=f"topology file (default: {DEFAULT_TOPOLOGY})",
+    )
+    lab.add_argument("--name", help="lab name, overriding the topology's (prefixes every object)")
+    lab.add_argument(
+        "--inventory",
+        type=Path,
+        default=DEFAULT_INVENTORY,
+        help=f"Ansible inventory written by `up` (default: {DEFAULT_INVENTORY})",
+    )
+    lab.add_argument("--no-inventory", action="store_true", help="write no inventory")
+    lab.add_argument("--json", action="store_true", help="status as JSON")
+    lab.add_argument("--quiet", action="store_true", help="`up` prints no status table")
+    lab.set_defaults(func=_lab)
+    # Listed for --help; its own parser takes its arguments (see the dispatch above).
+    sub.add_parser("stun-server", help="the relays' STUN service (RFC 8489 and RFC 5780)")
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The lab: the internet, its NATs and relays, as podman containers on one machine."""

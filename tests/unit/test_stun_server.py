@@ -1,0 +1,578 @@
+"""Tests for meshwright.stun_server: the pure responder, the rate limiter, and the real server
+on loopback (127.0.0.1 and 127.0.0.2 only)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshwright import stun
+from meshwright.stun_server import (
+    UNKNOWN_ATTRIBUTES,
+    RateLimiter,
+    StunResponder,
+    StunServer,
+    main,
+)
+
+A, B = "192.0.2.1", "192.0.2.2"
+A6, B6 = "2001:db8::1", "2001:db8::2"
+PORT, ALT = 3478, 3479
+CLIENT = ("198.51.100.7", 40000)
+CLIENT6 = ("2001:db8:ffff::7", 40000)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def responder(*addresses: str, **kwargs: object) -> StunResponder:
+    return StunResponder(list(addresses or (A, B)), PORT, ALT, **kwargs)  # type: ignore[arg-type]
+
+
+def request_with(*attributes: stun.Attribute, txid: bytes | None = None) -> bytes:
+    message = stun.Message(
+        stun.BINDING, stun.REQUEST, txid or stun.new_transaction_id(), tuple(attributes)
+    )
+    return stun.encode(message, fingerprint=True)
+
+
+def unknown_attributes(message: stun.Message) -> list[int]:
+    value = message.get(UNKNOWN_ATTRIBUTES)
+    assert value is not None
+    return [int.from_bytes(value[i : i + 2], "big") for i in range(0, len(value), 2)]
+
+
+def wireguard_initiation() -> bytes:
+    # Type 1, three reserved zero bytes, then 144 bytes: the size of a handshake initiation.
+    return bytes([1, 0, 0, 0]) + random.Random(7).randbytes(144)
+
+
+# --- responder ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("addresses", "local", "client"),
+    [((A, B), (A, PORT), CLIENT), ((A6, B6), (A6, ALT), CLIENT6)],
+    ids=["ipv4", "ipv6"],
+)
+def test_success_carries_mapped_origin_software_and_fingerprint(
+    addresses: tuple[str, str], local: tuple[str, int], client: tuple[str, int]
+) -> None:
+    r = responder(*addresses)
+    txid = stun.new_transaction_id()
+    outcome = r.handle(stun.binding_request(txid), client, local)
+
+    assert outcome.reason == "success" and not outcome.dropped
+    assert outcome.send_from == local
+    assert outcome.response is not None
+    assert stun.is_stun(outcome.response)
+    reply = stun.decode(outcome.response)  # also checks the FINGERPRINT
+    assert (reply.method, reply.cls, reply.transaction_id) == (
+        stun.BINDING,
+        stun.SUCCESS_RESPONSE,
+        txid,
+    )
+    assert reply.xor_mapped_address() == client
+    assert reply.mapped_address() == client
+    assert reply.response_origin() == local
+    assert reply.software() == "meshwright"
+    assert reply.attributes[-1].type == stun.FINGERPRINT
+    assert r.stats["received"] == 1 and r.stats["success"] == 1
+
+
+def test_other_address_is_the_alternate_ip_and_port() -> None:
+    r = responder(A, B)
+    for local, other in [
+        ((A, PORT), (B, ALT)),
+        ((A, ALT), (B, PORT)),
+        ((B, PORT), (A, ALT)),
+        ((B, ALT), (A, PORT)),
+    ]:
+        outcome = r.handle(stun.binding_request(), CLIENT, local)
+        assert outcome.response is not None
+        assert stun.decode(outcome.response).other_address() == other
+
+
+def test_one_address_sends_no_other_address() -> None:
+    outcome = responder(A).handle(stun.binding_request(), CLIENT, (A, ALT))
+    assert outcome.reason == "success" and outcome.response is not None
+    reply = stun.decode(outcome.response)
+    assert reply.other_address() is None
+    assert reply.response_origin() == (A, ALT)
+
+
+def test_addresses_pair_within_a_family_only() -> None:
+    r = responder(A, A6, B)
+    assert r.other_address((A, PORT)) == (B, ALT)
+    assert r.other_address((B, ALT)) == (A, PORT)
+    assert r.other_address((A6, PORT)) is None
+    outcome = r.handle(stun.binding_request(change_port=True), CLIENT6, (A6, PORT))
+    assert outcome.reason == "error_420"
+
+
+@pytest.mark.parametrize(
+    ("change_ip", "change_port", "local", "expected"),
+    [
+        (False, False, (A, PORT), (A, PORT)),
+        (True, False, (A, PORT), (B, PORT)),
+        (False, True, (A, PORT), (A, ALT)),
+        (True, True, (A, PORT), (B, ALT)),
+        (True, True, (B, ALT), (A, PORT)),
+        (False, True, (B, ALT), (B, PORT)),
+        (True, False, (A, ALT), (B, ALT)),
+    ],
+)
+def test_change_request_picks_the_source_socket(
+    change_ip: bool,
+    change_port: bool,
+    local: tuple[str, int],
+    expected: tuple[str, int],
+) -> None:
+    r = responder(A, B)
+    flags = (4 if change_ip else 0) | (2 if change_port else 0)
+    # Build CHANGE-REQUEST by hand so the no-flags case is really sent, not omitted.
+    data = request_with(stun.Attribute(stun.CHANGE_REQUEST, flags.to_bytes(4, "big")))
+    outcome = r.handle(data, CLIENT, local)
+    assert outcome.reason == "success"
+    assert outcome.send_from == expected
+    assert outcome.response is not None
+    reply = stun.decode(outcome.response)
+    assert reply.response_origin() == expected
+    assert reply.xor_mapped_address() == CLIENT
+    # OTHER-ADDRESS names the alternate of where the request arrived, whatever was asked.
+    assert reply.other_address() == r.other_address(local)
+
+
+@pytest.mark.parametrize("flags", [0, 2, 4, 6])
+def test_one_address_answers_any_change_request_with_420(flags: int) -> None:
+    r = responder(A)
+    txid = stun.new_transaction_id()
+    data = request_with(stun.Attribute(stun.CHANGE_REQUEST, flags.to_bytes(4, "big")), txid=txid)
+    outcome = r.handle(data, CLIENT, (A, PORT))
+    assert outcome.reason == "error_420"
+    assert outcome.send_from == (A, PORT)
+    assert outcome.response is not None
+    reply = stun.decode(outcome.response)
+    assert (reply.cls, reply.transaction_id) == (stun.ERROR_RESPONSE, txid)
+    assert reply.error_code() == (420, "Unknown Attribute")
+    assert unknown_attributes(reply) == [stun.CHANGE_REQUEST]
+    assert r.stats["error_420"] == 1 and r.stats["success"] == 0
+
+
+def test_unknown_comprehension_required_attributes_get_420() -> None:
+    r = responder(A, B)
+    data = request_with(
+        stun.Attribute(0x7F01, b"x"),
+        stun.Attribute(stun.RESPONSE_PORT, b"\x12\x34\x00\x00"),
+        stun.Attribute(0x7F01, b"again"),
+        stun.Attribute(0xC0DE, b"optional, ignored"),
+    )
+    outcome = r.handle(data, CLIENT, (A, PORT))
+    assert outcome.reason == "error_420" and outcome.response is not None
+    reply = stun.decode(outcome.response)
+    # Each unknown type once, in order; the odd count is padded and the padding ignored.
+    value = reply.get(UNKNOWN_ATTRIBUTES)
+    assert value == bytes.fromhex("7f01 0027")
+    assert reply.software() == "meshwright"
+
+
+def test_unknown_optional_and_known_attributes_are_answered() -> None:
+    data = request_with(
+        stun.Attribute(stun.USERNAME, b"someone"),
+        stun.Attribute(0xC0DE, b"optional"),
+        stun.Attribute(stun.SOFTWARE, b"client"),
+    )
+    assert responder(A, B).handle(data, CLIENT, (A, PORT)).reason == "success"
+
+
+def test_unknown_attribute_with_change_request_on_one_address_lists_both() -> None:
+    data = request_with(
+        stun.Attribute(stun.CHANGE_REQUEST, (6).to_bytes(4, "big")),
+        stun.Attribute(0x7F01, b""),
+    )
+    outcome = responder(A).handle(data, CLIENT, (A, PORT))
+    assert outcome.response is not None
+    assert unknown_attributes(stun.decode(outcome.response)) == [0x7F01, stun.CHANGE_REQUEST]
+
+
+def _corrupt_fingerprint(data: bytes) -> bytes:
+    return data[:-1] + bytes([data[-1] ^ 0xFF])
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "not_stun"),
+        (b"hello, world, this is not STUN", "not_stun"),
+        (wireguard_initiation(), "not_stun"),
+        (random.Random(1).randbytes(200), "not_stun"),
+        # RFC 3489 style: no magic cookie.
+        (b"\x00\x01\x00\x00" + bytes(16), "not_stun"),
+        (_corrupt_fingerprint(stun.binding_request()), "malformed"),
+        # Framing is fine but the CHANGE-REQUEST value is 2 bytes long.
+        (
+            b"\x00\x01\x00\x08\x21\x12\xa4\x42" + bytes(12) + b"\x00\x03\x00\x02\x00\x06\x00\x00",
+            "malformed",
+        ),
+        (stun.binding_success(bytes(12), CLIENT), "not_request"),
+        (stun.binding_error(bytes(12), 400, "Bad Request"), "not_request"),
+        (
+            stun.encode(stun.Message(stun.BINDING, stun.INDICATION, bytes(12)), fingerprint=True),
+            "not_request",
+        ),
+        # Allocate (0x003), a TURN method this server does not serve.
+        (stun.encode(stun.Message(0x003, stun.REQUEST, bytes(12))), "not_binding"),
+    ],
+    ids=[
+        "empty",
+        "text",
+        "wireguard",
+        "random",
+        "rfc3489",
+        "bad-fingerprint",
+        "bad-attribute",
+        "success",
+        "error",
+        "indication",
+        "allocate",
+    ],
+)
+def test_anything_but_a_binding_request_is_dropped_and_counted(data: bytes, reason: str) -> None:
+    r = responder(A, B)
+    outcome = r.handle(data, CLIENT, (A, PORT))
+    assert outcome.dropped and outcome.response is None and outcome.send_from is None
+    assert outcome.reason == reason
+    assert r.stats[f"dropped_{reason}"] == 1
+    assert r.stats["received"] == 1
+    assert r.stats["success"] == r.stats["error_420"] == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.booleans())
+def test_arbitrary_bytes_never_raise(data: bytes, stun_header: bool) -> None:
+    if stun_header:
+        # Make the framing pass so the attribute walk gets exercised too.
+        body = data[: len(data) - len(data) % 4]
+        data = b"\x00\x01" + len(body).to_bytes(2, "big") + b"\x21\x12\xa4\x42" + bytes(12) + body
+    outcome = responder(A, B).handle(data, CLIENT, (A, PORT))
+    assert outcome.reason in {
+        "success",
+        "error_420",
+        "not_stun",
+        "malformed",
+        "not_request",
+        "not_binding",
+    }
+
+
+def test_unknown_local_address_is_a_programming_error() -> None:
+    r = responder(A, B)
+    with pytest.raises(ValueError):
+        r.handle(stun.binding_request(), CLIENT, ("192.0.2.3", PORT))
+    with pytest.raises(ValueError):
+        r.handle(stun.binding_request(), CLIENT, (A, 9999))
+    # Another spelling of one of our addresses is fine.
+    r6 = responder(A6)
+    assert r6.handle(stun.binding_request(), CLIENT6, ("2001:0db8::0001", PORT)).reason == "success"
+
+
+@pytest.mark.parametrize(
+    ("addresses", "port", "alt_port"),
+    [
+        ([], PORT, ALT),
+        ([A, A], PORT, ALT),
+        ([A, "192.0.2.01"], PORT, ALT),
+        (["0.0.0.0"], PORT, ALT),
+        (["::"], PORT, ALT),
+        (["224.0.0.1"], PORT, ALT),
+        (["not-an-ip"], PORT, ALT),
+        ([A], PORT, PORT),
+        ([A], 0, ALT),
+        ([A], PORT, 70000),
+    ],
+)
+def test_bad_configuration_is_rejected(addresses: list[str], port: int, alt_port: int) -> None:
+    with pytest.raises(ValueError):
+        StunResponder(addresses, port, alt_port)
+
+
+# --- rate limiting ------------------------------------------------------------------------
+
+
+def test_rate_limit_drops_past_the_burst_and_recovers() -> None:
+    clock = FakeClock()
+    r = responder(A, B, rate=2.0, burst=3, clock=clock)
+    send = lambda source: r.handle(stun.binding_request(), source, (A, PORT)).reason  # noqa: E731
+
+    assert [send(CLIENT) for _ in range(5)] == ["success"] * 3 + ["rate_limited"] * 2
+    assert r.stats["dropped_rate_limited"] == 2
+    # Other sources have their own bucket.
+    assert send(("198.51.100.8", 1)) == "success"
+    # Half a second at 2/s refills one token, and only one.
+    clock.now += 0.5
+    assert [send(CLIENT) for _ in range(2)] == ["success", "rate_limited"]
+    # The bucket never holds more than the burst, however long the source was quiet.
+    clock.now += 3600
+    assert [send(CLIENT) for _ in range(4)] == ["success"] * 3 + ["rate_limited"]
+
+
+def test_rate_limit_counts_garbage_too() -> None:
+    r = responder(A, B, rate=1.0, burst=2, clock=FakeClock())
+    reasons = [r.handle(b"junk", CLIENT, (A, PORT)).reason for _ in range(3)]
+    assert reasons == ["not_stun", "not_stun", "rate_limited"]
+
+
+def test_rate_limiter_table_is_bounded() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rate=1.0, burst=1, max_sources=3, clock=clock)
+    for i in range(100):
+        assert limiter.allow(f"10.0.0.{i}")
+        assert len(limiter) <= 3
+    assert limiter.evictions == 97
+    # The most recent sources are still remembered (and empty); evicted ones start afresh.
+    assert not limiter.allow("10.0.0.99")
+    assert limiter.allow("10.0.0.0")
+
+
+def test_rate_limiter_keys_ipv6_by_64() -> None:
+    limiter = RateLimiter(rate=1.0, burst=2, clock=FakeClock())
+    assert limiter.allow("2001:db8:1:2::1")
+    assert limiter.allow("2001:db8:1:2:ffff::9")
+    assert not limiter.allow("2001:db8:1:2::abcd")
+    assert limiter.allow("2001:db8:1:3::1")
+
+
+def test_evictions_show_in_stats() -> None:
+    r = responder(A, B, max_sources=1, clock=FakeClock())
+    for i in range(3):
+        r.handle(stun.binding_request(), (f"10.0.0.{i}", 1), (A, PORT))
+    assert r.stats["rate_limit_evictions"] == 2
+
+
+@pytest.mark.parametrize("kwargs", [{"rate": 0}, {"rate": -1}, {"burst": 0.5}, {"max_sources": 0}])
+def test_rate_limiter_rejects_nonsense(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        RateLimiter(**kwargs)  # type: ignore[arg-type]
+
+
+# --- real sockets on loopback -------------------------------------------------------------
+
+LOOPBACK = ["127.0.0.1", "127.0.0.2"]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _start_server(**kwargs: object) -> StunServer:
+    # Ports free on 127.0.0.1 may be taken on 127.0.0.2 (or by a racing test): retry.
+    last_error: OSError | None = None
+    for _ in range(20):
+        port, alt = _free_port(), _free_port()
+        if port == alt:
+            continue
+        try:
+            return StunServer(LOOPBACK, port, alt, **kwargs)  # type: ignore[arg-type]
+        except OSError as error:
+            last_error = error
+    raise AssertionError(f"no free loopback ports: {last_error}")
+
+
+@pytest.fixture
+def running_server() -> Iterator[StunServer]:
+    server = _start_server(rate=1000.0, burst=1000)
+    thread = threading.Thread(target=server.serve_forever, name="stun-server", daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        thread.join(timeout=5)
+        alive = thread.is_alive()
+        server.close()
+        assert not alive, "server thread did not stop"
+
+
+@pytest.fixture
+def client() -> Iterator[socket.socket]:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(5)
+        yield sock
+
+
+def _exchange(
+    client: socket.socket, data: bytes, to: tuple[str, int]
+) -> tuple[stun.Message, tuple[str, int]]:
+    client.sendto(data, to)
+    response, source = client.recvfrom(2048)
+    return stun.decode(response), source
+
+
+def _wait_for(predicate: object, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def test_real_sockets_answer_and_change_source(
+    running_server: StunServer, client: socket.socket
+) -> None:
+    server = running_server
+    port, alt = server.responder.port, server.responder.alt_port
+    assert sorted(server.listen_addresses) == sorted((a, p) for a in LOOPBACK for p in (port, alt))
+    me = client.getsockname()
+
+    txid = stun.new_transaction_id()
+    reply, source = _exchange(client, stun.binding_request(txid), ("127.0.0.1", port))
+    assert reply.transaction_id == txid and reply.cls == stun.SUCCESS_RESPONSE
+    assert reply.xor_mapped_address() == me
+    assert reply.mapped_address() == me
+    assert source == ("127.0.0.1", port) == reply.response_origin()
+    assert reply.other_address() == ("127.0.0.2", alt)
+
+    reply, source = _exchange(
+        client, stun.binding_request(change_ip=True, change_port=True), ("127.0.0.1", port)
+    )
+    assert source == ("127.0.0.2", alt) == reply.response_origin()
+    assert reply.xor_mapped_address() == me
+
+    reply, source = _exchange(client, stun.binding_request(change_port=True), ("127.0.0.2", alt))
+    assert source == ("127.0.0.2", port) == reply.response_origin()
+    assert reply.other_address() == ("127.0.0.1", port)
+
+
+def test_real_sockets_survive_and_count_garbage(
+    running_server: StunServer, client: socket.socket
+) -> None:
+    server = running_server
+    port = server.responder.port
+    garbage = [
+        os.urandom(64),
+        wireguard_initiation(),
+        b"",
+        _corrupt_fingerprint(stun.binding_request()),
+        stun.binding_success(bytes(12), ("127.0.0.1", 1)),
+    ]
+    for data in garbage:
+        client.sendto(data, ("127.0.0.1", port))
+    # A request sent after the garbage on the same socket is answered after it was handled.
+    reply, _ = _exchange(client, stun.binding_request(), ("127.0.0.1", port))
+    assert reply.xor_mapped_address() == client.getsockname()
+    stats = server.stats
+    _wait_for(lambda: stats["received"] == len(garbage) + 1)
+    assert stats["dropped_not_stun"] == 3
+    assert stats["dropped_malformed"] == 1
+    assert stats["dropped_not_request"] == 1
+    assert stats["success"] == 1
+    assert stats["send_errors"] == stats["internal_errors"] == 0
+
+
+def test_real_sockets_rate_limit() -> None:
+    server = _start_server(rate=0.001, burst=2)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            sock.settimeout(5)
+            target = ("127.0.0.1", server.responder.port)
+            for _ in range(2):
+                _exchange(sock, stun.binding_request(), target)
+            for _ in range(3):
+                sock.sendto(stun.binding_request(), target)
+            _wait_for(lambda: server.stats["dropped_rate_limited"] == 3)
+            sock.settimeout(0.2)
+            with pytest.raises(TimeoutError):
+                sock.recvfrom(2048)
+    finally:
+        server.stop()
+        thread.join(timeout=5)
+        server.close()
+    assert not thread.is_alive()
+
+
+def test_bind_failure_closes_everything() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.2", 0))
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError):
+            StunServer(LOOPBACK, port, _free_port())
+
+
+def test_main_serves_until_sigterm_and_logs_stats() -> None:
+    for _ in range(10):
+        port, alt = _free_port(), _free_port()
+        if port == alt:
+            continue
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from meshwright.stun_server import main; sys.exit(main(sys.argv[1:]))",
+                "--address",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--alt-port",
+                str(alt),
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stderr is not None
+        first = process.stderr.readline()
+        if "listening" in first:
+            break
+        process.wait(timeout=5)
+    else:
+        raise AssertionError("could not start the server on free ports")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            sock.settimeout(5)
+            reply, _ = _exchange(sock, stun.binding_request(), ("127.0.0.1", port))
+            assert reply.other_address() is None
+            # One address: RFC 5780 says 420 for any CHANGE-REQUEST.
+            reply, _ = _exchange(sock, stun.binding_request(change_port=True), ("127.0.0.1", alt))
+            assert reply.error_code() is not None and reply.error_code()[0] == 420
+        process.send_signal(signal.SIGUSR1)
+        process.send_signal(signal.SIGTERM)
+        _, rest = process.communicate(timeout=5)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0
+    assert '"success": 1' in rest and '"error_420": 1' in rest
+
+
+def test_main_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (
+        [],
+        ["--address", "0.0.0.0"],
+        ["--address", "127.0.0.1", "--port", "0"],
+        ["--address", "127.0.0.1", "--port", "3478", "--alt-port", "3478"],
+    ):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2
