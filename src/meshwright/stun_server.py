@@ -272,9 +272,14 @@ class StunResponder:
         self.stats[f"dropped_{reason}"] += 1
         return Outcome(reason)
 
-    def handle(self, data: bytes, source: Address, local: Address) -> Outcome:
+    def handle(
+        self, data: bytes, source: Address, local: Address, *, stream: Address | None = None
+    ) -> Outcome:
         """Decide the answer to datagram data from source that arrived on local.
 
+        With ``stream`` (the local end of a TCP connection; ``local`` is then the UDP socket of
+        the same address) the answer goes back on that connection: its origin is the stream,
+        and CHANGE-REQUEST, which cannot be honoured on a connection, gets a 420.
         Never raises for any data; ValueError only if local is not one of our sockets.
         """
         if local not in self._locals:
@@ -309,15 +314,16 @@ class StunResponder:
             ):
                 unknown.append(attribute.type)
         change = request.change_request()
-        other = self.other_address(local)
+        other = self.other_address(local) if stream is None else None
         if change is not None and other is None:
             # RFC 5780 section 6: no second IP means 420 for any CHANGE-REQUEST.
             unknown.append(stun.CHANGE_REQUEST)
         if unknown:
             self.stats["error_420"] += 1
-            return Outcome("error_420", self._unknown_attributes_error(request, unknown), local)
+            origin = local if stream is None else stream
+            return Outcome("error_420", self._unknown_attributes_error(request, unknown), origin)
 
-        send_from = local
+        send_from = local if stream is None else stream
         if change is not None and other is not None:
             change_ip, change_port = change
             # RFC 5780 section 6.1 Table 1: the flags pick the alternate IP and/or port.
@@ -368,6 +374,21 @@ _RECEIVE_BUFFER = 65536
 # Datagrams read from one socket per wake-up, so one busy socket cannot starve the others.
 _BATCH = 64
 _MAX_LOGGED_INTERNAL_ERRORS = 10
+# STUN over TCP (RFC 8489 section 6.2.2): lets a site whose network drops UDP learn that
+# the relay is reachable at all, and from which address. Bounded in every dimension.
+_TCP_MAX_CONNECTIONS = 256
+_TCP_IDLE_SECONDS = 10.0
+_TCP_MAX_BUFFER = 2048
+_COOKIE = stun.MAGIC_COOKIE.to_bytes(4, "big")
+
+
+@dataclass
+class _TcpClient:
+    conn: socket.socket
+    peer: Address
+    local: Address
+    buffer: bytearray
+    last_seen: float
 
 
 class StunServer:
@@ -387,12 +408,15 @@ class StunServer:
         burst: float = DEFAULT_BURST,
         max_sources: int = DEFAULT_MAX_SOURCES,
         log_interval: float = DEFAULT_LOG_INTERVAL,
+        tcp_port: int | None = None,
     ) -> None:
         self.responder = StunResponder(
             addresses, port, alt_port, rate=rate, burst=burst, max_sources=max_sources
         )
         self.log_interval = log_interval
         self._sockets: dict[Address, socket.socket] = {}
+        self._listeners: dict[Address, socket.socket] = {}
+        self._clients: dict[socket.socket, _TcpClient] = {}
         self._selector = selectors.DefaultSelector()
         self._stopping = False
         self._stats_requested = False
@@ -406,6 +430,11 @@ class StunServer:
             for local in self.responder.listen_addresses:
                 self._sockets[local] = self._bind(local)
                 self._selector.register(self._sockets[local], selectors.EVENT_READ, local)
+            if tcp_port is not None:
+                for address in dict.fromkeys(a for a, _ in self.responder.listen_addresses):
+                    local = (address, tcp_port)
+                    self._listeners[local] = self._listen(local)
+                    self._selector.register(self._listeners[local], selectors.EVENT_READ, "tcp")
         except BaseException:
             self.close()
             raise
@@ -418,6 +447,20 @@ class StunServer:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(local)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    @staticmethod
+    def _listen(local: Address) -> socket.socket:
+        family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(local)
+            sock.listen(64)
             sock.setblocking(False)
         except BaseException:
             sock.close()
@@ -455,15 +498,27 @@ class StunServer:
             "stun-server listening on %s",
             ", ".join(f"[{a}]:{p}" if ":" in a else f"{a}:{p}" for a, p in self._sockets),
         )
+        if self._listeners:
+            log.info(
+                "stun-server listening over TCP on %s",
+                ", ".join(f"{a}:{p}" for a, p in self._listeners),
+            )
         next_log = time.monotonic() + self.log_interval if self.log_interval > 0 else None
         last_logged: dict[str, int] = {}
         while not self._stopping:
             timeout = None if next_log is None else max(0.0, next_log - time.monotonic())
+            if self._clients:  # wake up to close idle TCP connections
+                timeout = 1.0 if timeout is None else min(timeout, 1.0)
             for key, _events in self._selector.select(timeout):
                 if key.data is None:
                     self._drain_wake()
+                elif key.data == "tcp":
+                    self._accept(key.fileobj)  # type: ignore[arg-type]
+                elif isinstance(key.data, _TcpClient):
+                    self._read_tcp(key.data)
                 else:
                     self._drain(key.fileobj, key.data)  # type: ignore[arg-type]
+            self._close_idle()
             if self._stats_requested:
                 self._stats_requested = False
                 self.log_stats()
@@ -511,11 +566,82 @@ class StunServer:
                 # Includes a full send buffer: UDP answers are best effort anyway.
                 self.stats["send_errors"] += 1
 
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            conn, peer = listener.accept()
+        except OSError:
+            return
+        if len(self._clients) >= _TCP_MAX_CONNECTIONS:
+            self.stats["tcp_refused"] = self.stats.get("tcp_refused", 0) + 1
+            conn.close()
+            return
+        conn.setblocking(False)
+        local = conn.getsockname()[:2]
+        client = _TcpClient(conn, (peer[0], peer[1]), local, bytearray(), time.monotonic())
+        self._clients[conn] = client
+        self._selector.register(conn, selectors.EVENT_READ, client)
+
+    def _read_tcp(self, client: _TcpClient) -> None:
+        try:
+            data = client.conn.recv(_TCP_MAX_BUFFER)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_client(client)
+            return
+        client.last_seen = time.monotonic()
+        client.buffer += data
+        # STUN over TCP has no framing of its own: the header's length field delimits.
+        while len(client.buffer) >= stun.HEADER_SIZE:
+            size = stun.HEADER_SIZE + int.from_bytes(client.buffer[2:4], "big")
+            header_ok = client.buffer[0] & 0xC0 == 0 and client.buffer[4:8] == _COOKIE
+            if size > _TCP_MAX_BUFFER or not header_ok:
+                self.stats["tcp_dropped"] = self.stats.get("tcp_dropped", 0) + 1
+                self._close_client(client)  # no way to resynchronise a byte stream
+                return
+            if len(client.buffer) < size:
+                return
+            message, client.buffer = bytes(client.buffer[:size]), client.buffer[size:]
+            try:
+                udp_local = (client.local[0], self.responder.port)
+                outcome = self.responder.handle(
+                    message, client.peer, udp_local, stream=client.local
+                )
+            except Exception:
+                self.stats["internal_errors"] += 1
+                self._close_client(client)
+                return
+            if outcome.response is not None:
+                try:
+                    client.conn.sendall(outcome.response)
+                except OSError:
+                    self._close_client(client)
+                    return
+
+    def _close_idle(self) -> None:
+        if not self._clients:
+            return
+        cutoff = time.monotonic() - _TCP_IDLE_SECONDS
+        for client in [c for c in self._clients.values() if c.last_seen < cutoff]:
+            self._close_client(client)
+
+    def _close_client(self, client: _TcpClient) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(client.conn)
+        self._clients.pop(client.conn, None)
+        client.conn.close()
+
     def close(self) -> None:
+        for client in list(self._clients.values()):
+            self._close_client(client)
         self._selector.close()
-        for sock in (*self._sockets.values(), self._wake_read, self._wake_write):
+        sockets = (*self._sockets.values(), *self._listeners.values())
+        for sock in (*sockets, self._wake_read, self._wake_write):
             sock.close()
         self._sockets.clear()
+        self._listeners.clear()
 
     def __enter__(self) -> StunServer:
         return self
@@ -533,6 +659,7 @@ def serve(
     burst: float = DEFAULT_BURST,
     max_sources: int = DEFAULT_MAX_SOURCES,
     log_interval: float = DEFAULT_LOG_INTERVAL,
+    tcp_port: int | None = None,
 ) -> dict[str, int]:
     """Serve until SIGTERM or SIGINT and return the final counters.
 
@@ -547,6 +674,7 @@ def serve(
         burst=burst,
         max_sources=max_sources,
         log_interval=log_interval,
+        tcp_port=tcp_port,
     ) as server:
         previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
@@ -597,6 +725,11 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=_port, default=DEFAULT_PORT, help="primary port")
     parser.add_argument("--alt-port", type=_port, default=DEFAULT_ALT_PORT, help="alternate port")
     parser.add_argument(
+        "--tcp-port",
+        type=_port,
+        help="also answer STUN over TCP on this port (e.g. 443, which UDP-blocked sites reach)",
+    )
+    parser.add_argument(
         "--rate", type=float, default=DEFAULT_RATE, help="requests/s allowed per source IP"
     )
     parser.add_argument(
@@ -633,6 +766,7 @@ def main(argv: list[str] | None = None) -> int:
             burst=args.burst,
             max_sources=args.max_sources,
             log_interval=args.log_interval,
+            tcp_port=args.tcp_port,
         )
     except ValueError as error:
         parser.error(str(error))

@@ -576,3 +576,44 @@ def test_main_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
         with pytest.raises(SystemExit) as exited:
             main(argv)
         assert exited.value.code == 2
+
+
+def test_stun_over_tcp_answers_on_the_connection_and_survives_garbage():
+    """A UDP-blocked site reaches the relay over TCP: the server answers binding requests
+    there (RFC 8489 section 6.2.2), refuses to reframe garbage, and keeps serving."""
+    import socket as _socket
+    import threading as _threading
+
+    from meshwright import stun as _stun
+    from meshwright.stun_server import StunServer as _Server
+
+    probe = _socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    tcp_port = probe.getsockname()[1]
+    probe.close()
+    udp = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    port = udp.getsockname()[1]
+    udp.close()
+    server = _Server(["127.0.0.1"], port, port + 1 if port < 65535 else port - 1, tcp_port=tcp_port)
+    thread = _threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with _socket.create_connection(("127.0.0.1", tcp_port), timeout=3) as conn:
+            request = _stun.binding_request()
+            conn.sendall(request[:7])  # split across segments: framing by the length field
+            conn.sendall(request[7:])
+            reply = _stun.decode(conn.recv(2048))
+            assert reply.xor_mapped_address() == conn.getsockname()
+            assert reply.transaction_id == _stun.decode(request).transaction_id
+        with _socket.create_connection(("127.0.0.1", tcp_port), timeout=3) as bad:
+            bad.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert bad.recv(2048) == b""  # closed, not answered
+        with _socket.create_connection(("127.0.0.1", tcp_port), timeout=3) as again:
+            again.sendall(_stun.binding_request())
+            assert _stun.decode(again.recv(2048)).xor_mapped_address() == again.getsockname()
+        assert server.stats["tcp_dropped"] == 1
+    finally:
+        server.stop()
+        thread.join(5)
+        server.close()

@@ -1,0 +1,56 @@
+"""Action plugin for nat_probe: fills `relays` from the mesh_relays inventory group."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ansible.errors import AnsibleActionFail
+from ansible.plugins.action import ActionBase
+
+RELAY_GROUP = "mesh_relays"
+
+
+def relays_from_inventory(task_vars: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every relay of the mesh_relays group, as nat_probe's `relays` option wants it."""
+    hostvars = task_vars["hostvars"]
+    relays = []
+    for name in task_vars.get("groups", {}).get(RELAY_GROUP, []):
+        host = hostvars[name]
+        addresses = host.get("relay_stun_addresses") or host.get("relay_public_addresses")
+        if not addresses:
+            raise AnsibleActionFail(
+                f"relay {name}: set relay_public_addresses (or relay_stun_addresses) in "
+                "inventory: nat_probe needs the addresses of its STUN service"
+            )
+        if isinstance(addresses, str):
+            addresses = [addresses]
+        relays.append(
+            {
+                "name": name,
+                "addresses": list(addresses),
+                "port": int(host.get("relay_stun_port", 3478)),
+                "alt_port": int(host.get("relay_stun_alt_port", 3479)),
+            }
+        )
+    return relays
+
+
+class ActionModule(ActionBase):
+    _supports_check_mode = True
+    _supports_async = False
+
+    def run(self, tmp: str | None = None, task_vars: dict[str, Any] | None = None):
+        task_vars = task_vars or {}
+        result = super().run(tmp, task_vars)
+        args = dict(self._task.args)
+        if not args.get("relays"):
+            args["relays"] = relays_from_inventory(task_vars)
+            if not args["relays"]:
+                raise AnsibleActionFail(
+                    f"no relays given and the {RELAY_GROUP} inventory group is empty: "
+                    "nat_probe measures the NAT against the relays' STUN service"
+                )
+        result.update(
+            self._execute_module(module_name="nat_probe", module_args=args, task_vars=task_vars)
+        )
+        return result
