@@ -127,6 +127,8 @@ def test_inventory_groups():
     easy1 = children["mesh_sites"]["hosts"]["easy1"]
     assert easy1["ansible_host"] == "mwlab-easy1"
     assert easy1["mesh_lan_prefixes"] == ["10.10.2.0/24"]
+    assert easy1["mesh_overlay_address"] == "10.99.0.2/24"
+    assert inv["all"]["vars"]["mesh_overlay_network"] == "10.99.0.0/24"
     assert inv["all"]["vars"]["ansible_connection"] == "containers.podman.podman"
 
 
@@ -175,6 +177,11 @@ BAD = [
     ("sites", {}, r"sites: at least one site"),
     ("sites", None, r"sites: expected a mapping"),
     ("pools.uplink", "172.31.0.0/25", r"pools\.uplink: 172\.31\.0\.0/25 is too small"),
+    (
+        "overlay",
+        "10.1.0.0/16",
+        r"sites\.a\.lan: 10\.1\.0\.0/24 overlaps overlay \(10\.1\.0\.0/16\)",
+    ),
 ]
 
 

@@ -267,6 +267,7 @@ def render_inventory(lab: Lab, topology: Topology) -> str:
             hostvars["relay_public_addresses"] = [str(a) for a in relay.addresses]
         if host.role == ROLE_SITE:
             hostvars["mesh_lan_prefixes"] = [str(topology.site(host.name).lan)]
+            hostvars["mesh_overlay_address"] = topology.overlay_address(host.name)
         groups[group_of[host.role]][host.name] = hostvars
     inventory = {
         "all": {
@@ -274,6 +275,7 @@ def render_inventory(lab: Lab, topology: Topology) -> str:
                 "ansible_connection": "containers.podman.podman",
                 "ansible_python_interpreter": "/usr/bin/python3",
                 "lab_name": lab.name,
+                "mesh_overlay_network": str(topology.overlay),
             },
             "children": {name: {"hosts": hosts} for name, hosts in groups.items()},
         }

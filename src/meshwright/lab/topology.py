@@ -23,6 +23,7 @@ ALLOWED_PUBLIC = (
 )
 DEFAULT_UPLINK_POOL = "172.31.0.0/16"
 DEFAULT_CARRIER_POOL = "100.64.0.0/16"
+DEFAULT_OVERLAY = "10.99.0.0/24"
 MAX_LAN_HOSTS = 8
 NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,19}$")
 LAB_NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
@@ -76,9 +77,15 @@ class Topology:
     sites: tuple[Site, ...]
     uplink_pool: ipaddress.IPv4Network
     carrier_pool: ipaddress.IPv4Network
+    overlay: ipaddress.IPv4Network
 
     def site(self, name: str) -> Site:
         return next(s for s in self.sites if s.name == name)
+
+    def overlay_address(self, site: str) -> str:
+        """The site's mesh address: in declaration order, so adding a site moves no other."""
+        index = [s.name for s in self.sites].index(site)
+        return f"{self.overlay.network_address + 1 + index}/{self.overlay.prefixlen}"
 
 
 # --- parsing -------------------------------------------------------------------------------
@@ -170,7 +177,9 @@ def _public(addr: ipaddress.IPv4Address, where: str, internet: tuple[ipaddress.I
 def load_topology(data: Any) -> Topology:
     """Validate a parsed topology file and return it as a `Topology`."""
     top = _require_mapping(data, "topology")
-    _check_keys(top, "topology", {"name", "internet", "defaults", "pools", "relays", "sites"})
+    _check_keys(
+        top, "topology", {"name", "internet", "defaults", "pools", "overlay", "relays", "sites"}
+    )
     name = _name(top.get("name", "mwlab"), "name", LAB_NAME_RE)
 
     inet = _require_mapping(top.get("internet", {}), "internet")
@@ -202,6 +211,7 @@ def load_topology(data: Any) -> Topology:
     if uplink_pool.overlaps(carrier_pool):
         raise TopologyError(f"pools: uplink {uplink_pool} overlaps carrier {carrier_pool}")
 
+    overlay = _network(top.get("overlay", DEFAULT_OVERLAY), "overlay")
     relays = _load_relays(top.get("relays"), tuple(internet), default_wan)
     sites = _load_sites(top.get("sites"), tuple(internet), default_wan)
 
@@ -212,7 +222,10 @@ def load_topology(data: Any) -> Topology:
         sites=sites,
         uplink_pool=uplink_pool,
         carrier_pool=carrier_pool,
+        overlay=overlay,
     )
+    if overlay.num_addresses - 2 < len(sites):
+        raise TopologyError(f"overlay: {overlay} is too small for {len(sites)} sites")
     return _check_cross_references(topology)
 
 
@@ -356,6 +369,7 @@ def _check_cross_references(top: Topology) -> Topology:
             _claim(publics, site.public_address, f"sites.{site.name}.public_address")
 
     reserved = [
+        ("overlay", top.overlay),
         ("pools.uplink", top.uplink_pool),
         ("pools.carrier", top.carrier_pool),
         *((f"internet.subnets[{i}]", n) for i, n in enumerate(top.internet)),
