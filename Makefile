@@ -1,5 +1,5 @@
 # meshwright: everything a fresh Debian 12 machine needs, as root, from two commands:
-#   make demo    bring the default lab up (later: converge the mesh on it)
+#   make demo    bring the default lab up and converge the mesh on it
 #   make test    everything CI runs
 # Every step is idempotent and cached.
 
@@ -17,10 +17,11 @@ DEB_PACKAGES := podman runc netavark aardvark-dns uidmap fuse-overlayfs debootst
 	wireguard-tools wireguard-go iproute2 nftables iptables conntrack tcpdump iperf3 \
 	ca-certificates python3-venv
 
-.PHONY: help setup deb venv collections image demo demo-down test lint unit lab-test clean
+.PHONY: help setup deb venv collections image demo demo-down test lint unit lab-test molecule clean
 
 help:
-	@echo "make demo       bring the default lab up and show it   (make demo-down removes it)"
+	@echo "make demo       bring the default lab up, converge the mesh on it, show the plan"
+	@echo "                (make demo-down removes it)"
 	@echo "make test       lint, unit and lab tests: everything CI runs"
 	@echo "make setup      only install what the two above need"
 
@@ -59,6 +60,7 @@ image: deb venv
 
 demo: setup
 	$(BIN)/meshwright lab up
+	$(BIN)/ansible-playbook playbooks/site.yml
 
 demo-down: venv
 	$(BIN)/meshwright lab down
@@ -74,7 +76,12 @@ unit: venv
 lab-test: setup
 	$(BIN)/pytest -q tests/lab
 
+molecule: setup
+	$(BIN)/molecule test --scenario-name default
+
+# Molecule first, so that the run ends with pytest's summary line.
 test: setup lint
+	$(BIN)/molecule test --scenario-name default
 	$(BIN)/pytest -q tests
 
 clean: demo-down

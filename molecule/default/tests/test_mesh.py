@@ -1,0 +1,121 @@
+"""Verify the converged mesh on the lab: reachability, direct paths, transit paths, secrets.
+
+testinfra opens every lab host as podman://<container> (its Ansible mapping does not know
+the podman connection and would fall back to running each command through Ansible).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import testinfra
+import yaml
+
+EPHEMERAL = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"])
+INVENTORY = yaml.safe_load((EPHEMERAL / "inventory/lab.yml").read_text())["all"]["children"]
+PLAN = json.loads((EPHEMERAL / "inventory/mesh-plan.json").read_text())
+SITES = sorted(INVENTORY["mesh_sites"]["hosts"])
+LAN_HOSTS = INVENTORY["lan_hosts"]["hosts"]
+CONNECTED = [s for s in SITES if s != "blocked"]  # blocked needs the relay issue
+
+
+def host(name: str):
+    for group in INVENTORY.values():
+        if name in group["hosts"]:
+            return testinfra.get_host(f"podman://{group['hosts'][name]['ansible_host']}")
+    raise KeyError(name)
+
+
+def lan_address(site: str) -> str:
+    prefix = INVENTORY["mesh_sites"]["hosts"][site]["mesh_lan_prefixes"][0]
+    return re.sub(r"\.0/\d+$", ".10", prefix)
+
+
+def overlay(site: str) -> str:
+    return PLAN["sites"][site]["overlay_address"]
+
+
+def pair_mode(a: str, b: str) -> dict:
+    return next(p for p in PLAN["pairs"] if {p["a"], p["b"]} == {a, b})
+
+
+def test_every_lan_host_reaches_every_other_sites_lan_host():
+    failures = []
+    for src in CONNECTED:
+        targets = [lan_address(dst) for dst in CONNECTED if dst != src]
+        # All of one host's pings at once: the run stays short, each is still a real ping.
+        script = " ".join(
+            f"(ping -c 3 -i 0.3 -W 2 -q {t} >/dev/null 2>&1 && echo ok {t} || echo FAIL {t}) &"
+            for t in targets
+        )
+        out = host(f"{src}-lan1").check_output(f"{script} wait")
+        failures += [
+            f"{src}-lan1 -> {line.split()[1]}" for line in out.splitlines() if "FAIL" in line
+        ]
+    assert failures == []
+
+
+def test_blocked_is_planned_unreachable_not_forgotten():
+    assert list(PLAN["unreachable"]) == ["blocked"]
+
+
+DIRECT = [p for p in PLAN["pairs"] if p["mode"] == "direct"]
+VIA = [p for p in PLAN["pairs"] if p["mode"].startswith("via ")]
+
+
+def test_plan_has_direct_and_via_pairs():
+    assert DIRECT and VIA, PLAN["pairs"]
+
+
+@pytest.mark.parametrize("pair", DIRECT, ids=[f"{p['a']}-{p['b']}" for p in DIRECT])
+def test_direct_pairs_hold_each_others_public_address(pair):
+    a, b = pair["a"], pair["b"]
+    for me, other in ((a, b), (b, a)):
+        endpoints = host(me).check_output("wg show mesh0 endpoints")
+        key = next(p["public_key"] for p in PLAN["sites"][me]["peers"] if p["name"] == other)
+        line = next(line for line in endpoints.splitlines() if line.startswith(key))
+        public = INVENTORY["mesh_sites"]["hosts"][other]["lab_public_address"]
+        assert line.split()[1].rsplit(":", 1)[0] == public, (me, other, line)
+
+
+@pytest.mark.parametrize("pair", VIA, ids=[f"{p['a']}-{p['b']}" for p in VIA])
+def test_via_pairs_pass_their_transit_site(pair):
+    a, b = pair["a"], pair["b"]
+    transit = pair["path"][1:-1]
+    out = host(f"{a}-lan1").check_output(f"traceroute -n -q 1 -w 2 -m 6 {lan_address(b)}")
+    hops = re.findall(r"^\s*\d+\s+(\S+)", out, re.M)
+    # Each transit site, then b's gateway, answer from their overlay (mesh0) address.
+    expected = [overlay(t) for t in transit] + [overlay(b)]
+    assert [h for h in hops if h.startswith("10.99.")] == expected, out
+
+
+def test_a_direct_pair_keeps_working_with_every_other_site_down():
+    pair = next(p for p in DIRECT if {p["a"], p["b"]} == {"public", "easy1"})
+    others = [s for s in CONNECTED if s not in (pair["a"], pair["b"])]
+    try:
+        for site in others:
+            host(site).check_output("systemctl stop wg-quick@mesh0")
+        out = host("easy1-lan1").check_output(
+            f"ping -c 5 -i 0.3 -W 2 {lan_address('public')} | tail -2"
+        )
+        assert " 0% packet loss" in out, out
+    finally:
+        for site in others:
+            host(site).run("systemctl start wg-quick@mesh0")
+
+
+def test_no_private_key_on_the_controller():
+    keys = {s: host(s).check_output("cat /etc/wireguard/mesh0.key").strip() for s in SITES}
+    assert all(len(k) == 44 for k in keys.values())
+    roots = [EPHEMERAL, Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "inventory"]
+    leaked = []
+    for path in itertools.chain.from_iterable(r.rglob("*") for r in roots):
+        if path.is_file():
+            text = path.read_bytes().decode(errors="replace")
+            leaked += [f"{site} in {path}" for site, key in keys.items() if key in text]
+    assert leaked == []

@@ -1,0 +1,161 @@
+"""Action plugin mesh_plan: one deterministic plan for the whole mesh, on the controller.
+
+Runs `meshwright.plan` once (use `run_once: true`) over every host of the `mesh_sites` group,
+not just the play's hosts: a site outside `--limit` keeps its peers, because its public key
+and NAT facts come from the state file when this run did not gather them. The plan is set
+as the fact `mesh_plan` (run_once results reach every host of the play) and written, with
+the state file, next to the inventory, where a GitOps repository commits them and a pull
+request shows what will change.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ansible.errors import AnsibleActionFail
+from ansible.plugins.action import ActionBase
+
+from meshwright import plan as planner
+
+DEFAULT_LISTEN_PORT = 51820
+STATE_VERSION = 1
+
+
+def _endpoint(nat: dict[str, Any], listen_port: int) -> str | None:
+    """Where peers reach this site's WireGuard port unsolicited, if anywhere."""
+    if nat.get("nat_class") != "open" or not nat.get("public_addresses"):
+        return None
+    # Behind a NAT the WireGuard port is reachable on the same public port only when the NAT
+    # keeps ports (a full cone that preserves ports); otherwise the sidecar must learn it.
+    if nat.get("behind_nat") and not nat.get("port_preservation"):
+        return None
+    return f"{nat['public_addresses'][0]}:{listen_port}"
+
+
+def site_facts(name: str, hostvars: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """What the planner needs of one site: fresh facts when this run has them, else state."""
+    host = hostvars[name]
+    saved = state.get("sites", {}).get(name, {})
+    listen_port = int(host.get("mesh_listen_port", DEFAULT_LISTEN_PORT))
+    nat = host.get("mesh_nat")
+    if nat:
+        nat_class = nat.get("nat_class")
+        endpoint = _endpoint(nat, listen_port)
+    else:
+        nat_class = saved.get("nat_class")
+        endpoint = saved.get("endpoint")
+    endpoint = host.get("mesh_endpoint", endpoint)  # an operator's override wins
+    overlay = str(host.get("mesh_overlay_address", "")).split("/")[0]
+    return {
+        "name": name,
+        "public_key": host.get("mesh_wg_public_key") or saved.get("public_key"),
+        "overlay_address": overlay,
+        "lan_prefixes": list(host.get("mesh_lan_prefixes", [])),
+        "nat_class": nat_class,
+        "endpoint": endpoint,
+        "listen_port": listen_port,
+        "policy": dict(host.get("mesh_policy", {})),
+        "required": bool(host.get("mesh_required", True)),
+    }
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # atomic: an interrupted run leaves the old file whole
+
+
+class ActionModule(ActionBase):
+    _supports_check_mode = True
+    _supports_async = False
+
+    def run(self, tmp: str | None = None, task_vars: dict[str, Any] | None = None):
+        task_vars = task_vars or {}
+        result = super().run(tmp, task_vars)
+        args = self._task.args
+        inventory_dir = Path(task_vars.get("inventory_dir") or ".")
+        plan_path = Path(args.get("plan_file") or inventory_dir / "mesh-plan.json")
+        state_path = Path(args.get("state_file") or inventory_dir / "mesh-state.json")
+        sites_group = args.get("sites_group", "mesh_sites")
+        relays_group = args.get("relays_group", "mesh_relays")
+        hostvars = task_vars["hostvars"]
+        groups = task_vars.get("groups", {})
+
+        state: dict[str, Any] = {}
+        if state_path.exists():
+            try:
+                state = json.loads(state_path.read_text())
+            except ValueError as exc:
+                raise AnsibleActionFail(f"{state_path}: not valid JSON ({exc})") from None
+
+        sites = [site_facts(name, hostvars, state) for name in groups.get(sites_group, [])]
+        if not sites:
+            raise AnsibleActionFail(f"the {sites_group} inventory group is empty: nothing to plan")
+        relays = [
+            {
+                "name": name,
+                "addresses": list(hostvars[name].get("relay_public_addresses", [])),
+            }
+            for name in groups.get(relays_group, [])
+        ]
+        mesh_input = {
+            "overlay_network": args.get("overlay_network") or task_vars.get("mesh_overlay_network"),
+            "link_kinds": list(
+                args.get("link_kinds") or task_vars.get("mesh_link_kinds", ["direct"])
+            ),
+            "keepalive": int(task_vars.get("mesh_keepalive", 25)),
+            "sites": sites,
+            "relays": relays,
+        }
+        try:
+            plan = planner.build_plan(planner.mesh_from_dict(mesh_input))
+        except planner.PlanError as exc:
+            raise AnsibleActionFail(f"the mesh cannot be planned: {exc}") from None
+
+        plan_json = plan.to_json()
+        plan_dict = json.loads(plan_json)  # one serialisation, shared by file and facts
+        new_state = {
+            "version": STATE_VERSION,
+            "sites": {
+                s["name"]: {
+                    "public_key": s["public_key"],
+                    "nat_class": s["nat_class"],
+                    "endpoint": s["endpoint"],
+                }
+                for s in sites
+            },
+        }
+        state_json = json.dumps(new_state, indent=2, sort_keys=True) + "\n"
+        old_plan = plan_path.read_text() if plan_path.exists() else ""
+        old_state = state_path.read_text() if state_path.exists() else ""
+        changed = old_plan != plan_json or old_state != state_json
+        if changed and not self._task.check_mode:
+            _write(plan_path, plan_json)
+            _write(state_path, state_json)
+        result.update(
+            changed=changed,
+            plan_file=str(plan_path),
+            state_file=str(state_path),
+            table=planner.format_table(plan).splitlines(),
+            unreachable_sites=plan_dict.get("unreachable", {}),
+            ansible_facts={"mesh_plan": plan_dict},
+        )
+        if self._task.diff and old_plan != plan_json:
+            result["diff"] = {
+                "before_header": str(plan_path),
+                "after_header": str(plan_path),
+                "prepared": "".join(
+                    difflib.unified_diff(
+                        old_plan.splitlines(True),
+                        plan_json.splitlines(True),
+                        str(plan_path),
+                        str(plan_path),
+                    )
+                ),
+            }
+        return result

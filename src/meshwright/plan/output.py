@@ -1,0 +1,437 @@
+"""The plan: per-site WireGuard peers and routes, every pair's mode and path, and their forms.
+
+A plan of n sites holds n*(n-1)/2 pairs and about n*n routes, so :class:`Plan` keeps the next
+hops only and derives a site's :class:`SitePlan` (and the pairs) when asked: ``plan.sites`` is a
+read-only mapping and ``plan.pairs`` a read-only sequence, both in a fixed order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, overload
+
+from .links import LinkGraph
+from .routing import Routing
+from .validate import Node
+
+__all__ = ["Pair", "Peer", "Plan", "Route", "SitePlan", "format_table"]
+
+NONE = "none"
+
+
+class Peer(NamedTuple):
+    """One WireGuard peer of a site: a site it has a link with.
+
+    ``allowed_ips``: the overlay address and LAN prefixes of every site whose next hop is this
+    peer, sorted. ``endpoint``/``keepalive`` as WireGuard takes them (None: not set). ``mode`` is
+    the link kind.
+    """
+
+    name: str
+    public_key: str
+    endpoint: str | None
+    keepalive: int | None
+    mode: str
+    allowed_ips: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "public_key": self.public_key,
+            "endpoint": self.endpoint,
+            "keepalive": self.keepalive,
+            "mode": self.mode,
+            "allowed_ips": list(self.allowed_ips),
+        }
+
+
+class Route(NamedTuple):
+    """A remote prefix, the peer it goes to, the whole path (this site first) and its cost."""
+
+    prefix: str
+    via: str
+    path: tuple[str, ...]
+    cost: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prefix": self.prefix, "via": self.via, "path": list(self.path), "cost": self.cost}
+
+
+@dataclass(frozen=True, slots=True)
+class SitePlan:
+    """What one site gets: peers sorted by name, routes sorted by prefix."""
+
+    name: str
+    overlay_address: str
+    listen_port: int
+    peers: tuple[Peer, ...]
+    routes: tuple[Route, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "overlay_address": self.overlay_address,
+            "listen_port": self.listen_port,
+            "peers": [p.to_dict() for p in self.peers],
+            "routes": [r.to_dict() for r in self.routes],
+        }
+
+
+class Pair(NamedTuple):
+    """How two sites (``a`` < ``b``) connect: ``mode`` is the link kind, ``via X`` (X: the first
+    transit site from ``a``) or ``none``; ``path`` runs from ``a`` to ``b``; ``cost`` is None for
+    ``none``."""
+
+    a: str
+    b: str
+    mode: str
+    path: tuple[str, ...]
+    cost: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "a": self.a,
+            "b": self.b,
+            "mode": self.mode,
+            "path": list(self.path),
+            "cost": self.cost,
+        }
+
+
+class Plan:
+    """The result of :func:`~meshwright.plan.build_plan`. Immutable; derived parts on demand."""
+
+    __slots__ = (
+        "_graph",
+        "_keepalive",
+        "_local",
+        "_nodes",
+        "_part",
+        "_prefixes",
+        "_routings",
+        "link_kinds",
+        "overlay_network",
+        "unreachable",
+    )
+
+    def __init__(
+        self,
+        *,
+        overlay_network: str,
+        link_kinds: tuple[str, ...],
+        keepalive: int,
+        nodes: Sequence[Node],
+        graph: LinkGraph,
+        routings: Sequence[Routing],
+        unreachable: Mapping[str, str],
+    ) -> None:
+        self.overlay_network = overlay_network
+        self.link_kinds = link_kinds
+        self.unreachable: Mapping[str, str] = dict(sorted(unreachable.items()))
+        self._keepalive = keepalive
+        self._nodes = list(nodes)
+        self._graph = graph
+        self._routings = list(routings)
+        # node index -> its connected part's routing (-1: a site alone) and position in it
+        self._part = [-1] * len(self._nodes)
+        self._local = [-1] * len(self._nodes)
+        self._prefixes: list[list[tuple[str, int]]] = []
+        for part, routing in enumerate(self._routings):
+            prefixes: list[tuple[tuple[int, int, int], str, int]] = []
+            for position, i in enumerate(routing.local):
+                self._part[i], self._local[i] = part, position
+                prefixes.extend((key, p, position) for key, p in self._nodes[i].prefixes)
+            prefixes.sort()
+            self._prefixes.append([(p, position) for _, p, position in prefixes])
+
+    # --- views ---------------------------------------------------------------------------------
+
+    @property
+    def keepalive(self) -> int:
+        return self._keepalive
+
+    @property
+    def site_names(self) -> tuple[str, ...]:
+        return tuple(node.name for node in self._nodes)
+
+    @property
+    def sites(self) -> Mapping[str, SitePlan]:
+        """Every site's plan, by name (computed on access, not cached)."""
+        return _Sites(self)
+
+    @property
+    def pairs(self) -> Sequence[Pair]:
+        """Every unordered pair of sites, sorted by (a, b)."""
+        return _Pairs(self)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """How the routing solved the ordered pairs (for benchmarks): ``two_hop_pairs`` by the
+        nearest-midpoint transit, ``pending_pairs`` by the per-destination search; and the
+        number of groups of interchangeable sites."""
+        stats = {"two_hop_pairs": 0, "pending_pairs": 0, "groups": len(self._graph.members)}
+        for routing in self._routings:
+            for key, value in routing.stats.items():
+                stats[key] += value
+        return stats
+
+    def site(self, name: str) -> SitePlan:
+        """One site's plan; KeyError for an unknown name."""
+        for node in self._nodes_named(name):
+            return self._site_plan(node)
+        raise KeyError(name)
+
+    # --- output forms --------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data: the same input gives the same dict, key for key, item for item."""
+        return {
+            "overlay_network": self.overlay_network,
+            "link_kinds": list(self.link_kinds),
+            "keepalive": self._keepalive,
+            "sites": {node.name: self._site_plan(node).to_dict() for node in self._nodes},
+            "pairs": [pair.to_dict() for pair in self.pairs],
+            "unreachable": dict(self.unreachable),
+        }
+
+    def to_json(self) -> str:
+        """:meth:`to_dict` as JSON, byte-identical for the same input, made for line diffs.
+
+        Keys sorted; mappings one key per line; a list of mappings one item per line (a pair,
+        a peer, a route), each item on one line: a change to the plan shows as changed lines.
+        """
+        lines: list[str] = []
+        _write_json(self.to_dict(), 0, "", lines)
+        return "\n".join(lines) + "\n"
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _nodes_named(self, name: str) -> list[Node]:
+        lo, hi = 0, len(self._nodes)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self._nodes[mid].name < name:
+                lo = mid + 1
+            else:
+                hi = mid
+        return [self._nodes[lo]] if lo < len(self._nodes) and self._nodes[lo].name == name else []
+
+    def _site_plan(self, node: Node) -> SitePlan:
+        address = node.overlay.split("/")[0]
+        part, me = self._part[node.index], self._local[node.index]
+        if part < 0:
+            return SitePlan(node.name, address, node.site.listen_port, (), ())
+        routing = self._routings[part]
+        nodes, local = self._nodes, routing.local
+        names = [nodes[i].name for i in local]
+        next_hop = routing.next_hop
+        row = next_hop[me]
+        # every destination's path and cost, once (fast paths for one and two links)
+        group = [self._graph.group_of[i] for i in local]
+        cost = self._graph.cost
+        my_cost = cost[group[me]]
+        my_name = node.name
+        paths: list[tuple[str, ...]] = [()] * len(local)
+        costs = [0] * len(local)
+        for d in range(len(local)):
+            hop = row[d]
+            if d == me:
+                continue
+            if hop == d:
+                paths[d] = (my_name, names[d])
+                costs[d] = my_cost[group[d]]
+            elif next_hop[hop][d] == d:
+                paths[d] = (my_name, names[hop], names[d])
+                costs[d] = my_cost[group[hop]] + cost[group[hop]][group[d]]
+            else:
+                hops = routing.path(me, d)
+                paths[d] = tuple(names[h] for h in hops)
+                costs[d] = routing.path_cost(hops)
+        new, prefixes = tuple.__new__, self._prefixes[part]
+        vias = [names[hop] for hop in row]
+        routes = [
+            new(Route, (prefix, vias[d], paths[d], costs[d])) for prefix, d in prefixes if d != me
+        ]
+        buckets: dict[int, list[str]] = defaultdict(list)
+        for prefix, d in prefixes:
+            if d != me:
+                buckets[row[d]].append(prefix)
+        graph = self._graph
+        peers = []
+        for hop in sorted(buckets):
+            other = nodes[local[hop]]
+            kind = graph.link(node.index, other.index)
+            if kind is None:  # pragma: no cover - a next hop is always a linked neighbour
+                raise RuntimeError(f"routing: {node.name} routes to {other.name} without a link")
+            endpoint, keepalive = _peer_settings(node, other, kind, self._keepalive)
+            peers.append(
+                Peer(
+                    other.name,
+                    other.site.public_key or "",
+                    endpoint,
+                    keepalive,
+                    kind,
+                    tuple(buckets[hop]),
+                )
+            )
+        return SitePlan(node.name, address, node.site.listen_port, tuple(peers), tuple(routes))
+
+    def _pair(self, i: int, j: int) -> Pair:
+        return next(self._pairs_from(i, j, j + 1))
+
+    def _pairs_from(self, i: int, start: int, stop: int) -> Iterator[Pair]:
+        """Pairs (i, j) for j in range(start, stop), in order."""
+        nodes, local, part = self._nodes, self._local, self._part
+        a = nodes[i]
+        s, mine = local[i], part[i]
+        new = tuple.__new__
+        if mine < 0:
+            for j in range(start, stop):
+                yield new(Pair, (a.name, nodes[j].name, NONE, (), None))
+            return
+        routing = self._routings[mine]
+        group_of, cost, kind = self._graph.group_of, self._graph.cost, self._graph.kind
+        next_hop = routing.next_hop
+        row = next_hop[s]
+        local_nodes = routing.local
+        names = [nodes[k].name for k in local_nodes]
+        ga = group_of[i]
+        for j in range(start, stop):
+            d = local[j]
+            b = nodes[j].name
+            if part[j] != mine:
+                yield new(Pair, (a.name, b, NONE, (), None))
+                continue
+            hop = row[d]
+            if hop == d:
+                gb = group_of[j]
+                yield new(Pair, (a.name, b, kind[ga][gb], (a.name, b), cost[ga][gb]))
+                continue
+            gx = group_of[local_nodes[hop]]
+            path: tuple[str, ...]
+            if next_hop[hop][d] == d:
+                gb = group_of[j]
+                total = cost[ga][gx] + cost[gx][gb]
+                path = (a.name, names[hop], b)
+            else:
+                hops = routing.path(s, d)
+                path, total = tuple(names[h] for h in hops), routing.path_cost(hops)
+            yield new(Pair, (a.name, b, f"via {names[hop]}", path, total))
+
+
+_INLINE = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(", ", ": ")).encode
+
+
+def _write_json(value: Any, depth: int, head: str, lines: list[str]) -> None:
+    """Append ``head`` + ``value`` as indented JSON lines (see :meth:`Plan.to_json`)."""
+    pad = " " * depth
+    if isinstance(value, dict) and value:
+        lines.append(f"{pad}{head}{{")
+        last = len(value) - 1
+        for k, key in enumerate(sorted(value)):
+            _write_json(value[key], depth + 1, f"{_INLINE(key)}: ", lines)
+            if k < last:
+                lines[-1] += ","
+        lines.append(f"{pad}}}")
+    elif isinstance(value, list) and value and any(isinstance(v, dict) for v in value):
+        lines.append(f"{pad}{head}[")
+        inner = " " * (depth + 1)
+        encoded = [inner + _INLINE(item) for item in value]
+        lines.append(",\n".join(encoded))
+        lines.append(f"{pad}]")
+    else:
+        lines.append(f"{pad}{head}{_INLINE(value)}")
+
+
+def _peer_settings(
+    node: Node, other: Node, kind: str, keepalive: int
+) -> tuple[str | None, int | None]:
+    """Endpoint and keepalive ``node`` holds for ``other`` on a link of ``kind``.
+
+    direct: the NATed side initiates (holds the open side's endpoint, sends keepalives); an open
+    side holds no endpoint for a NATed peer (WireGuard roams to it); two open sites hold each
+    other's endpoints and need no keepalive. punch, relay, relay-tcp: the traversal sidecar sets
+    the endpoint at run time; keepalives hold the NAT mappings open, on both sides.
+    """
+    if kind == "direct":
+        endpoint = other.endpoint if other.eclass == "open" else None
+        return endpoint, None if node.eclass == "open" else keepalive
+    return None, keepalive
+
+
+class _Sites(Mapping[str, SitePlan]):
+    __slots__ = ("_plan",)
+
+    def __init__(self, plan: Plan) -> None:
+        self._plan = plan
+
+    def __getitem__(self, name: str) -> SitePlan:
+        return self._plan.site(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._plan.site_names)
+
+    def __len__(self) -> int:
+        return len(self._plan._nodes)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and bool(self._plan._nodes_named(name))
+
+
+class _Pairs(Sequence[Pair]):
+    __slots__ = ("_n", "_plan")
+
+    def __init__(self, plan: Plan) -> None:
+        self._plan = plan
+        self._n = len(plan._nodes)
+
+    def __len__(self) -> int:
+        return self._n * (self._n - 1) // 2
+
+    def __iter__(self) -> Iterator[Pair]:
+        for i in range(self._n):
+            yield from self._plan._pairs_from(i, i + 1, self._n)
+
+    @overload
+    def __getitem__(self, index: int) -> Pair: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Pair]: ...
+
+    def __getitem__(self, index: int | slice) -> Pair | Sequence[Pair]:
+        if isinstance(index, slice):
+            return [self[k] for k in range(*index.indices(len(self)))]
+        size = len(self)
+        if index < 0:
+            index += size
+        if not 0 <= index < size:
+            raise IndexError("pair index out of range")
+        # row i holds pairs (i, i+1..n-1): n-1-i of them
+        n, i = self._n, 0
+        while index >= n - 1 - i:
+            index -= n - 1 - i
+            i += 1
+        return self._plan._pair(i, i + 1 + index)
+
+
+def format_table(plan: Plan) -> str:
+    """One line per pair (pair, mode, cost, path), then the unreachable sites: for people."""
+    rows = [("pair", "mode", "cost", "path")]
+    for pair in plan.pairs:
+        rows.append(
+            (
+                f"{pair.a} -- {pair.b}",
+                pair.mode,
+                "-" if pair.cost is None else str(pair.cost),
+                " > ".join(pair.path) if pair.path else "-",
+            )
+        )
+    widths = [max(len(row[k]) for row in rows) for k in range(3)]
+    lines = [
+        f"{row[0].ljust(widths[0])}  {row[1].ljust(widths[1])}  {row[2].rjust(widths[2])}  {row[3]}"
+        for row in rows
+    ]
+    for name, reason in plan.unreachable.items():
+        lines.append(f"unreachable: {name}: {reason}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,152 @@
+"""meshwright.wgkeys: X25519 against RFC 7748's vectors and an independent implementation."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+from meshwright import wgkeys
+
+H = bytes.fromhex
+
+# RFC 7748 section 5.2: (scalar, u-coordinate, output).
+SCALAR_MULT = [
+    (
+        "a546e36bf0527c9d3b16154b82465edd62144c0ac1fc5a18506a2244ba449ac4",
+        "e6db6867583030db3594c1a424b15f7c726624ec26b3353b10a903a6d0ab1c4c",
+        "c3da55379de9c6908e94ea4df28d084f32eccf03491c71f754b4075577a28552",
+    ),
+    (
+        "4b66e9d4d1b4673c5ad22691957d6af5c11b6421e0ea01d42ca4169e7918ba0d",
+        "e5210f12786811d3f4b7959d0538ae2c31dbe7106fc03c3efc4cd549c715a493",
+        "95cbde9476e8907d7aade45cb4b873f88b595a68799fa152e6f8f7647aac7957",
+    ),
+]
+# RFC 7748 section 6.1: Alice's and Bob's key pairs and their shared secret.
+ALICE = (
+    "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a",
+    "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a",
+)
+BOB = (
+    "5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb",
+    "de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f",
+)
+SHARED = "4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742"
+
+
+@pytest.mark.parametrize(("scalar", "u", "out"), SCALAR_MULT)
+def test_rfc7748_scalar_multiplication(scalar, u, out):
+    assert wgkeys.x25519(H(scalar), H(u)).hex() == out
+
+
+def test_rfc7748_iterated_1_and_1000_times():
+    k = u = (9).to_bytes(32, "little")
+    for i in range(1, 1001):
+        k, u = wgkeys.x25519(k, u), k
+        if i == 1:
+            assert k.hex() == "422c8e7a6227d7bca1350b3e2bb7279f7897b87bb6854b783c60e80311ae3079"
+    assert k.hex() == "684cf59ba83309552800ef566f2f4d3c1c3887c49360e3875f2eb94d99532c51"
+
+
+def test_rfc7748_diffie_hellman():
+    for private, public in (ALICE, BOB):
+        assert wgkeys.public_key(H(private)).hex() == public
+    assert wgkeys.x25519(H(ALICE[0]), H(BOB[1])).hex() == SHARED
+    assert wgkeys.x25519(H(BOB[0]), H(ALICE[1])).hex() == SHARED
+
+
+def _raw_public(private: bytes) -> bytes:
+    key = X25519PrivateKey.from_private_bytes(private).public_key()
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def test_public_keys_match_an_independent_implementation():
+    for _ in range(50):
+        private = wgkeys.generate_private_key()
+        assert wgkeys.public_key(private) == _raw_public(private)
+
+
+def test_shared_secrets_match_an_independent_implementation():
+    for _ in range(10):
+        ours, theirs = wgkeys.generate_private_key(), X25519PrivateKey.generate()
+        theirs_public = _raw_public(
+            theirs.private_bytes(
+                serialization.Encoding.Raw,
+                serialization.PrivateFormat.Raw,
+                serialization.NoEncryption(),
+            )
+        )
+        expected = theirs.exchange(X25519PublicKey.from_public_bytes(wgkeys.public_key(ours)))
+        assert wgkeys.x25519(ours, theirs_public) == expected
+
+
+def test_generated_keys_are_clamped_and_distinct():
+    keys = {wgkeys.generate_private_key() for _ in range(64)}
+    assert len(keys) == 64
+    for key in keys:
+        assert len(key) == 32
+        assert key[0] & 7 == 0
+        assert key[31] & 0x80 == 0
+        assert key[31] & 0x40 == 0x40
+
+
+def test_unclamped_private_key_gives_the_clamped_keys_public_key():
+    raw = bytes(range(32))
+    assert wgkeys.public_key(raw) == wgkeys.public_key(wgkeys.clamp(raw))
+
+
+def test_keypair_text_form_round_trips():
+    private, public = wgkeys.generate_keypair()
+    assert len(private) == len(public) == 44
+    assert private.endswith("=") and public.endswith("=")
+    assert wgkeys.public_key_of(private) == public
+    assert wgkeys.public_key_of(private + "\n") == public
+    assert wgkeys.public_key_of(private.encode()) == public
+    assert wgkeys.decode(public) == base64.b64decode(public)
+
+
+SECRET = wgkeys.encode(bytes(range(32)))
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("", "empty"),
+        ("   \n", "empty"),
+        (SECRET[:-1], "44 base64 characters"),
+        (SECRET + "AAAA", "44 base64 characters"),
+        (SECRET[:20] + "\n" + SECRET[20:], "one line"),
+        ("!" * 43 + "=", "not valid base64"),
+        (SECRET[:-2] + "B=", "canonical"),  # the last character's spare bits must be zero
+        (base64.b64encode(bytes(33)).decode(), "decode to 32 bytes"),
+        (b"\xff" * 44, "not ASCII"),
+    ],
+)
+def test_malformed_keys_are_refused_without_quoting_them(text, reason):
+    with pytest.raises(wgkeys.KeyFormatError) as caught:
+        wgkeys.decode(text)
+    message = str(caught.value)
+    assert reason in message
+    stripped = text.strip() if isinstance(text, str) else ""
+    if len(stripped) > 4:
+        assert stripped[:8] not in message
+
+
+def test_error_never_contains_a_real_private_key():
+    private, _ = wgkeys.generate_keypair()
+    for bad in (private[:-1], private + "x", private[:10] + "\n" + private[10:]):
+        with pytest.raises(wgkeys.KeyFormatError) as caught:
+            wgkeys.decode(bad)
+        assert private[:8] not in str(caught.value)
+
+
+def test_wrong_lengths_are_refused():
+    with pytest.raises(wgkeys.KeyFormatError):
+        wgkeys.public_key(bytes(31))
+    with pytest.raises(wgkeys.KeyFormatError):
+        wgkeys.x25519(bytes(32), bytes(33))
+    with pytest.raises(wgkeys.KeyFormatError):
+        wgkeys.encode(bytes(16))
