@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,7 @@ from meshwright.lab.topology import Lab, Topology
 ROOT = Path(__file__).resolve().parents[2]
 LAB_NAME = "mwtest"
 LABTOOL = runner.LABTOOL_IN_CONTAINER
+BIN = Path(sys.executable).parent
 
 
 @dataclass
@@ -38,6 +42,26 @@ class RunningLab:
     def labtool(self, host: str, *args: str) -> dict:
         out = podman.run(["exec", self.container(host), "python3", LABTOOL, *args])
         return json.loads(out)
+
+
+def ansible(lab: RunningLab, *args: str, tool: str = "ansible-playbook"):
+    """Run an Ansible command against the lab's inventory from the repository root."""
+    return subprocess.run(
+        [str(BIN / tool), "-i", str(lab.inventory), *args],
+        cwd=ROOT,
+        env={**podman.env(), "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def recap(stdout: str) -> dict[str, dict[str, int]]:
+    """The PLAY RECAP counters per host."""
+    rows = {}
+    for host, counts in re.findall(r"^(\S+)\s+:\s+(ok=.*)$", stdout, re.M):
+        rows[host] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", counts)}
+    return rows
 
 
 def require_prerequisites() -> None:

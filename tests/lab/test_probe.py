@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from meshwright.lab import podman
+from .conftest import ansible, recap
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -27,24 +26,6 @@ EXPECTED = {
     "hard2": ("hard", APD, APD),
     "blocked": ("blocked", "unknown", "unknown"),
 }
-
-
-def ansible(lab, *args: str, tool: str = "ansible-playbook") -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / tool), "-i", str(lab.inventory), *args],
-        cwd=ROOT,
-        env={**podman.env(), "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-
-
-def recap(stdout: str) -> dict[str, dict[str, int]]:
-    rows = {}
-    for host, counts in re.findall(r"^(\S+)\s+:\s+(ok=.*)$", stdout, re.M):
-        rows[host] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", counts)}
-    return rows
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,8 @@ import pytest
 
 from meshwright.lab import podman
 
+from .conftest import ansible, recap
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PLAYBOOK = "tests/lab/playbooks/wireguard.yml"
@@ -29,24 +31,6 @@ ENDPOINT = {"public": "198.51.100.20:51820", "cone": "203.0.113.26:51820"}
 TEST_KEYS = "/etc/wgtest"  # the module's own tests, on easy2, away from mesh0's key
 
 pytestmark = pytest.mark.lab
-
-
-def ansible(lab, *args: str, tool: str = "ansible-playbook") -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / tool), "-i", str(lab.inventory), *args],
-        cwd=ROOT,
-        env={**podman.env(), "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-
-
-def recap(stdout: str) -> dict[str, dict[str, int]]:
-    rows = {}
-    for host, counts in re.findall(r"^(\S+)\s+:\s+(ok=.*)$", stdout, re.M):
-        rows[host] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", counts)}
-    return rows
 
 
 def keypair(lab, host: str, *args: str) -> dict:

@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -83,15 +84,30 @@ def test_direct_pairs_hold_each_others_public_address(pair):
         assert line.split()[1].rsplit(":", 1)[0] == public, (me, other, line)
 
 
+def overlay_hops(src: str, dst: str) -> tuple[list[str], str]:
+    """Overlay addresses answering a traceroute, hop by hop (any of three probes counts)."""
+    out = host(src).check_output(f"traceroute -n -q 3 -w 2 -m 6 {dst}")
+    hops = []
+    for line in out.splitlines():
+        if re.match(r"^\s*\d+\s", line):
+            ips = re.findall(r"\d+\.\d+\.\d+\.\d+", line)
+            hops.append(ips[0] if ips else "*")
+    return [h for h in hops if h.startswith("10.99.") or h == "*"], out
+
+
 @pytest.mark.parametrize("pair", VIA, ids=[f"{p['a']}-{p['b']}" for p in VIA])
 def test_via_pairs_pass_their_transit_site(pair):
     a, b = pair["a"], pair["b"]
-    transit = pair["path"][1:-1]
-    out = host(f"{a}-lan1").check_output(f"traceroute -n -q 1 -w 2 -m 6 {lan_address(b)}")
-    hops = re.findall(r"^\s*\d+\s+(\S+)", out, re.M)
     # Each transit site, then b's gateway, answer from their overlay (mesh0) address.
-    expected = [overlay(t) for t in transit] + [overlay(b)]
-    assert [h for h in hops if h.startswith("10.99.")] == expected, out
+    expected = [overlay(t) for t in pair["path"][1:-1]] + [overlay(b)]
+    for _ in range(3):
+        # Linux rate-limits ICMP time-exceeded per destination (about 1/s): pace retries.
+        hops, out = overlay_hops(f"{a}-lan1", lan_address(b))
+        if "*" not in hops:
+            break
+        time.sleep(2)
+    assert [h for h in hops if h != "*"][-len(expected) :] == expected, out
+    assert "*" not in hops, out
 
 
 def test_a_direct_pair_keeps_working_with_every_other_site_down():
