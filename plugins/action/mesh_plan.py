@@ -21,7 +21,6 @@ from ansible.plugins.action import ActionBase
 
 from meshwright import plan as planner
 
-DEFAULT_LISTEN_PORT = 51820
 STATE_VERSION = 1
 
 
@@ -40,7 +39,7 @@ def site_facts(name: str, hostvars: Any, state: dict[str, Any]) -> dict[str, Any
     """What the planner needs of one site: fresh facts when this run has them, else state."""
     host = hostvars[name]
     saved = state.get("sites", {}).get(name, {})
-    listen_port = int(host.get("mesh_listen_port", DEFAULT_LISTEN_PORT))
+    listen_port = int(host.get("mesh_listen_port", planner.DEFAULT_LISTEN_PORT))
     nat = host.get("mesh_nat")
     if nat:
         nat_class = nat.get("nat_class")
@@ -108,7 +107,7 @@ class ActionModule(ActionBase):
             "link_kinds": list(
                 args.get("link_kinds") or task_vars.get("mesh_link_kinds", ["direct"])
             ),
-            "keepalive": int(task_vars.get("mesh_keepalive", 25)),
+            "keepalive": int(task_vars.get("mesh_keepalive", planner.DEFAULT_KEEPALIVE)),
             "sites": sites,
             "relays": relays,
         }

@@ -22,18 +22,10 @@ from meshwright.plan import (
     wanted_kind,
 )
 from meshwright.plan.synthetic import public_key, synthetic_mesh
+from meshwright.plan.synthetic import synthetic_site as site
 
 RELAY = Relay(name="r1", addresses=("198.51.100.10",))
 ALL_KINDS = frozenset(LINK_KINDS)
-
-
-def site(name: str, nat: str | None = "open", number: int = 1, **kw) -> Site:
-    """A site; an ``open`` site gets an endpoint unless ``endpoint`` is given."""
-    if nat == "open" and "endpoint" not in kw:
-        kw["endpoint"] = f"203.0.113.{number}:51820"
-    kw.setdefault("public_key", public_key(name))
-    kw.setdefault("overlay_address", f"10.99.0.{number}")
-    return Site(name=name, nat_class=nat, **kw)
 
 
 def mesh(*sites: Site, kinds=frozenset({"direct"}), relays=(RELAY,), **kw) -> Mesh:

@@ -6,16 +6,9 @@ import pytest
 
 from meshwright.plan import Mesh, PlanError, Policy, Relay, Site, build_plan
 from meshwright.plan.synthetic import public_key
+from meshwright.plan.synthetic import synthetic_site as site
 
 RELAY = Relay(name="r1", addresses=("198.51.100.10",))
-
-
-def site(name: str, nat: str | None = "open", number: int = 1, **kw) -> Site:
-    if nat == "open" and "endpoint" not in kw:
-        kw["endpoint"] = f"203.0.113.{number}:51820"
-    kw.setdefault("public_key", public_key(name))
-    kw.setdefault("overlay_address", f"10.99.0.{number}")
-    return Site(name=name, nat_class=nat, **kw)
 
 
 def problems(*sites: Site, **kw) -> tuple[str, ...]:

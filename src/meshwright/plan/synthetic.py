@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 from .model import DEFAULT_LINK_KINDS, RELAY_KINDS, Mesh, Policy, Relay, Site
 
-__all__ = ["REALISTIC_MIX", "public_key", "synthetic_mesh"]
+__all__ = ["REALISTIC_MIX", "public_key", "synthetic_mesh", "synthetic_site"]
 
 # open, easy, hard, blocked
 REALISTIC_MIX = (0.15, 0.45, 0.30, 0.10)
@@ -19,6 +19,15 @@ REALISTIC_MIX = (0.15, 0.45, 0.30, 0.10)
 def public_key(name: str) -> str:
     """A well-formed (not a real) WireGuard public key, derived from the name."""
     return base64.b64encode(hashlib.sha256(name.encode()).digest()).decode()
+
+
+def synthetic_site(name: str, nat: str | None = "open", number: int = 1, **kw) -> Site:
+    """A site numbered ``number``; an ``open`` site gets an endpoint unless one is given."""
+    if nat == "open" and "endpoint" not in kw:
+        kw["endpoint"] = f"203.0.113.{number}:51820"
+    kw.setdefault("public_key", public_key(name))
+    kw.setdefault("overlay_address", f"10.99.0.{number}")
+    return Site(name=name, nat_class=nat, **kw)
 
 
 def synthetic_mesh(
