@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import secrets
 
 KEY_LEN = 32
@@ -135,3 +137,33 @@ def generate_keypair() -> tuple[str, str]:
 def public_key_of(private_text: str | bytes) -> str:
     """The base64 public key of a base64 private key (raises KeyFormatError)."""
     return encode(public_key(decode(private_text)))
+
+
+PRESHARED_KEY_SALT = b"meshwright preshared key v1"
+
+
+def hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int = KEY_LEN) -> bytes:
+    """HKDF with SHA-256 (RFC 5869): extract, then expand to `length` bytes."""
+    prk = hmac.new(salt, ikm, hashlib.sha256).digest()
+    okm, block = b"", b""
+    for counter in range(1, -(-length // hashlib.sha256().digest_size) + 1):
+        block = hmac.new(prk, block + info + bytes([counter]), hashlib.sha256).digest()
+        okm += block
+    return okm[:length]
+
+
+def pair_preshared_key(own_private: bytes, peer_public: bytes, mesh_secret: bytes = b"") -> bytes:
+    """The preshared key of this node and one peer; the peer derives the same one.
+
+    Both ends compute X25519(own private, other's public), which is the same value on both
+    sides, and stretch it with HKDF, bound to the pair's two public keys (in sorted order)
+    and to the optional mesh secret. Nothing is distributed and the controller never holds a
+    preshared key. Without a mesh secret this adds no protection against whoever can break
+    X25519 (the quantum threat preshared keys are meant for), since it derives from the same
+    static keys as the handshake; with one (kept in Ansible Vault), it does. See docs/keys.md.
+    """
+    shared = x25519(own_private, peer_public)
+    if shared == bytes(KEY_LEN):
+        raise KeyFormatError("the peer's public key is a low-order point")
+    pair = b"".join(sorted((public_key(own_private), bytes(peer_public))))
+    return hkdf_sha256(shared + mesh_secret, PRESHARED_KEY_SALT, pair)

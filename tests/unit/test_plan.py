@@ -94,6 +94,8 @@ def _two(class_a: str, class_b: str, policies, kinds, relays) -> Mesh:
 
 
 def _expected(kind: str, policy: str, kinds: frozenset[str], relays: bool) -> str:
+    if kind == "punch" and "punch" not in kinds and "relay" in kinds:
+        kind = "relay"  # connect first through a relay; the sidecar upgrades it
     if kind not in kinds:
         return "none"
     relay = kind in ("relay", "relay-tcp")
@@ -136,7 +138,9 @@ def test_decision_table_every_class_pair_kind_set_and_policy():
                         assert "a" in plan.unreachable or "b" in plan.unreachable
                     else:
                         assert got.path == ("a", "b")
-                        assert got.cost == {"direct": 10, "punch": 10, "relay": 15}.get(kind, 19)
+                        assert got.cost == {"direct": 10, "punch": 10, "relay": 15}.get(
+                            expected, 19
+                        )
                     checked += 1
     assert checked == len(WANTED) * 16 * len(POLICIES) * 2
 
@@ -191,15 +195,35 @@ def test_open_without_endpoint_is_planned_as_easy():
     assert pair(plan, "a", "b").mode == "punch"
 
 
-@pytest.mark.parametrize(
-    ("a", "b", "kinds"),
-    [("easy", "hard", {"punch"}), ("hard", "hard", {"relay"}), ("blocked", "open", {"relay-tcp"})],
-)
-def test_non_direct_links_leave_the_endpoint_to_the_sidecar_and_keep_alive(a, b, kinds):
-    plan = build_plan(mesh(site("a", a, 1), site("b", b, 2), kinds=kinds))
+def test_a_punch_link_leaves_the_endpoint_to_the_sidecar_and_keeps_alive():
+    plan = build_plan(mesh(site("a", "easy", 1), site("b", "hard", 2), kinds={"punch"}))
     for x, y in (("a", "b"), ("b", "a")):
         peer = _peer(plan, x, y)
         assert (peer.endpoint, peer.keepalive) == (None, 25)
+
+
+def test_a_relayed_pair_holds_its_own_side_of_the_relay_allocation():
+    plan = build_plan(mesh(site("a", "hard", 1), site("b", "hard", 2), kinds={"relay"}))
+    (allocation,) = plan.allocations.values()
+    assert (allocation.a, allocation.b, allocation.relay) == ("a", "b", "r1")
+    assert _peer(plan, "a", "b").endpoint == f"198.51.100.10:{allocation.ports[0]}"
+    assert _peer(plan, "b", "a").endpoint == f"198.51.100.10:{allocation.ports[1]}"
+    assert _peer(plan, "a", "b").keepalive == _peer(plan, "b", "a").keepalive == 25
+    assert plan.to_dict()["allocations"] == [allocation.to_dict()]
+
+
+def test_without_punch_an_easy_pair_connects_through_a_relay_first():
+    plan = build_plan(mesh(site("a", "easy", 1), site("b", "easy", 2), kinds={"relay"}))
+    assert pair(plan, "a", "b").mode == "relay"
+    assert len(plan.allocations) == 1
+
+
+def test_a_blocked_site_leaves_its_endpoint_to_the_sidecar():
+    plan = build_plan(mesh(site("a", "blocked", 1), site("b", "open", 2), kinds={"relay-tcp"}))
+    (allocation,) = plan.allocations.values()
+    assert allocation.kind == "relay-tcp"
+    assert _peer(plan, "a", "b").endpoint is None
+    assert _peer(plan, "b", "a").endpoint == f"198.51.100.10:{allocation.ports[1]}"
 
 
 def test_ipv6_endpoint_is_normalised():
@@ -374,6 +398,7 @@ def test_to_dict_shape_and_json_round_trip():
         "sites",
         "pairs",
         "unreachable",
+        "allocations",
     }
     assert data["link_kinds"] == ["direct"]
     assert data["sites"]["east"]["peers"][0] == {

@@ -232,6 +232,7 @@ def test_adding_a_site_changes_only_what_it_makes_strictly_cheaper(case):
         relays=mesh.relays,
         overlay_network=mesh.overlay_network,
         link_kinds=mesh.link_kinds,
+        previous_allocations=tuple(before.to_dict()["allocations"]),
     )
     after = build_plan(grown)
     old, new = _paths(before), _paths(after)
@@ -277,6 +278,7 @@ def test_removing_a_site_changes_only_the_pairs_that_used_it(mesh, data):
         relays=mesh.relays,
         overlay_network=mesh.overlay_network,
         link_kinds=mesh.link_kinds,
+        previous_allocations=tuple(before.to_dict()["allocations"]),
     )
     after = build_plan(shrunk)
     old, new = _paths(before), _paths(after)

@@ -150,3 +150,44 @@ def test_wrong_lengths_are_refused():
         wgkeys.x25519(bytes(32), bytes(33))
     with pytest.raises(wgkeys.KeyFormatError):
         wgkeys.encode(bytes(16))
+
+
+# RFC 5869 appendix A, test cases 1 and 3: (ikm, salt, info, length, okm).
+HKDF_VECTORS = [
+    (
+        "0b" * 22,
+        "000102030405060708090a0b0c",
+        "f0f1f2f3f4f5f6f7f8f9",
+        42,
+        "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865",
+    ),
+    (
+        "0b" * 22,
+        "",
+        "",
+        42,
+        "8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d9d201395faa4b61a96c8",
+    ),
+]
+
+
+@pytest.mark.parametrize(("ikm", "salt", "info", "length", "okm"), HKDF_VECTORS)
+def test_hkdf_matches_rfc5869(ikm, salt, info, length, okm):
+    assert wgkeys.hkdf_sha256(H(ikm), H(salt), H(info), length) == H(okm)
+
+
+def test_both_ends_of_a_pair_derive_the_same_preshared_key():
+    a, b, c = (wgkeys.generate_private_key() for _ in range(3))
+    ab = wgkeys.pair_preshared_key(a, wgkeys.public_key(b))
+    assert ab == wgkeys.pair_preshared_key(b, wgkeys.public_key(a))
+    assert len(ab) == 32
+    # Another pair, or the same pair with a mesh secret, gets another key.
+    assert ab != wgkeys.pair_preshared_key(a, wgkeys.public_key(c))
+    with_secret = wgkeys.pair_preshared_key(a, wgkeys.public_key(b), b"vaulted")
+    assert with_secret == wgkeys.pair_preshared_key(b, wgkeys.public_key(a), b"vaulted")
+    assert with_secret != ab
+
+
+def test_preshared_key_refuses_a_low_order_peer_key():
+    with pytest.raises(wgkeys.KeyFormatError, match="low-order"):
+        wgkeys.pair_preshared_key(wgkeys.generate_private_key(), bytes(32))

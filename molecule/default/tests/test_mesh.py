@@ -6,10 +6,12 @@ the podman connection and would fall back to running each command through Ansibl
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -17,6 +19,9 @@ import pytest
 import testinfra
 import yaml
 
+from meshwright import wgkeys
+
+PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
 EPHEMERAL = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"])
 INVENTORY = yaml.safe_load((EPHEMERAL / "inventory/lab.yml").read_text())["all"]["children"]
 PLAN = json.loads((EPHEMERAL / "inventory/mesh-plan.json").read_text())
@@ -125,13 +130,79 @@ def test_a_direct_pair_keeps_working_with_every_other_site_down():
             host(site).run("systemctl start wg-quick@mesh0")
 
 
-def test_no_private_key_on_the_controller():
-    keys = {s: host(s).check_output("cat /etc/wireguard/mesh0.key").strip() for s in SITES}
-    assert all(len(k) == 44 for k in keys.values())
-    roots = [EPHEMERAL, Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "inventory"]
+def private_keys() -> dict[str, str]:
+    return {s: host(s).check_output("cat /etc/wireguard/mesh0.key").strip() for s in SITES}
+
+
+def preshared_keys(site: str) -> dict[str, str]:
+    """The running preshared key of each of a site's peers, by peer name."""
+    names = {p["public_key"]: p["name"] for p in PLAN["sites"][site]["peers"]}
+    rows = host(site).check_output("wg show mesh0 preshared-keys").splitlines()
+    return {names[key]: psk for key, psk in (row.split("\t") for row in rows)}
+
+
+def fingerprint(secret: str) -> str:
+    """What a failed assertion may show of a secret."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:12]
+
+
+def test_both_ends_of_every_pair_hold_the_same_derived_preshared_key():
+    private = {s: wgkeys.decode(k) for s, k in private_keys().items()}
+    secret = b"molecule-test-mesh-secret"
+    running = {s: preshared_keys(s) for s in CONNECTED}
+    wrong = []
+    for a, b in itertools.combinations(CONNECTED, 2):
+        if b not in running[a]:
+            continue  # not peers: their traffic goes via another site
+        expected = wgkeys.encode(
+            wgkeys.pair_preshared_key(private[a], wgkeys.public_key(private[b]), secret)
+        )
+        for me, other in ((a, b), (b, a)):
+            if running[me][other] != expected:
+                wrong.append(f"{me} -> {other}: {fingerprint(running[me][other])}")
+    assert sum(len(peers) for peers in running.values()) > 0
+    assert wrong == []
+
+
+def test_no_private_or_preshared_key_on_the_controller():
+    secrets = {f"{s} private key": k for s, k in private_keys().items()}
+    for site in CONNECTED:
+        secrets.update(
+            {f"{site}-{peer} preshared key": k for peer, k in preshared_keys(site).items()}
+        )
+    assert all(len(k) == 44 for k in secrets.values())
+    roots = [EPHEMERAL, PROJECT / "inventory"]
     leaked = []
     for path in itertools.chain.from_iterable(r.rglob("*") for r in roots):
         if path.is_file():
             text = path.read_bytes().decode(errors="replace")
-            leaked += [f"{site} in {path}" for site, key in keys.items() if key in text]
+            leaked += [f"{what} in {path}" for what, key in secrets.items() if key in text]
     assert leaked == []
+
+
+def test_a_limited_run_keeps_every_other_sites_peers():
+    """--limit easy1: the plan still covers every site (keys and NAT facts of the others come
+    from mesh-state.json), so easy1 keeps all its peers and nothing changes anywhere."""
+    before = {s: host(s).check_output("wg show mesh0 peers") for s in SITES}
+    env = {**os.environ, "ANSIBLE_CONFIG": str(PROJECT / "ansible.cfg")}
+    run = subprocess.run(
+        [
+            "ansible-playbook",
+            "playbooks/site.yml",
+            "-i",
+            str(EPHEMERAL / "inventory"),
+            "--limit",
+            "easy1",
+        ],
+        cwd=PROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    recap = re.search(r"^easy1\s+:.*$", run.stdout, re.M)
+    assert recap and "changed=0 " in recap.group(0) and "failed=0 " in recap.group(0), recap
+    assert {s: host(s).check_output("wg show mesh0 peers") for s in SITES} == before
+    state = json.loads((EPHEMERAL / "inventory/mesh-state.json").read_text())
+    assert sorted(state["sites"]) == SITES

@@ -24,6 +24,11 @@ description:
     file's (a rotated key, or an interface without a key); the key itself is never read into
     a result, a diff or an error.
   - Never reads C(wg show dump) or C(wg showconf), which print the private key.
+  - With O(preshared_keys), every peer gets a preshared key that this node derives for the
+    pair from its own private key and the peer's public key (and O(preshared_key_secret)); the
+    peer derives the same one. Each is kept in a root-only file under
+    O(preshared_key_dir) (which the wg-quick configuration loads at boot) and set live when
+    the running one differs. Preshared keys are compared by digest and never returned.
   - Check mode reports what would change. A missing interface in check mode is reported, not
     an error (the service that creates it has not run); otherwise it is an error.
 version_added: "0.1.0"
@@ -54,6 +59,21 @@ options:
     type: list
     elements: dict
     required: true
+  preshared_keys:
+    description: Give every peer a derived preshared key; false removes them.
+    type: bool
+    default: false
+  preshared_key_secret:
+    description:
+      - An optional secret mixed into every derived preshared key, the same on every site
+        (keep it in Ansible Vault). Without it, the keys add no protection against an attacker
+        who can break X25519; see docs/keys.md.
+    type: str
+    default: ""
+  preshared_key_dir:
+    description: Where the derived preshared keys are kept, one C(<peer name>.psk) file each.
+    type: path
+    default: /etc/wireguard/<interface>.psk
 """
 
 EXAMPLES = r"""
@@ -85,9 +105,13 @@ interface_present:
 """
 
 # Imports follow DOCUMENTATION/EXAMPLES/RETURN, by Ansible's convention.
+import hashlib  # noqa: E402
 import ipaddress  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
 import socket  # noqa: E402
+import tempfile  # noqa: E402
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 from ansible.module_utils.meshwright import wgkeys  # noqa: E402
@@ -237,6 +261,8 @@ class Interface:
         allowed = self.table("allowed-ips")
         endpoints = self.table("endpoints")
         keepalives = self.table("persistent-keepalive")
+        # Secret: only its digest is kept, so the key never reaches a result or a diff.
+        preshared = {k: digest(v) for k, v in self.table("preshared-keys").items()}
         peers = {}
         for key, ips in allowed.items():
             networks = [] if ips == "(none)" else ips.split()
@@ -248,6 +274,7 @@ class Interface:
                 ),
                 "endpoint": None if endpoints.get(key, "(none)") == "(none)" else endpoints[key],
                 "keepalive": 0 if keepalive == "off" else int(keepalive),
+                "preshared_key": preshared.get(key),
             }
         links = json.loads(self.run("ip", "-j", "address", "show", "dev", self.name) or "[]")
         addresses = sorted(
@@ -265,6 +292,38 @@ class Interface:
             "addresses": addresses,
             "peers": peers,
         }
+
+
+def digest(preshared_key: str) -> str | None:
+    """A preshared key's digest, to compare without holding it; None for no key."""
+    text = preshared_key.strip()
+    if text in ("", "(none)") or text == wgkeys.encode(bytes(wgkeys.KEY_LEN)):
+        return None
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+PEER_FILE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def write_secret(path: str, text: str) -> bool:
+    """Write a root-only file atomically unless it already holds `text`; True if written."""
+    try:
+        with open(path) as handle:
+            if handle.read() == text:
+                return False
+    except FileNotFoundError:
+        pass
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".psk-")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return True
 
 
 def plan(name: str, live: dict, want: dict) -> list[tuple[str, list[str]]]:
@@ -304,6 +363,10 @@ def plan(name: str, live: dict, want: dict) -> list[tuple[str, list[str]]]:
             if not unresolved_but_set and (candidates is None or running not in candidates):
                 argv += ["endpoint", peer["endpoint"]]
                 what.append(f"endpoint {peer['endpoint']}")
+        if (None if current is None else current["preshared_key"]) != peer["preshared_key"]:
+            # /dev/null reads as no key: `wg set` removes it.
+            argv += ["preshared-key", peer["preshared_key_file"] or "/dev/null"]
+            what.append("preshared key " + ("set" if peer["preshared_key"] else "removed"))
         if argv:
             verb = "add" if current is None else "change"
             steps.append(
@@ -339,8 +402,43 @@ def render(state: dict, names: dict[str, str]) -> str:
             f"  allowed_ips: {', '.join(peer['allowed_ips']) or '(none)'}",
             f"  endpoint: {peer['endpoint'] or '(none)'}",
             f"  keepalive: {peer['keepalive'] or 'off'}",
+            f"  preshared_key: {'set' if peer.get('preshared_key') else '(none)'}",
         ]
     return "\n".join(lines) + "\n"
+
+
+def preshared_keys(peers: dict[str, dict], own_private: bytes | None, secret: bytes) -> dict:
+    """Each desired peer's derived preshared key (base64), by public key; {} when off."""
+    if own_private is None:
+        return {}
+    keys = {}
+    for key, peer in peers.items():
+        if not PEER_FILE_NAME.match(peer["name"]):
+            raise SpecError(f"peer name {peer['name']!r} cannot name a preshared key file")
+        derived = wgkeys.pair_preshared_key(own_private, wgkeys.decode(key), secret)
+        keys[key] = wgkeys.encode(derived)
+    return keys
+
+
+def sync_preshared_files(
+    module: AnsibleModule, directory: str, peers: dict[str, dict], preshared: dict[str, str]
+) -> bool:
+    """Keep one root-only file per peer's preshared key, and none other; True if changed."""
+    wanted = {peers[key]["name"] + ".psk": text + "\n" for key, text in preshared.items()}
+    present = set(os.listdir(directory)) if os.path.isdir(directory) else set()
+    stale = sorted(f for f in present if f.endswith(".psk") and f not in wanted)
+    if module.check_mode:
+        return bool(stale) or any(not os.path.exists(os.path.join(directory, f)) for f in wanted)
+    changed = False
+    if wanted and not os.path.isdir(directory):
+        os.makedirs(directory, mode=0o700)
+        changed = True
+    for file_name, text in wanted.items():
+        changed |= write_secret(os.path.join(directory, file_name), text)
+    for file_name in stale:
+        os.unlink(os.path.join(directory, file_name))
+        changed = True
+    return changed
 
 
 def main() -> None:
@@ -351,6 +449,9 @@ def main() -> None:
             "addresses": {"type": "list", "elements": "str", "required": True},
             "private_key_file": {"type": "path", "required": True},
             "peers": {"type": "list", "elements": "dict", "required": True},
+            "preshared_keys": {"type": "bool", "default": False},
+            "preshared_key_secret": {"type": "str", "default": "", "no_log": True},
+            "preshared_key_dir": {"type": "path"},
         },
         supports_check_mode=True,
     )
@@ -361,9 +462,11 @@ def main() -> None:
         if not 0 < params["listen_port"] < 65536:
             raise SpecError(f"listen_port {params['listen_port']} is not 1..65535")
         addresses = desired_addresses(params["addresses"])
+        own_private = None
         try:
             with open(params["private_key_file"], "rb") as handle:
-                own_public = wgkeys.public_key_of(handle.read(4096))
+                own_private = wgkeys.decode(handle.read(4096))
+                own_public = wgkeys.encode(wgkeys.public_key(own_private))
         except FileNotFoundError:
             own_public = None
             if not module.check_mode:
@@ -383,6 +486,17 @@ def main() -> None:
             "addresses": addresses,
             "peers": desired_peers([p for p in peers if p not in unknown], own_public),
         }
+        psk_dir = params["preshared_key_dir"] or f"/etc/wireguard/{name}.psk"
+        preshared = preshared_keys(
+            want["peers"],
+            own_private if params["preshared_keys"] else None,
+            params["preshared_key_secret"].encode(),
+        )
+        for key, peer in want["peers"].items():
+            peer["preshared_key"] = digest(preshared[key]) if key in preshared else None
+            peer["preshared_key_file"] = (
+                os.path.join(psk_dir, peer["name"] + ".psk") if key in preshared else None
+            )
     except SpecError as exc:
         module.fail_json(msg=f"{name}: {exc}")
 
@@ -399,6 +513,7 @@ def main() -> None:
         live = interface.read()
         steps = plan(name, live, want)
         steps += [(f"add peer {p.get('name')} (its key is not made yet)", []) for p in unknown]
+        files_changed = sync_preshared_files(module, psk_dir, want["peers"], preshared)
         if not module.check_mode:
             for _, argv in steps:
                 interface.run(*argv)  # never empty outside check mode
@@ -406,7 +521,7 @@ def main() -> None:
         module.fail_json(msg=f"{name}: {exc}")
 
     result = {
-        "changed": bool(steps),
+        "changed": bool(steps) or files_changed,
         "actions": [description for description, _ in steps],
         "interface_present": True,
     }

@@ -40,7 +40,7 @@ PACKAGES = (
     "kmod",
     "sudo",
 )
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
 
@@ -98,6 +98,9 @@ def ensure_image(log=print) -> str:
         for cache in (root / "var/cache/apt/archives").glob("*.deb"):
             cache.unlink()
         (root / "etc/hostname").write_text("lab\n")
+        # The lab has no DNS: debootstrap copied the host's resolver, which lab hosts must not
+        # use (each lookup would wait for a timeout, and it is not a lab address).
+        (root / "etc/resolv.conf").write_text("# the meshwright lab has no DNS\n")
         tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
         podman.run(["import", "--change", 'CMD ["/sbin/init"]', "-", name], stdin=tar.stdout)
         if tar.wait() != 0:

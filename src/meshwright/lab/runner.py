@@ -146,6 +146,12 @@ def _run_args(lab: Lab, host: LabHost, image: str) -> list[str]:
         host.container,
         "--hostname",
         host.name,
+        # No resolver (the image's resolv.conf is empty) and the host's own name in /etc/hosts,
+        # so sudo and friends never wait on a DNS lookup.
+        "--dns",
+        "none",
+        "--add-host",
+        f"{host.name}:127.0.1.1",
         "--label",
         f"{LABEL}={lab.name}",
         "--label",
@@ -272,7 +278,7 @@ def render_inventory(lab: Lab, topology: Topology) -> str:
     inventory = {
         "all": {
             "vars": {
-                "ansible_connection": "containers.podman.podman",
+                "ansible_connection": "podman_exec",
                 "ansible_python_interpreter": "/usr/bin/python3",
                 "lab_name": lab.name,
                 "mesh_overlay_network": str(topology.overlay),

@@ -6,8 +6,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 from .links import Blocker, LinkGraph
-from .model import LINK_KINDS, Mesh, PlanError
+from .model import LINK_KINDS, RELAY_KINDS, Mesh, PlanError
 from .output import Plan
+from .relays import RelayAllocation, allocate
 from .routing import Routing
 from .validate import Node, Skip, check_mesh
 
@@ -46,7 +47,12 @@ def check(mesh: Mesh, skip: Skip = frozenset()) -> tuple[list[str], Plan | None]
     # part reaches keeps its links among itself (the main part gets nothing to it), and a
     # removed site changes no pair whose path it was not on.
     routings = [Routing(graph, c) for c in components if len(c) > 1]
+    try:
+        allocations = _allocations(mesh, graph, routings)
+    except ValueError as exc:
+        return [f"relays: {exc}"], None
     plan = Plan(
+        allocations=allocations,
         overlay_network=str(mesh.overlay_network),
         link_kinds=tuple(k for k in LINK_KINDS if k in kinds),
         keepalive=mesh.keepalive,
@@ -56,6 +62,29 @@ def check(mesh: Mesh, skip: Skip = frozenset()) -> tuple[list[str], Plan | None]
         unreachable=unreachable,
     )
     return [], plan
+
+
+def _allocations(
+    mesh: Mesh, graph: LinkGraph, routings: Sequence[Routing]
+) -> dict[tuple[str, str], RelayAllocation]:
+    """A relay allocation for every pair that the routing links with a relay kind."""
+    nodes = graph.nodes
+    relayed = []
+    for routing in routings:
+        local, next_hop = routing.local, routing.next_hop
+        for s, i in enumerate(local):
+            row = next_hop[s]
+            for d in range(s + 1, len(local)):
+                if row[d] == d:
+                    kind = graph.link(i, local[d])
+                    if kind in RELAY_KINDS:
+                        a, b = sorted((nodes[i].name, nodes[local[d]].name))
+                        relayed.append((a, b, kind))
+    if not relayed:
+        return {}
+    relays = {r.name: r.addresses[0] for r in mesh.relays if r.addresses}
+    rtt = {node.name: dict(node.site.relay_rtt_ms) for node in nodes}
+    return allocate(relayed, relays, rtt, mesh.previous_allocations)
 
 
 def build_plan(mesh: Mesh) -> Plan:

@@ -48,6 +48,8 @@ def blockers(
 ) -> tuple[str, tuple[Blocker, ...]]:
     """The kind ``a`` and ``b`` want, and everything that forbids it (empty: usable)."""
     kind = wanted_kind(a.eclass, b.eclass)
+    if kind == "punch" and "punch" not in kinds and "relay" in kinds:
+        kind = "relay"  # connect first (through a relay); the sidecar upgrades it later
     found: list[Blocker] = []
     if a.hubs is not None and b.name not in a.hubs:
         found.append(("hubs", "a"))

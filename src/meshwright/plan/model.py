@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -79,11 +79,12 @@ class Site:
     listen_port: int = DEFAULT_LISTEN_PORT
     policy: Policy = field(default_factory=Policy)
     required: bool = True
+    relay_rtt_ms: tuple[tuple[str, float], ...] = ()  # (relay name, probe round trip)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Relay:
-    """A relay node (recorded and validated; relay allocation is planned elsewhere)."""
+    """A relay node: its public addresses (the first carries the allocations)."""
 
     name: str
     addresses: tuple[str, ...] = ()
@@ -99,3 +100,5 @@ class Mesh:
     link_kinds: frozenset[str] = DEFAULT_LINK_KINDS
     keepalive: int = DEFAULT_KEEPALIVE
     listen_port: int = DEFAULT_LISTEN_PORT
+    # The previous plan's relay allocations (its "allocations" list): kept while still valid.
+    previous_allocations: tuple[Mapping[str, object], ...] = ()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, overload
 
 from .links import LinkGraph
+from .relays import RelayAllocation
 from .routing import Routing
 from .validate import Node
 
@@ -104,6 +105,7 @@ class Plan:
     """The result of :func:`~meshwright.plan.build_plan`. Immutable; derived parts on demand."""
 
     __slots__ = (
+        "_allocations",
         "_graph",
         "_keepalive",
         "_local",
@@ -126,8 +128,10 @@ class Plan:
         graph: LinkGraph,
         routings: Sequence[Routing],
         unreachable: Mapping[str, str],
+        allocations: Mapping[tuple[str, str], RelayAllocation] | None = None,
     ) -> None:
         self.overlay_network = overlay_network
+        self._allocations = dict(allocations or {})
         self.link_kinds = link_kinds
         self.unreachable: Mapping[str, str] = dict(sorted(unreachable.items()))
         self._keepalive = keepalive
@@ -147,6 +151,11 @@ class Plan:
             self._prefixes.append([(p, position) for _, p, position in prefixes])
 
     # --- views ---------------------------------------------------------------------------------
+
+    @property
+    def allocations(self) -> Mapping[tuple[str, str], RelayAllocation]:
+        """The relay allocation of every relayed pair, by (a, b)."""
+        return self._allocations
 
     @property
     def keepalive(self) -> int:
@@ -194,6 +203,7 @@ class Plan:
             "sites": {node.name: self._site_plan(node).to_dict() for node in self._nodes},
             "pairs": [pair.to_dict() for pair in self.pairs],
             "unreachable": dict(self.unreachable),
+            "allocations": [a.to_dict() for a in self._allocations.values()],
         }
 
     def to_json(self) -> str:
@@ -266,6 +276,9 @@ class Plan:
             if kind is None:  # pragma: no cover - a next hop is always a linked neighbour
                 raise RuntimeError(f"routing: {node.name} routes to {other.name} without a link")
             endpoint, keepalive = _peer_settings(node, other, kind, self._keepalive)
+            allocation = self._allocations.get(tuple(sorted((node.name, other.name))))
+            if allocation is not None and node.eclass != "blocked":
+                endpoint = allocation.endpoint_of(node.name)
             peers.append(
                 Peer(
                     other.name,

@@ -36,10 +36,19 @@ from .model import (
 
 __all__ = ["mesh_from_dict"]
 
-_MESH_KEYS = {"overlay_network", "link_kinds", "keepalive", "listen_port", "relays", "sites"}
+_MESH_KEYS = {
+    "overlay_network",
+    "link_kinds",
+    "keepalive",
+    "listen_port",
+    "relays",
+    "sites",
+    "previous_allocations",
+}
 _SITE_KEYS = {
     "name",
     "public_key",
+    "relay_rtt_ms",
     "overlay_address",
     "lan_prefixes",
     "nat_class",
@@ -143,7 +152,12 @@ def mesh_from_dict(data: Mapping[str, Any]) -> Mesh:
         if site is not None:
             sites.append(site)
 
+    previous = data.get("previous_allocations", [])
+    if not isinstance(previous, list | tuple) or not all(isinstance(x, Mapping) for x in previous):
+        problems.append("previous_allocations is not a list of allocations")
+        previous = []
     mesh = Mesh(
+        previous_allocations=tuple(previous),
         sites=tuple(sites),
         relays=tuple(relays),
         overlay_network=overlay,
@@ -205,6 +219,15 @@ def _site(
         bad("required", f"required {required!r} is not true or false")
         required = True
 
+    rtt_value = entry.get("relay_rtt_ms") or {}
+    rtt: tuple[tuple[str, float], ...] = ()
+    if isinstance(rtt_value, Mapping) and all(
+        isinstance(k, str) and _is_number(v) for k, v in rtt_value.items()
+    ):
+        rtt = tuple(sorted((k, float(v)) for k, v in rtt_value.items()))
+    else:
+        bad("relay_rtt_ms", f"relay_rtt_ms {rtt_value!r} is not a mapping of relay to milliseconds")
+
     policy_value = entry.get("policy") or {}
     policy = Policy()
     if not isinstance(policy_value, Mapping):
@@ -234,4 +257,9 @@ def _site(
         listen_port=port,
         policy=policy,
         required=required,
+        relay_rtt_ms=rtt,
     )
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -33,6 +33,8 @@ def reference_link(a: Site, b: Site, mesh: Mesh) -> str | None:
     """The usable link kind between two sites, or None."""
     classes = {_effective(a), _effective(b)}
     kind = "relay-tcp" if "blocked" in classes else _TABLE[frozenset(classes)]
+    if kind == "punch" and "punch" not in mesh.link_kinds and "relay" in mesh.link_kinds:
+        kind = "relay"
     if kind not in mesh.link_kinds:
         return None
     if kind in RELAY_KINDS:

@@ -1,0 +1,1 @@
+"""The relay: forwards WireGuard ciphertext between two sites it cannot read."""
