@@ -59,6 +59,10 @@ def site_facts(name: str, hostvars: Any, state: dict[str, Any]) -> dict[str, Any
         "listen_port": listen_port,
         "policy": dict(host.get("mesh_policy", {})),
         "required": bool(host.get("mesh_required", True)),
+        # Only this run's measurements: they choose the relay of a new relayed pair, and an
+        # existing pair keeps its relay (the previous plan's allocations), so RTTs that vary
+        # from run to run never move a pair or rewrite the state file.
+        "relay_rtt_ms": dict((nat or {}).get("rtt_ms") or {}),
     }
 
 
@@ -85,6 +89,12 @@ class ActionModule(ActionBase):
         hostvars = task_vars["hostvars"]
         groups = task_vars.get("groups", {})
 
+        previous_allocations: list[Any] = []
+        if plan_path.exists():
+            try:
+                previous_allocations = json.loads(plan_path.read_text()).get("allocations", [])
+            except (ValueError, AttributeError):
+                previous_allocations = []  # a broken plan file is rewritten, not trusted
         state: dict[str, Any] = {}
         if state_path.exists():
             try:
@@ -104,12 +114,15 @@ class ActionModule(ActionBase):
         ]
         mesh_input = {
             "overlay_network": args.get("overlay_network") or task_vars.get("mesh_overlay_network"),
+            # With relays, relayed pairs get a relay; relay-tcp waits for the TCP relay.
             "link_kinds": list(
-                args.get("link_kinds") or task_vars.get("mesh_link_kinds", ["direct"])
+                args.get("link_kinds")
+                or task_vars.get("mesh_link_kinds", ["direct", "relay"] if relays else ["direct"])
             ),
             "keepalive": int(task_vars.get("mesh_keepalive", planner.DEFAULT_KEEPALIVE)),
             "sites": sites,
             "relays": relays,
+            "previous_allocations": previous_allocations,
         }
         try:
             plan = planner.build_plan(planner.mesh_from_dict(mesh_input))

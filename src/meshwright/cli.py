@@ -65,10 +65,13 @@ def _stun_server(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # The relay's services take their own arguments; today the relay is its STUN service
-    # (the relay issue adds forwarding to `meshwright relay`).
-    if argv[:1] in (["stun-server"], ["relay"]):
+    # The relay's services take their own arguments.
+    if argv[:1] == ["stun-server"]:
         return _stun_server(argv[1:])
+    if argv[:1] == ["relay"]:
+        from meshwright.relay import server
+
+        return server.main(argv[1:])
     parser = argparse.ArgumentParser(prog="meshwright", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     lab = sub.add_parser("lab", help="the multi-site NAT lab on podman")
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     lab.add_argument("--quiet", action="store_true", help="`up` prints no status table")
     lab.set_defaults(func=_lab)
     # Listed for --help; their own parser takes their arguments (see the dispatch above).
-    sub.add_parser("relay", help="a relay node's services (today: its STUN service)")
+    sub.add_parser("relay", help="a relay's forwarding service (WireGuard ciphertext, unread)")
     sub.add_parser("stun-server", help="the relays' STUN service (RFC 8489 and RFC 5780)")
     args = parser.parse_args(argv)
     return args.func(args)

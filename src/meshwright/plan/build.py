@@ -84,7 +84,8 @@ def _allocations(
         return {}
     relays = {r.name: r.addresses[0] for r in mesh.relays if r.addresses}
     rtt = {node.name: dict(node.site.relay_rtt_ms) for node in nodes}
-    return allocate(relayed, relays, rtt, mesh.previous_allocations)
+    keys = {node.name: node.site.public_key or "" for node in nodes}
+    return allocate(relayed, relays, rtt, mesh.previous_allocations, keys)
 
 
 def build_plan(mesh: Mesh) -> Plan:

@@ -36,6 +36,7 @@ class RelayAllocation:
     relay: str
     address: str
     slot: int
+    public_keys: tuple[str, str]  # a's and b's: the relay checks each handshake's mac1
 
     @property
     def ports(self) -> tuple[int, int]:
@@ -55,6 +56,7 @@ class RelayAllocation:
             "address": self.address,
             "slot": self.slot,
             "ports": list(self.ports),
+            "public_keys": list(self.public_keys),
         }
 
 
@@ -63,12 +65,20 @@ def allocate(
     relays: Mapping[str, str],
     rtt_ms: Mapping[str, Mapping[str, float]],
     previous: Sequence[Mapping[str, object]] = (),
+    public_keys: Mapping[str, str] | None = None,
 ) -> dict[tuple[str, str], RelayAllocation]:
     """Allocations for ``pairs`` ((a, b, kind), a < b) on ``relays`` (name -> address).
 
     ``rtt_ms[site][relay]``: the probe's round trips. ``previous``: the last plan's allocations
     (as :meth:`RelayAllocation.to_dict` wrote them); the ones still valid are kept.
+    ``public_keys``: every site's WireGuard public key, by name.
     """
+    keys = public_keys or {}
+
+    def make(pair: tuple[str, str], kind: str, relay: str, slot: int) -> RelayAllocation:
+        pair_keys = (keys.get(pair[0], ""), keys.get(pair[1], ""))
+        return RelayAllocation(*pair, kind, relay, relays[relay], slot, pair_keys)
+
     wanted = {(a, b): kind for a, b, kind in sorted(pairs)}
     used: dict[str, set[int]] = {name: set() for name in relays}
     cursor = dict.fromkeys(relays, 0)  # every slot below it is used
@@ -86,7 +96,7 @@ def allocate(
             and slot not in used[relay]
         ):
             used[relay].add(slot)
-            result[key] = RelayAllocation(*key, wanted[key], relay, relays[relay], slot)
+            result[key] = make(key, wanted[key], relay, slot)
     for key, kind in wanted.items():
         if key in result:
             continue
@@ -96,7 +106,7 @@ def allocate(
             slot += 1
         used[relay].add(slot)
         cursor[relay] = slot + 1
-        result[key] = RelayAllocation(*key, kind, relay, relays[relay], slot)
+        result[key] = make(key, kind, relay, slot)
     return dict(sorted(result.items()))
 
 

@@ -143,18 +143,16 @@ _DUPLICATE_INDEX = "dropped_duplicate_index"
 _UNCONFIRMED_SOURCE = "dropped_unconfirmed_source"
 _NO_DESTINATION = "dropped_no_destination"
 _RATE_LIMITED = "dropped_rate_limited"
-DROP_REASONS = (
-    "malformed",
-    "bad_mac1",
-    "replay",
-    "duplicate_index",
-    "unconfirmed_source",
-    "no_destination",
-    "rate_limited",
+_DROPPED = (
+    _MALFORMED,
+    _BAD_MAC1,
+    _REPLAY,
+    _DUPLICATE_INDEX,
+    _UNCONFIRMED_SOURCE,
+    _NO_DESTINATION,
+    _RATE_LIMITED,
 )
-
-# side -> the other side; a dict lookup also rejects anything that is not 0 or 1.
-_OTHER = {0: 1, 1: 0}
+DROP_REASONS = tuple(key.removeprefix("dropped_") for key in _DROPPED)
 
 
 @dataclass(frozen=True)
@@ -243,13 +241,16 @@ class Allocation:
         "_byte_tokens",
         "_bytes_per_second",
         "_confirmed",
+        "_counters",
+        "_dropped",
+        "_forwarded",
+        "_forwarded_bytes",
         "_mac1",
         "_packet_tokens",
         "_packets_per_second",
         "_pending",
         "_refilled",
         "_seen",
-        "counters",
     )
 
     def __init__(
@@ -281,12 +282,39 @@ class Allocation:
         self._byte_tokens = self._bytes_per_second
         # -inf: the first refill tops the (already full) buckets up and sets the clock.
         self._refilled = -math.inf
-        self.counters: Counter[str] = Counter()
+        # Per-packet tallies since they were last folded into the Counter: plain ints and a plain
+        # dict, because a Counter's += costs three times as much (no fast path for subclasses).
+        self._forwarded = 0
+        self._forwarded_bytes = 0
+        self._dropped: dict[str, int] = dict.fromkeys(_DROPPED, 0)
+        self._counters: Counter[str] = Counter(dict.fromkeys((FORWARDED, FORWARDED_BYTES), 0))
+        self._counters.update(self._dropped)
 
     @property
     def confirmed(self) -> tuple[Address | None, Address | None]:
         """The proven address of each side's site (None: not known); persist it across restarts."""
         return (self._confirmed[0], self._confirmed[1])
+
+    @property
+    def counters(self) -> Counter[str]:
+        """The counts: "forwarded", "forwarded_bytes" and "dropped_<reason>" for every reason in
+        :data:`DROP_REASONS` (present from the start, at zero).
+
+        Always the same Counter, which the caller may add its own keys to or clear. The
+        per-packet tallies are folded into it when this property is read, so read the property
+        again rather than keeping the object to watch it.
+        """
+        counters = self._counters
+        if self._forwarded:
+            counters[FORWARDED] += self._forwarded
+            counters[FORWARDED_BYTES] += self._forwarded_bytes
+            self._forwarded = self._forwarded_bytes = 0
+        dropped = self._dropped
+        for key, count in dropped.items():
+            if count:
+                counters[key] += count
+                dropped[key] = 0
+        return counters
 
     def receive(self, side: int, source: Address, datagram: bytes, now: float) -> Address | None:
         """Where to send `datagram` out of the other side's port, or None when dropped (counted).
@@ -294,27 +322,44 @@ class Allocation:
         `side` is the port it arrived on (0 or 1; ValueError otherwise), `source` the address it
         came from, `now` monotonic seconds. Never raises on any datagram or source.
         """
-        other = _OTHER.get(side)
-        if other is None:
+        # Normalised to exact ints, as they index lists below (0.0 == 0, but is no index).
+        if side == 0:
+            side, other = 0, 1
+        elif side == 1:
+            side, other = 1, 0
+        else:
             raise ValueError(f"side must be 0 or 1, not {side!r}")
         size = len(datagram)
         # The per-packet path: transport data between confirmed addresses.
         if datagram.startswith(_TRANSPORT) and size >= _TRANSPORT_MIN_SIZE and not (size & 15):
             if source != self._confirmed[side]:
-                self.counters[_UNCONFIRMED_SOURCE] += 1
+                self._dropped[_UNCONFIRMED_SOURCE] += 1
                 return None
             if self._pending[other]:
                 return self._transport_confirming(other, source, datagram, size, now)
             destination = self._confirmed[other]
             if destination is None:
-                self.counters[_NO_DESTINATION] += 1
+                self._dropped[_NO_DESTINATION] += 1
                 return None
-            if not self._take(size, now):
-                self.counters[_RATE_LIMITED] += 1
+            # _take(), inlined: a method call here would cost as much as all the arithmetic.
+            if now > self._refilled:
+                elapsed = now - self._refilled
+                self._refilled = now
+                tokens = self._packet_tokens + elapsed * self._packets_per_second
+                self._packet_tokens = (
+                    tokens if tokens < self._packets_per_second else self._packets_per_second
+                )
+                tokens = self._byte_tokens + elapsed * self._bytes_per_second
+                self._byte_tokens = (
+                    tokens if tokens < self._bytes_per_second else self._bytes_per_second
+                )
+            if self._packet_tokens < 1.0 or self._byte_tokens < size:
+                self._dropped[_RATE_LIMITED] += 1
                 return None
-            counters = self.counters
-            counters[FORWARDED] += 1
-            counters[FORWARDED_BYTES] += size
+            self._packet_tokens -= 1.0
+            self._byte_tokens -= size
+            self._forwarded += 1
+            self._forwarded_bytes += size
             return destination
         if size == _INITIATION_SIZE and datagram.startswith(_INITIATION):
             return self._initiation(side, other, source, datagram, now)
@@ -322,7 +367,7 @@ class Allocation:
             return self._response(side, other, source, datagram, now)
         if size == _COOKIE_REPLY_SIZE and datagram.startswith(_COOKIE_REPLY):
             return self._cookie_reply(side, other, source, datagram, now)
-        self.counters[_MALFORMED] += 1
+        self._dropped[_MALFORMED] += 1
         return None
 
     # -- the rest runs once per handshake, not per packet --------------------------------------
@@ -342,9 +387,9 @@ class Allocation:
         self._byte_tokens -= size
         return True
 
-    def _forwarded(self, destination: Address, size: int) -> Address:
-        self.counters[FORWARDED] += 1
-        self.counters[FORWARDED_BYTES] += size
+    def _forward(self, destination: Address, size: int) -> Address:
+        self._forwarded += 1
+        self._forwarded_bytes += size
         return destination
 
     def _transport_confirming(
@@ -360,15 +405,15 @@ class Allocation:
         proven = entry is not None and entry.forwarded_to == source
         destination = entry.address if entry is not None and proven else self._confirmed[other]
         if destination is None:
-            self.counters[_NO_DESTINATION] += 1
+            self._dropped[_NO_DESTINATION] += 1
             return None
         if not self._take(size, now):
-            self.counters[_RATE_LIMITED] += 1
+            self._dropped[_RATE_LIMITED] += 1
             return None
         if proven:
             self._confirmed[other] = destination
             del pending[index]
-        return self._forwarded(destination, size)
+        return self._forward(destination, size)
 
     def _handshake_ok(self, side: int, datagram: bytes) -> bytes | None:
         """The message's mac1 if it verifies and is not a replay; else None (counted)."""
@@ -377,12 +422,12 @@ class Allocation:
         hasher.update(datagram[: size - 2 * _MAC_SIZE])
         mac1 = datagram[size - 2 * _MAC_SIZE : size - _MAC_SIZE]
         if not hmac.compare_digest(hasher.digest(), mac1):
-            self.counters[_BAD_MAC1] += 1
+            self._dropped[_BAD_MAC1] += 1
             return None
         # mac1 is a keyed 128-bit hash of everything before it, so it identifies the message;
         # keying the replay window on it also catches a copy with only mac2 changed.
         if mac1 in self._seen[side]:
-            self.counters[_REPLAY] += 1
+            self._dropped[_REPLAY] += 1
             return None
         return mac1
 
@@ -402,7 +447,7 @@ class Allocation:
         _expire(pending, now)
         index = datagram[4:8]
         if index in pending:
-            self.counters[_DUPLICATE_INDEX] += 1
+            self._dropped[_DUPLICATE_INDEX] += 1
             return None
         return index
 
@@ -424,14 +469,14 @@ class Allocation:
                 destination = next(reversed(pending.values())).address
         size = len(datagram)
         if destination is not None and not self._take(size, now):
-            self.counters[_RATE_LIMITED] += 1
+            self._dropped[_RATE_LIMITED] += 1
             return None
         # Remembered even when it goes nowhere: it is the destination of the other side's.
         self._remember(side, mac1, index, _Pending(source, now, destination))
         if destination is None:
-            self.counters[_NO_DESTINATION] += 1
+            self._dropped[_NO_DESTINATION] += 1
             return None
-        return self._forwarded(destination, size)
+        return self._forward(destination, size)
 
     def _response(
         self, side: int, other: int, source: Address, datagram: bytes, now: float
@@ -454,16 +499,16 @@ class Allocation:
         destination = entry.address if entry is not None and answered else self._confirmed[other]
         size = len(datagram)
         if destination is not None and not self._take(size, now):
-            self.counters[_RATE_LIMITED] += 1
+            self._dropped[_RATE_LIMITED] += 1
             return None
         if answered:
             self._confirmed[other] = destination
             del pending[receiver]
         self._remember(side, mac1, index, _Pending(source, now, destination))
         if destination is None:
-            self.counters[_NO_DESTINATION] += 1
+            self._dropped[_NO_DESTINATION] += 1
             return None
-        return self._forwarded(destination, size)
+        return self._forward(destination, size)
 
     def _cookie_reply(
         self, side: int, other: int, source: Address, datagram: bytes, now: float
@@ -472,17 +517,17 @@ class Allocation:
             pending = self._pending[side]
             _expire(pending, now)
             if not any(entry.address == source for entry in pending.values()):
-                self.counters[_UNCONFIRMED_SOURCE] += 1
+                self._dropped[_UNCONFIRMED_SOURCE] += 1
                 return None
         # It answers the other side's handshake with this sender index; send it where that came
         # from (the other side may not be confirmed yet).
         entry = _live(self._pending[other], datagram[4:8], now)
         destination = entry.address if entry is not None else self._confirmed[other]
         if destination is None:
-            self.counters[_NO_DESTINATION] += 1
+            self._dropped[_NO_DESTINATION] += 1
             return None
         size = len(datagram)
         if not self._take(size, now):
-            self.counters[_RATE_LIMITED] += 1
+            self._dropped[_RATE_LIMITED] += 1
             return None
-        return self._forwarded(destination, size)
+        return self._forward(destination, size)

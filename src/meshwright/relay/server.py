@@ -1,0 +1,239 @@
+"""`meshwright relay`: the relay's forwarding service, the I/O around :mod:`.forward`.
+
+It reads the plan's allocations for this relay from a JSON file (the relay role writes it):
+
+    {"allocations": [{"a": "hard1", "b": "hard2", "address": "198.51.100.10",
+                      "ports": [40000, 40001], "public_keys": ["<a's>", "<b's>"]}, ...],
+     "limits": {"packets_per_second": 50000, "bytes_per_second": 100000000}}
+
+and binds one UDP socket per allocation port. A datagram on a's port goes, unchanged, out of
+b's port to b's confirmed address, and the other way round; :class:`.forward.Allocation`
+decides what is accepted. SIGHUP re-reads the file: new allocations are opened, removed ones
+closed, and unchanged ones keep their sockets and learned addresses, so a new relayed pair never
+disturbs the others. The learned addresses and counters are written to the state file every
+second when they changed (and at exit), and read back at start: after a restart, relayed pairs
+carry traffic again at once. Standard library only: it runs on Debian's python3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .forward import Address, Allocation, Limits
+
+__all__ = ["RelayServer", "main"]
+
+_BATCH = 256  # datagrams read from one socket per wake-up, so one busy pair cannot starve others
+_MAX_DATAGRAM = 65535
+
+
+@dataclass
+class _Open:
+    """One allocation in service: its forwarding state and its two sockets."""
+
+    key: str  # "a--b"
+    spec: tuple[str, tuple[int, int], tuple[str, str]]  # address, ports, public keys
+    allocation: Allocation
+    sockets: tuple[socket.socket, socket.socket]
+
+
+class ConfigError(ValueError):
+    """The allocation file is unusable; the message names the entry and the value."""
+
+
+def _parse(data: Any) -> tuple[dict[str, tuple[str, tuple[int, int], tuple[str, str]]], Limits]:
+    if not isinstance(data, dict):
+        raise ConfigError("the allocation file is not a JSON object")
+    limits = Limits(**(data.get("limits") or {}))
+    specs: dict[str, tuple[str, tuple[int, int], tuple[str, str]]] = {}
+    for position, entry in enumerate(data.get("allocations") or []):
+        try:
+            key = f"{entry['a']}--{entry['b']}"
+            ports = (int(entry["ports"][0]), int(entry["ports"][1]))
+            keys = (str(entry["public_keys"][0]), str(entry["public_keys"][1]))
+            for text in keys:
+                if len(base64.b64decode(text, validate=True)) != 32:
+                    raise ValueError("a public key is not 32 bytes")
+            specs[key] = (str(entry["address"]), ports, keys)
+        except (KeyError, IndexError, TypeError, ValueError, binascii.Error) as exc:
+            raise ConfigError(f"allocations[{position}]: {exc!r}") from None
+    return specs, limits
+
+
+class RelayServer:
+    """Forwards for every allocation in ``config``; one thread, one selector."""
+
+    def __init__(self, config: Path, state: Path | None = None, log=print) -> None:
+        self.config, self.state, self.log = config, state, log
+        self.selector = selectors.DefaultSelector()
+        self.open: dict[str, _Open] = {}
+        self.limits = Limits()
+        self.saved_counters: dict[str, Counter[str]] = {}
+        self._reload = True
+        self._stop = False
+        self._dirty = False
+        self._restored = self._read_state()
+
+    # --- configuration --------------------------------------------------------------------
+
+    def _read_state(self) -> dict[str, Any]:
+        if self.state is None or not self.state.exists():
+            return {}
+        try:
+            return json.loads(self.state.read_text()).get("allocations", {})
+        except (ValueError, AttributeError):
+            return {}  # a damaged state file costs one handshake per pair, nothing more
+
+    def reload(self) -> None:
+        """Bring the open allocations to the file's; keep the unchanged ones untouched."""
+        try:
+            specs, limits = _parse(json.loads(self.config.read_text()))
+        except (OSError, ValueError) as exc:
+            self.log(f"relay: keeping the current allocations: {self.config}: {exc}")
+            return
+        self.limits = limits
+        for key in [k for k, o in self.open.items() if specs.get(k) != o.spec]:
+            self._close(key)
+        for key, spec in sorted(specs.items()):
+            if key not in self.open:
+                try:
+                    self._open(key, spec)
+                except OSError as exc:
+                    self.log(f"relay: cannot open {key} on {spec[0]}:{spec[1]}: {exc}")
+        self.log(f"relay: {len(self.open)} allocations")
+
+    def _open(self, key: str, spec: tuple[str, tuple[int, int], tuple[str, str]]) -> None:
+        address, ports, keys = spec
+        restored = self._restored.get(key, {})
+        confirmed = tuple(
+            (str(c[0]), int(c[1])) if isinstance(c, list) and len(c) == 2 else None
+            for c in restored.get("confirmed", [None, None])
+        )
+        allocation = Allocation(
+            (base64.b64decode(keys[0]), base64.b64decode(keys[1])),
+            self.limits,
+            confirmed=confirmed if restored.get("spec") == _spec_json(spec) else (None, None),
+        )
+        sockets = []
+        try:
+            for port in ports:
+                sock = socket.socket(
+                    socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM
+                )
+                sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+                sock.bind((address, port))
+                sock.setblocking(False)
+        except OSError:
+            for sock in sockets:
+                sock.close()
+            raise
+        opened = _Open(key, spec, allocation, (sockets[0], sockets[1]))
+        for side, sock in enumerate(sockets):
+            self.selector.register(sock, selectors.EVENT_READ, (opened, side))
+        self.open[key] = opened
+        self._dirty = True
+
+    def _close(self, key: str) -> None:
+        opened = self.open.pop(key)
+        for sock in opened.sockets:
+            self.selector.unregister(sock)
+            sock.close()
+        self._dirty = True
+
+    # --- state ----------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "allocations": {
+                key: {
+                    "spec": _spec_json(o.spec),
+                    "confirmed": [list(c) if c else None for c in o.allocation.confirmed],
+                    "counters": dict(sorted(o.allocation.counters.items())),
+                }
+                for key, o in sorted(self.open.items())
+            }
+        }
+
+    def save(self) -> None:
+        if self.state is None:
+            return
+        tmp = self.state.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.snapshot(), indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, self.state)
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        signal.signal(signal.SIGHUP, lambda *_: setattr(self, "_reload", True))
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_stop", True))
+        signal.signal(signal.SIGINT, lambda *_: setattr(self, "_stop", True))
+        next_save = 0.0
+        last_counts: dict[str, int] = {}
+        try:
+            while not self._stop:
+                if self._reload:
+                    self._reload = False
+                    self.reload()
+                for key, _ in self.selector.select(timeout=1.0):
+                    opened, side = key.data
+                    self._drain(opened, side)
+                now = time.monotonic()
+                if now >= next_save:
+                    next_save = now + 1.0
+                    counts = {k: sum(o.allocation.counters.values()) for k, o in self.open.items()}
+                    if self._dirty or counts != last_counts:
+                        self._dirty, last_counts = False, counts
+                        self.save()
+        finally:
+            self.save()
+            for key in list(self.open):
+                self._close(key)
+
+    def _drain(self, opened: _Open, side: int) -> None:
+        sock, out = opened.sockets[side], opened.sockets[1 - side]
+        receive = opened.allocation.receive
+        for _ in range(_BATCH):
+            try:
+                datagram, source = sock.recvfrom(_MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue  # an ICMP error queued on the socket: nothing to forward
+            destination: Address | None = receive(side, source[:2], datagram, time.monotonic())
+            if destination is not None:
+                try:
+                    out.sendto(datagram, destination)
+                except OSError:
+                    opened.allocation.counters["dropped_send_error"] += 1
+
+
+def _spec_json(spec: tuple[str, tuple[int, int], tuple[str, str]]) -> list[Any]:
+    address, ports, keys = spec
+    return [address, list(ports), list(keys)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="meshwright relay", description="forward WireGuard datagrams for the plan's pairs"
+    )
+    parser.add_argument("--config", type=Path, default=Path("/etc/meshwright/relay.json"))
+    parser.add_argument("--state", type=Path, default=None, help="learned addresses, counters")
+    args = parser.parse_args(argv)
+    server = RelayServer(args.config, args.state, log=lambda m: print(m, file=sys.stderr))
+    server.serve_forever()
+    return 0
