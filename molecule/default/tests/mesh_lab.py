@@ -1,0 +1,65 @@
+"""What the verify tests share: the lab's inventory and plan, and lab hosts over podman.
+
+testinfra opens every lab host as podman://<container> (its Ansible mapping does not know
+the project's podman_exec connection and would fall back to running each command through
+Ansible).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import testinfra
+import yaml
+
+PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
+EPHEMERAL = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"])
+INVENTORY = yaml.safe_load((EPHEMERAL / "inventory/lab.yml").read_text())["all"]["children"]
+PLAN = json.loads((EPHEMERAL / "inventory/mesh-plan.json").read_text())
+SITES = sorted(INVENTORY["mesh_sites"]["hosts"])
+CONNECTED = [s for s in SITES if s != "blocked"]  # blocked needs the TCP relay
+
+
+def host(name: str):
+    for group in INVENTORY.values():
+        if name in group["hosts"]:
+            return testinfra.get_host(f"podman://{group['hosts'][name]['ansible_host']}")
+    raise KeyError(name)
+
+
+def lan_address(site: str) -> str:
+    prefix = INVENTORY["mesh_sites"]["hosts"][site]["mesh_lan_prefixes"][0]
+    return re.sub(r"\.0/\d+$", ".10", prefix)
+
+
+def overlay(site: str) -> str:
+    return PLAN["sites"][site]["overlay_address"]
+
+
+def public_addresses(relay: str) -> list[str]:
+    return INVENTORY["mesh_relays"]["hosts"][relay]["relay_public_addresses"]
+
+
+def pair(a: str, b: str) -> dict:
+    return next(p for p in PLAN["pairs"] if {p["a"], p["b"]} == {a, b})
+
+
+def endpoint_of(me: str, other: str) -> str | None:
+    """The WireGuard endpoint `me` holds for `other` right now (None: none)."""
+    key = next(p["public_key"] for p in PLAN["sites"][me]["peers"] if p["name"] == other)
+    for line in host(me).check_output("wg show mesh0 endpoints").splitlines():
+        if line.startswith(key):
+            value = line.split()[1]
+            return None if value == "(none)" else value
+    return None
+
+
+def ping_loss(src_lan_host: str, address: str, count: int = 5) -> int:
+    """Packet loss in percent of `count` pings (0.3 s apart) from a lab host."""
+    out = host(src_lan_host).run(f"ping -c {count} -i 0.3 -W 2 -q {address}").stdout
+    match = re.search(r"(\d+(?:\.\d+)?)% packet loss", out)
+    assert match, out
+    return round(float(match.group(1)))

@@ -1,0 +1,163 @@
+"""Verify the UDP relay on the lab: hard1<->hard2 goes through its relay, which reads nothing,
+drops and counts what does not belong, survives its own restart, and disturbs no direct pair."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+
+import pytest
+from mesh_lab import (
+    PLAN,
+    endpoint_of,
+    host,
+    lan_address,
+    pair,
+    ping_loss,
+    public_addresses,
+)
+
+HARD = ("hard1", "hard2")
+ALLOCATION = next(a for a in PLAN.get("allocations", []) if (a["a"], a["b"]) == HARD)
+RELAY = ALLOCATION["relay"]
+PORTS = dict(zip(HARD, ALLOCATION["ports"], strict=True))
+DIRECT = ("easy1", "public")
+CAPTURE = "/tmp/mw-hard-pair.pcap"
+
+
+def relay_state() -> dict:
+    text = host(RELAY).check_output("cat /var/lib/meshwright-relay/state.json")
+    return json.loads(text)["allocations"]["hard1--hard2"]
+
+
+def udp_payloads(pcap: bytes) -> list[bytes]:
+    """UDP payloads of a classic pcap file of Ethernet or Linux-cooked IPv4 frames."""
+    link = int.from_bytes(pcap[20:24], "little")
+    offset, payloads = 24, []
+    header = {1: 14, 113: 16, 276: 20}[link]
+    while offset + 16 <= len(pcap):
+        length = int.from_bytes(pcap[offset + 8 : offset + 12], "little")
+        frame = pcap[offset + 16 : offset + 16 + length]
+        offset += 16 + length
+        ip = frame[header:]
+        if len(ip) >= 28 and ip[9] == 17:
+            ihl = (ip[0] & 15) * 4
+            payloads.append(ip[ihl + 8 :])
+    return payloads
+
+
+@pytest.fixture(scope="module", autouse=True)
+def capture_on_the_relay():
+    """tcpdump on the relay, on the pair's two ports, for the whole module."""
+    ports = " or ".join(f"udp port {p}" for p in PORTS.values())
+    relay = host(RELAY)
+    relay.run(f"rm -f {CAPTURE}")
+    relay.check_output(
+        f"systemd-run --quiet --unit=mw-capture tcpdump -i any -U -s 0 -w {CAPTURE} '{ports}'"
+    )
+    time.sleep(1)
+    yield
+    relay.run("systemctl stop mw-capture")
+
+
+def test_the_hard_pair_is_relayed():
+    assert pair(*HARD)["mode"] == "relay"
+    assert ALLOCATION["address"] in public_addresses(RELAY)
+    for me, other in (HARD, HARD[::-1]):
+        assert endpoint_of(me, other) == f"{ALLOCATION['address']}:{PORTS[me]}", me
+
+
+def test_hard_lan_hosts_reach_each_other_through_the_relay():
+    before = relay_state()["counters"]["forwarded"]
+    assert ping_loss("hard1-lan1", lan_address("hard2"), count=10) == 0
+    assert relay_state_after(lambda s: s["counters"]["forwarded"] >= before + 20)
+
+
+def relay_state_after(predicate, seconds: float = 5.0) -> bool:
+    """The relay writes its state once a second: wait for it to show what is expected."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate(relay_state()):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_the_relay_sees_only_wireguard_messages():
+    # A pattern in the pings' payload: it must never appear in clear on the relay.
+    host("hard1-lan1").run(f"ping -c 5 -i 0.2 -W 2 -p 6d657368777269676874 {lan_address('hard2')}")
+    time.sleep(1.5)
+    raw = base64.b64decode(host(RELAY).check_output(f"base64 -w0 {CAPTURE}"))
+    payloads = udp_payloads(raw)
+    assert len(payloads) >= 10
+    for payload in payloads:
+        assert payload[0] in (1, 2, 3, 4) and payload[1:4] == b"\0\0\0", payload[:8].hex()
+        size = {1: 148, 2: 92, 3: 64}.get(payload[0])
+        assert size is None or len(payload) == size
+        assert payload[0] != 4 or (len(payload) >= 32 and (len(payload) - 16) % 16 == 0)
+    assert b"meshwright" not in raw  # the ping pattern
+    inner = [bytes(map(int, lan_address(s).split("."))) for s in HARD]
+    assert not any(address in p for p in payloads for address in inner)  # no inner IP header
+
+
+def _send_from(sender: str, payloads: list[bytes], port: int) -> None:
+    script = (
+        "import socket,sys;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"
+        f"[s.sendto(bytes.fromhex(h),('{ALLOCATION['address']}',{port})) for h in sys.argv[1:]]"
+    )
+    host(sender).check_output("python3 -c " + f'"{script}" ' + " ".join(p.hex() for p in payloads))
+
+
+def test_garbage_bad_mac1_and_a_replayed_handshake_are_dropped_and_move_nothing():
+    initiation = _captured_initiation()
+    forged = bytearray(initiation)
+    forged[120] ^= 1  # inside mac1
+    garbage = [os.urandom(n) for n in (1, 40, 148, 92, 300)]
+    before = relay_state()
+    for sender in ("public", "easy2"):  # other addresses than the handshake's own
+        _send_from(sender, [*garbage, bytes(forged), initiation], PORTS["hard1"])
+    assert relay_state_after(
+        lambda s: (
+            sum(v for k, v in s["counters"].items() if k.startswith("dropped_"))
+            >= sum(v for k, v in before["counters"].items() if k.startswith("dropped_")) + 14
+        )
+    )
+    after = relay_state()
+    assert after["confirmed"] == before["confirmed"]
+    assert after["counters"].get("dropped_bad_mac1", 0) > before["counters"].get(
+        "dropped_bad_mac1", 0
+    )
+    assert (
+        after["counters"].get("dropped_replay", 0)
+        >= before["counters"].get("dropped_replay", 0) + 2
+    )
+    assert ping_loss("hard1-lan1", lan_address("hard2")) == 0
+
+
+def _captured_initiation(seconds: float = 150.0) -> bytes:
+    """A real handshake initiation from hard1 or hard2, from the relay's capture (WireGuard
+    rekeys every two minutes, so one comes within that)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        raw = base64.b64decode(host(RELAY).check_output(f"base64 -w0 {CAPTURE}"))
+        for payload in udp_payloads(raw):
+            if payload[0] == 1 and len(payload) == 148:
+                return payload
+        time.sleep(3)
+    raise AssertionError(f"no handshake initiation on the relay in {seconds:.0f} s")
+
+
+def test_stopping_the_relay_stops_its_pairs_and_no_direct_pair():
+    relay = host(RELAY)
+    try:
+        relay.check_output("systemctl stop meshwright-relay")
+        assert ping_loss("hard1-lan1", lan_address("hard2"), count=3) == 100
+        assert ping_loss(f"{DIRECT[0]}-lan1", lan_address(DIRECT[1]), count=10) == 0
+    finally:
+        relay.check_output("systemctl start meshwright-relay")
+    started = time.monotonic()
+    while ping_loss("hard1-lan1", lan_address("hard2"), count=1) != 0:
+        assert time.monotonic() - started < 30, "the relayed pair did not come back in 30 s"
+    assert ping_loss("hard1-lan1", lan_address("hard2")) == 0
