@@ -66,6 +66,21 @@ def site_facts(name: str, hostvars: Any, state: dict[str, Any]) -> dict[str, Any
     }
 
 
+def relay_facts(name: str, hostvars: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """A relay: its addresses, and its WireGuard key and overlay address when it has them."""
+    host = hostvars[name]
+    saved = state.get("relays", {}).get(name, {})
+    relay: dict[str, Any] = {
+        "name": name,
+        "addresses": list(host.get("relay_public_addresses", [])),
+        "public_key": host.get("mesh_wg_public_key") or saved.get("public_key"),
+        "listen_port": int(host.get("mesh_listen_port", planner.DEFAULT_LISTEN_PORT)),
+    }
+    if host.get("mesh_overlay_address"):
+        relay["overlay_address"] = str(host["mesh_overlay_address"])
+    return relay
+
+
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -105,13 +120,7 @@ class ActionModule(ActionBase):
         sites = [site_facts(name, hostvars, state) for name in groups.get(sites_group, [])]
         if not sites:
             raise AnsibleActionFail(f"the {sites_group} inventory group is empty: nothing to plan")
-        relays = [
-            {
-                "name": name,
-                "addresses": list(hostvars[name].get("relay_public_addresses", [])),
-            }
-            for name in groups.get(relays_group, [])
-        ]
+        relays = [relay_facts(name, hostvars, state) for name in groups.get(relays_group, [])]
         mesh_input = {
             "overlay_network": args.get("overlay_network") or task_vars.get("mesh_overlay_network"),
             # With relays, relayed pairs get a relay; relay-tcp waits for the TCP relay.
@@ -141,6 +150,7 @@ class ActionModule(ActionBase):
                 }
                 for s in sites
             },
+            "relays": {r["name"]: {"public_key": r["public_key"]} for r in relays},
         }
         state_json = json.dumps(new_state, indent=2, sort_keys=True) + "\n"
         old_plan = plan_path.read_text() if plan_path.exists() else ""

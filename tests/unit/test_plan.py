@@ -399,6 +399,7 @@ def test_to_dict_shape_and_json_round_trip():
         "pairs",
         "unreachable",
         "allocations",
+        "relays",
     }
     assert data["link_kinds"] == ["direct"]
     assert data["sites"]["east"]["peers"][0] == {
@@ -618,3 +619,43 @@ def test_mesh_from_dict_reports_shape_and_content_problems_together():
 def test_mesh_from_dict_rejects_a_non_mapping():
     with pytest.raises(PlanError, match="not a mapping"):
         mesh_from_dict(["sites"])  # type: ignore[arg-type]
+
+
+def test_relays_with_keys_are_control_plane_peers_of_every_udp_site():
+    relay = Relay(
+        name="r1",
+        addresses=("198.51.100.10",),
+        public_key=public_key("r1"),
+        overlay_address="10.99.0.254",
+    )
+    plan = build_plan(
+        mesh(
+            site("a", "open", 1),
+            site("b", "hard", 2),
+            site("c", "blocked", 3),
+            relays=(relay,),
+            kinds={"direct", "relay-tcp"},
+        )
+    )
+    a, b = _peer(plan, "a", "r1"), _peer(plan, "b", "r1")
+    assert a.allowed_ips == b.allowed_ips == ("10.99.0.254/32",)
+    assert a.endpoint == b.endpoint == "198.51.100.10:51820"
+    assert (a.keepalive, b.keepalive) == (None, 25)  # the NATed side keeps its mapping open
+    assert "r1" not in [p.name for p in plan.sites["c"].peers]  # blocked: no UDP to a relay
+    relay_plan = plan.to_dict()["relays"]["r1"]
+    assert relay_plan["overlay_address"] == "10.99.0.254"
+    assert [(p["name"], p["allowed_ips"]) for p in relay_plan["peers"]] == [
+        ("a", ["10.99.0.1/32"]),
+        ("b", ["10.99.0.2/32"]),
+    ]
+    # no site's traffic is routed to a relay: it holds no LAN prefix, and no route names it
+    assert all(r.via != "r1" for s in "abc" for r in plan.sites[s].routes)
+
+
+def test_a_relay_named_like_a_site_or_on_a_site_overlay_address_is_refused():
+    relay = Relay(name="a", addresses=("198.51.100.10",), overlay_address="10.99.0.2")
+    with pytest.raises(PlanError) as error:
+        build_plan(mesh(site("a", "open", 1), site("b", "easy", 2), relays=(relay,)))
+    text = str(error.value)
+    assert "relay a: a site has the same name" in text
+    assert "same overlay address 10.99.0.2" in text

@@ -271,6 +271,7 @@ def render_inventory(lab: Lab, topology: Topology) -> str:
         if host.role == ROLE_RELAY:
             relay = next(r for r in topology.relays if r.name == host.name)
             hostvars["relay_public_addresses"] = [str(a) for a in relay.addresses]
+            hostvars["mesh_overlay_address"] = topology.relay_overlay_address(host.name)
             # The lab's echo service (port 7), which its NAT tests use, stays reachable.
             hostvars["relay_firewall_extra_ports"] = ["udp/7", "tcp/7"]
         if host.role == ROLE_SITE:

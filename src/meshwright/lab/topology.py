@@ -87,6 +87,11 @@ class Topology:
         index = [s.name for s in self.sites].index(site)
         return f"{self.overlay.network_address + 1 + index}/{self.overlay.prefixlen}"
 
+    def relay_overlay_address(self, relay: str) -> str:
+        """A relay's mesh address: from the top of the overlay down, so sites never meet it."""
+        index = [r.name for r in self.relays].index(relay)
+        return f"{self.overlay.broadcast_address - 1 - index}/{self.overlay.prefixlen}"
+
 
 # --- parsing -------------------------------------------------------------------------------
 

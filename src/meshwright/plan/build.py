@@ -53,6 +53,7 @@ def check(mesh: Mesh, skip: Skip = frozenset()) -> tuple[list[str], Plan | None]
         return [f"relays: {exc}"], None
     plan = Plan(
         allocations=allocations,
+        relays=mesh.relays,
         overlay_network=str(mesh.overlay_network),
         link_kinds=tuple(k for k in LINK_KINDS if k in kinds),
         keepalive=mesh.keepalive,

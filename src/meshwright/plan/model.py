@@ -84,10 +84,18 @@ class Site:
 
 @dataclass(frozen=True, kw_only=True)
 class Relay:
-    """A relay node: its public addresses (the first carries the allocations)."""
+    """A relay node: its public addresses (the first carries the allocations and WireGuard).
+
+    With a ``public_key`` and an ``overlay_address`` it is also a WireGuard peer of every site
+    that can send UDP, for the control plane only: each side's allowed IPs for the other hold
+    only the other's overlay address, so no site traffic is ever routed through a relay.
+    """
 
     name: str
     addresses: tuple[str, ...] = ()
+    public_key: str | None = None
+    overlay_address: str | None = None
+    listen_port: int = DEFAULT_LISTEN_PORT
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -11,12 +11,14 @@ import json
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from ipaddress import ip_address
 from typing import Any, NamedTuple, overload
 
 from .links import LinkGraph
+from .model import Relay
 from .relays import RelayAllocation
 from .routing import Routing
-from .validate import Node
+from .validate import Node, format_endpoint
 
 __all__ = ["Pair", "Peer", "Plan", "Route", "SitePlan", "format_table"]
 
@@ -106,6 +108,7 @@ class Plan:
 
     __slots__ = (
         "_allocations",
+        "_control",
         "_graph",
         "_keepalive",
         "_local",
@@ -129,9 +132,15 @@ class Plan:
         routings: Sequence[Routing],
         unreachable: Mapping[str, str],
         allocations: Mapping[tuple[str, str], RelayAllocation] | None = None,
+        relays: Sequence[Relay] = (),
     ) -> None:
         self.overlay_network = overlay_network
         self._allocations = dict(allocations or {})
+        # Relays that are WireGuard peers of the sites (control plane only).
+        self._control = sorted(
+            (r for r in relays if r.public_key and r.overlay_address and r.addresses),
+            key=lambda r: r.name,
+        )
         self.link_kinds = link_kinds
         self.unreachable: Mapping[str, str] = dict(sorted(unreachable.items()))
         self._keepalive = keepalive
@@ -204,6 +213,7 @@ class Plan:
             "pairs": [pair.to_dict() for pair in self.pairs],
             "unreachable": dict(self.unreachable),
             "allocations": [a.to_dict() for a in self._allocations.values()],
+            "relays": {r.name: self._relay_plan(r) for r in self._control},
         }
 
     def to_json(self) -> str:
@@ -289,7 +299,45 @@ class Plan:
                     tuple(buckets[hop]),
                 )
             )
+        if node.eclass != "blocked":  # a site that cannot send UDP has no UDP path to a relay
+            for relay in self._control:
+                endpoint = format_endpoint(ip_address(relay.addresses[0]), relay.listen_port)
+                keepalive_s = None if node.eclass == "open" else self._keepalive
+                allowed = (
+                    f"{relay.overlay_address}/{32 if '.' in str(relay.overlay_address) else 128}",
+                )
+                peers.append(
+                    Peer(
+                        relay.name,
+                        relay.public_key or "",
+                        endpoint,
+                        keepalive_s,
+                        "control",
+                        allowed,
+                    )
+                )
+            peers.sort(key=lambda p: p.name)
         return SitePlan(node.name, address, node.site.listen_port, tuple(peers), tuple(routes))
+
+    def _relay_plan(self, relay: Relay) -> dict[str, Any]:
+        """A relay's WireGuard: every site that can send UDP, allowed only its overlay address."""
+        peers = [
+            Peer(
+                node.name,
+                node.site.public_key or "",
+                None,  # sites reach the relay (it is open); WireGuard learns where they are
+                None,
+                "control",
+                (node.overlay,),
+            ).to_dict()
+            for node in self._nodes
+            if node.eclass != "blocked" and node.site.public_key
+        ]
+        return {
+            "overlay_address": relay.overlay_address,
+            "listen_port": relay.listen_port,
+            "peers": peers,
+        }
 
     def _pair(self, i: int, j: int) -> Pair:
         return next(self._pairs_from(i, j, j + 1))

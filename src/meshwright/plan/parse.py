@@ -58,7 +58,7 @@ _SITE_KEYS = {
     "required",
 }
 _POLICY_KEYS = {"allow_direct", "allow_relay", "hubs"}
-_RELAY_KEYS = {"name", "addresses"}
+_RELAY_KEYS = {"name", "addresses", "public_key", "overlay_address", "listen_port"}
 
 
 def _is_int(value: object) -> bool:
@@ -142,7 +142,26 @@ def mesh_from_dict(data: Mapping[str, Any]) -> Mesh:
         if addresses is None:
             problems.append(f"{label}: addresses {entry.get('addresses')!r} is not a list")
             addresses = ()
-        relays.append(Relay(name=name, addresses=addresses))
+        key, relay_overlay = entry.get("public_key"), entry.get("overlay_address")
+        port = entry.get("listen_port", DEFAULT_LISTEN_PORT)
+        if key is not None and not isinstance(key, str):
+            problems.append(f"{label}: public key {key!r} is not a string")
+            key = None
+        if relay_overlay is not None and not isinstance(relay_overlay, str):
+            problems.append(f"{label}: overlay address {relay_overlay!r} is not an address string")
+            relay_overlay = None
+        if not _is_int(port):
+            problems.append(f"{label}: listen port {port!r} is not a port number")
+            port = DEFAULT_LISTEN_PORT
+        relays.append(
+            Relay(
+                name=name,
+                addresses=addresses,
+                public_key=key,
+                overlay_address=relay_overlay.split("/")[0] if relay_overlay else None,
+                listen_port=port,
+            )
+        )
 
     if "sites" not in data:
         problems.append("sites: missing")

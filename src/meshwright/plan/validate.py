@@ -113,6 +113,7 @@ def check_mesh(mesh: Mesh, skip: Skip = frozenset()) -> tuple[list[str], list[No
     # --- relays -------------------------------------------------------------------------------
     relay_kinds_on = bool(RELAY_KINDS & set(mesh.link_kinds))
     relay_count: dict[str, int] = defaultdict(int)
+    relay_overlays: list[tuple[IPAddress, str]] = []
     for relay in sorted(mesh.relays, key=lambda r: str(r.name)):
         relay_count[relay.name] += 1
         for text in relay.addresses:
@@ -122,6 +123,20 @@ def check_mesh(mesh: Mesh, skip: Skip = frozenset()) -> tuple[list[str], list[No
                 add(f"relay {relay.name}: address {text!r} is not an IP address")
         if not relay.addresses and relay_kinds_on:
             add(f"relay {relay.name}: no addresses (link kinds include relays)")
+        if relay.public_key is not None and (problem := _public_key_problem(relay.public_key)):
+            add(f"relay {relay.name}: {problem}")
+        if relay.overlay_address is not None:
+            try:
+                address = ipaddress.ip_address(relay.overlay_address)
+            except ValueError:
+                add(
+                    f"relay {relay.name}: overlay address {relay.overlay_address!r}"
+                    " is not an IP address"
+                )
+            else:
+                relay_overlays.append((address, relay.name))
+        if not _is_port(relay.listen_port):
+            add(f"relay {relay.name}: listen port {relay.listen_port!r} is not a port in 1-65535")
     for name, times in sorted(relay_count.items()):
         if times > 1:
             add(f"relay {name}: defined {times} times")
@@ -134,10 +149,19 @@ def check_mesh(mesh: Mesh, skip: Skip = frozenset()) -> tuple[list[str], list[No
         if n > 1:
             add(f"site {name}: defined {n} times")
     known = set(count)
+    for name in sorted(known & set(relay_count)):
+        add(f"relay {name}: a site has the same name (WireGuard peers are named uniquely)")
 
     sites = sorted(mesh.sites, key=lambda s: s.name)
     nodes: list[Node] = []
     overlay_of: dict[IPAddress, list[str]] = defaultdict(list)
+    for address, name in relay_overlays:
+        overlay_of[address].append(f"relay {name}")
+        if overlay_net is not None and address not in overlay_net:
+            add(
+                f"relay {name}: overlay address {address} is outside the overlay"
+                f" network {overlay_net}"
+            )
     key_of: dict[str, list[str]] = defaultdict(list)
     endpoint_of: dict[str, list[str]] = defaultdict(list)
     lans: list[tuple[IPNetwork, str]] = []

@@ -1,0 +1,652 @@
+"""The relay's TLS service: sites that cannot send UDP reach their allocation ports over TLS.
+
+:class:`TlsClients` serves the TLS connections of the sites' sidecars (:mod:`meshwright.sidecar`)
+inside a ``selectors`` loop that someone else owns, such as :class:`.server.RelayServer`'s. Each
+connection carries :mod:`.tcp` frames: ``(allocation port, WireGuard datagram)``.
+
+Who may connect
+---------------
+
+The server requires a client certificate (``CERT_REQUIRED``) and its trust store is exactly the
+sites' own certificates (loaded as ``cadata``): a site's self-signed certificate is its own trust
+anchor, so no CA exists whose key could mint new site identities. After the handshake the
+certificate's :func:`.tcp.fingerprint` names the site, and that is what authorises: a
+certificate that merely chains to a site's certificate (a site key can sign others, its
+certificate says ``CA:TRUE``) has another fingerprint and is closed as ``unknown_certificate``.
+A site may use only its own allocation ports; frames for any other port are dropped and counted.
+
+A site certificate must be: X.509 v3, self-signed, currently valid (OpenSSL checks the dates),
+``basicConstraints=critical,CA:TRUE``, and if it has ``keyUsage`` that must include
+``digitalSignature`` and ``keyCertSign``, if it has ``extendedKeyUsage`` that must include
+``clientAuth``. EC P-256 keys keep handshakes cheap. OpenSSL 3 also accepts an exact self-signed
+match without ``CA:TRUE``, but older releases treat a trust anchor that is no CA differently, so
+the playbook always makes ``CA:TRUE`` ones. The relay's own certificate is pinned by the
+sidecars and may be anything OpenSSL can serve.
+
+Only TLS 1.3, and no session tickets: every connection shows its certificate in full.
+
+The connection's life
+---------------------
+
+accepted -> *sniff* (peek at the first bytes) -> *handshake* -> *open*. A stream whose first
+bytes are not a TLS record header (a prefix of one counts as TLS) is STUN over TCP or junk: it
+goes to ``on_other(sock, first_bytes)`` (the bytes were consumed from the socket, which is
+non-blocking and no longer registered) or, without that callback, is closed. Handshake failures,
+unknown certificates, malformed frame streams, connections idle longer than ``idle_timeout``
+and connections that have not finished the handshake within ``handshake_timeout`` are closed
+and counted as ``closed_<reason>``. A site that connects again supersedes its older connection,
+which is closed: :meth:`TlsClients.send` always goes to the newest.
+
+Writes are queued per connection, up to ``max_buffer`` bytes, and written at once when the
+socket takes them; ``EVENT_WRITE`` is registered only while some are pending. A full buffer
+drops the frame (``dropped_buffer_full``): WireGuard copes with loss, a stalled loop would hurt
+every pair on the relay.
+
+Not thread-safe: call everything from the loop's thread. Standard library only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import selectors
+import socket
+import ssl
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+
+from .tcp import (
+    KEEPALIVE,
+    KEEPALIVE_PORT,
+    MAX_PAYLOAD,
+    FrameDecoder,
+    FrameError,
+    could_be_tls,
+    fingerprint,
+)
+
+__all__ = ["DEFAULT_IDLE_TIMEOUT", "TlsClients", "server_context", "site_fingerprints"]
+
+DEFAULT_IDLE_TIMEOUT = 120.0
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_MAX_BUFFER = 512 * 1024
+DEFAULT_MAX_CONNECTIONS = 1024
+_ACCEPT_BATCH = 64
+_READ_SIZE = 16 * 1024 + 256  # one TLS record's plaintext, with room to spare
+_READ_BUDGET = 64  # reads per wake-up, so one busy site cannot starve the others
+_WRITE_CHUNK = 64 * 1024
+_FIRST_BYTES = 2048  # handed to on_other: as much as a STUN-over-TCP message may need
+_PEM_CERTIFICATE = re.compile(
+    r"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+-----END CERTIFICATE-----"
+)
+
+_FRAME_HEADER = struct.Struct(">HH")  # tcp.encode's, without its checks (done in send)
+
+_SNIFF, _HANDSHAKE, _OPEN = "sniff", "handshake", "open"
+_READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+
+OnDatagram = Callable[[str, int, bytes], None]
+OnOther = Callable[[socket.socket, bytes], None]
+
+
+class _Listener:
+    """The selector data of a listening socket that :meth:`TlsClients.listen` opened."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+
+class _Connection:
+    """The selector data of one client connection."""
+
+    __slots__ = (
+        "closed",
+        "created",
+        "decoder",
+        "events",
+        "fingerprint",
+        "last_seen",
+        "out",
+        "peer",
+        "read_wants_write",
+        "retry",
+        "site",
+        "sock",
+        "state",
+        "wants_write",
+    )
+
+    def __init__(self, sock: socket.socket, peer: object, now: float) -> None:
+        self.sock: socket.socket = sock
+        self.peer = peer
+        self.state = _SNIFF
+        self.created = now
+        self.last_seen = now
+        self.site: str | None = None
+        self.fingerprint: str | None = None
+        self.decoder = FrameDecoder()
+        self.out = bytearray()
+        # OpenSSL wants a write that failed with WANT_WRITE repeated with the same length.
+        self.retry = 0
+        self.events = 0
+        self.wants_write = False  # the handshake waits for writability
+        self.read_wants_write = False  # a read waits for writability (a TLS 1.3 key update)
+        self.closed = False
+
+
+def site_fingerprints(sites: Mapping[str, str | bytes]) -> dict[str, str]:
+    """Fingerprint -> site for ``sites`` (site -> PEM text of one or more certificates).
+
+    ValueError when a site has no certificate or two sites share one. Several certificates for
+    one site are all accepted: that is how a site's certificate is rotated without a gap.
+    """
+    by_fingerprint: dict[str, str] = {}
+    for site, pem in sites.items():
+        text = pem.decode("ascii", "replace") if isinstance(pem, bytes) else str(pem)
+        blocks = _PEM_CERTIFICATE.findall(text)
+        if not blocks:
+            raise ValueError(f"site {site!r}: no PEM certificate")
+        for block in blocks:
+            try:
+                der = ssl.PEM_cert_to_DER_cert(block)
+            except ValueError as exc:
+                raise ValueError(f"site {site!r}: {exc}") from None
+            pin = fingerprint(der)
+            other = by_fingerprint.setdefault(pin, site)
+            if other != site:
+                raise ValueError(f"sites {other!r} and {site!r} have the same certificate")
+    return by_fingerprint
+
+
+def server_context(
+    certificate: str | os.PathLike[str], key: str | os.PathLike[str], sites: Iterable[str | bytes]
+) -> ssl.SSLContext:
+    """The relay's TLS context: its own certificate, and exactly the sites' as trust anchors."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.load_cert_chain(certificate, key)
+    context.verify_mode = ssl.CERT_REQUIRED
+    # No resumption: a resumed session would skip the certificate a site was removed with.
+    context.num_tickets = 0
+    cadata = "\n".join(
+        block
+        for pem in sites
+        for block in _PEM_CERTIFICATE.findall(
+            pem.decode("ascii", "replace") if isinstance(pem, bytes) else pem
+        )
+    )
+    if cadata:  # with none, CERT_REQUIRED refuses everyone, as it should
+        try:
+            context.load_verify_locations(cadata=cadata)
+        except ssl.SSLError as exc:
+            raise ValueError(f"a site certificate is unusable: {exc}") from None
+    return context
+
+
+def _tune(sock: socket.socket) -> None:
+    """Small frames must not wait for Nagle; dead peers must eventually be noticed."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
+
+
+class TlsClients:
+    """The sites' TLS connections, served from someone else's ``selectors`` loop.
+
+    ``sites`` maps a site name to its certificate(s) in PEM, ``ports`` a site name to the
+    allocation ports it may use. ``on_datagram(site, port, payload)`` gets every frame a site
+    sends for one of its ports; ``on_other(sock, first_bytes)`` gets non-TLS connections.
+    Neither callback may block; exceptions from them are counted, never propagated.
+
+    Use: :meth:`register` the loop's selector, then :meth:`listen` (or pass your own listening
+    socket's accepted connections to :meth:`accept` / :meth:`adopt`); in the loop hand every key
+    for which :meth:`owns` is true to :meth:`handle`, and call :meth:`close_idle` now and then
+    (every second is plenty).
+    """
+
+    def __init__(
+        self,
+        certificate: str | os.PathLike[str],
+        key: str | os.PathLike[str],
+        sites: Mapping[str, str | bytes],
+        ports: Mapping[str, Iterable[int]],
+        on_datagram: OnDatagram,
+        on_other: OnOther | None = None,
+        *,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        max_buffer: int = DEFAULT_MAX_BUFFER,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        log: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.certificate, self.key = certificate, key
+        self.on_datagram, self.on_other = on_datagram, on_other
+        self.idle_timeout = idle_timeout
+        self.handshake_timeout = handshake_timeout
+        self.max_buffer = max_buffer
+        self.max_connections = max_connections
+        self.log = log or (lambda _message: None)
+        self.clock = clock
+        self.counters: Counter[str] = Counter()
+        self.selector: selectors.BaseSelector | None = None
+        self._listeners: list[socket.socket] = []
+        self._connections: set[_Connection] = set()
+        self._by_site: dict[str, _Connection] = {}
+        self._context: ssl.SSLContext
+        self._sites: dict[str, str] = {}  # fingerprint -> site
+        self._ports: dict[str, frozenset[int]] = {}
+        self._next_scan = 0.0
+        self.update(sites, ports)
+
+    # --- configuration --------------------------------------------------------------------
+
+    def update(self, sites: Mapping[str, str | bytes], ports: Mapping[str, Iterable[int]]) -> None:
+        """Replace the known sites and their ports (on SIGHUP); ValueError leaves all unchanged.
+
+        The relay's certificate and key files are read again too. Connections of a site that
+        is gone, or whose certificate is no longer listed, are closed (``closed_site_removed``);
+        the others keep running with the new ports.
+        """
+        by_fingerprint = site_fingerprints(sites)
+        checked = {
+            site: frozenset(self._port(site, port) for port in site_ports)
+            for site, site_ports in ports.items()
+        }
+        try:
+            context = server_context(self.certificate, self.key, sites.values())
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"the relay's certificate or key: {exc}") from None
+        self._context, self._sites, self._ports = context, by_fingerprint, checked
+        for connection in list(self._connections):
+            if connection.state == _OPEN and self._sites.get(connection.fingerprint or "") != (
+                connection.site
+            ):
+                self._close(connection, "site_removed")
+
+    @staticmethod
+    def _port(site: str, port: object) -> int:
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port <= 0xFFFF:
+            raise ValueError(f"site {site!r}: {port!r} is not a port")
+        return port
+
+    # --- wiring into the loop -------------------------------------------------------------
+
+    def register(self, selector: selectors.BaseSelector) -> None:
+        """Use ``selector`` (the loop's) for every socket from now on."""
+        self.selector = selector
+
+    def _selector(self) -> selectors.BaseSelector:
+        if self.selector is None:
+            raise RuntimeError("TlsClients.register(selector) first")
+        return self.selector
+
+    def listen(self, address: str, port: int, backlog: int = 128) -> socket.socket:
+        """Open a listening socket whose connections this serves; OSError if it cannot bind."""
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address, port))
+            sock.listen(backlog)
+            sock.setblocking(False)
+            self._selector().register(sock, _READ, _Listener(sock))
+        except BaseException:
+            sock.close()
+            raise
+        self._listeners.append(sock)
+        return sock
+
+    def owns(self, key: selectors.SelectorKey) -> bool:
+        """Whether a key the loop's ``select()`` returned is for :meth:`handle`."""
+        return isinstance(key.data, _Connection | _Listener)
+
+    def handle(self, key: selectors.SelectorKey, mask: int) -> None:
+        """Serve one ready key that :meth:`owns`; never raises."""
+        data = key.data
+        if isinstance(data, _Listener):
+            self.accept(data.sock)
+            return
+        connection: _Connection = data
+        if connection.closed:
+            return  # closed earlier in the same batch of events
+        try:
+            if connection.state == _OPEN:
+                if mask & _READ or connection.read_wants_write:
+                    self._read(connection)
+                if not connection.closed and (mask & _WRITE) and connection.out:
+                    self._flush(connection)
+            elif connection.state == _HANDSHAKE:
+                self._handshake(connection)
+            else:
+                self._sniff(connection)
+        except Exception as exc:
+            # A bug must not take every site's relay down: lose this connection, keep serving.
+            self.log(f"relay tls: internal error on {connection.peer}: {exc!r}")
+            self._close(connection, "internal_error")
+
+    def accept(self, listening_socket: socket.socket) -> None:
+        """Accept what is pending on a non-blocking listening socket (a batch at a time)."""
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, peer = listening_socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # Out of descriptors, mostly: count it; the next wake-up tries again.
+                self.counters["accept_errors"] += 1
+                if exc.errno not in (errno.ECONNABORTED, errno.EPROTO):
+                    return
+                continue
+            self.adopt(sock, peer)
+
+    def adopt(self, sock: socket.socket, peer: object = None) -> None:
+        """Serve an accepted TCP connection from its first byte on; never raises."""
+        if len(self._connections) >= self.max_connections:
+            self.counters["rejected_too_many"] += 1
+            sock.close()
+            return
+        try:
+            sock.setblocking(False)
+            _tune(sock)
+            connection = _Connection(sock, peer, self.clock())
+            self._selector().register(sock, _READ, connection)
+        except (OSError, ValueError):
+            self.counters["accept_errors"] += 1
+            sock.close()
+            return
+        connection.events = _READ
+        self._connections.add(connection)
+        self.counters["accepted"] += 1
+
+    def close_idle(self, now: float | None = None) -> None:
+        """Close connections idle too long or stuck in the handshake; at most one scan a second."""
+        now = self.clock() if now is None else now
+        if now < self._next_scan:
+            return
+        self._next_scan = now + 1.0
+        for connection in list(self._connections):
+            if connection.state != _OPEN:
+                if now - connection.created > self.handshake_timeout:
+                    self._close(connection, "handshake_timeout")
+            elif now - connection.last_seen > self.idle_timeout:
+                self._close(connection, "idle")
+
+    def close(self) -> None:
+        """Close every connection and the listening sockets this opened."""
+        for connection in list(self._connections):
+            self._close(connection, "shutdown")
+        for sock in self._listeners:
+            if self.selector is not None:
+                with contextlib.suppress(KeyError, ValueError):
+                    self.selector.unregister(sock)
+            sock.close()
+        self._listeners.clear()
+
+    @property
+    def connected(self) -> dict[str, object]:
+        """Connected sites -> their peer address (for status output)."""
+        return {site: connection.peer for site, connection in self._by_site.items()}
+
+    def disconnect(self, site: str) -> bool:
+        """Close a site's current connection (it will reconnect); False if it has none."""
+        connection = self._by_site.get(site)
+        if connection is None:
+            return False
+        self._close(connection, "disconnected")
+        return True
+
+    # --- sending --------------------------------------------------------------------------
+
+    def send(self, site: str, port: int, payload: bytes) -> bool:
+        """Queue a frame to ``site``'s newest connection; False (counted) when it is dropped."""
+        connection = self._by_site.get(site)
+        if connection is None:
+            self.counters["dropped_no_connection"] += 1
+            return False
+        size = len(payload)
+        if not 0 < size <= MAX_PAYLOAD or not 0 < port <= 0xFFFF:
+            self.counters["dropped_bad_size"] += 1
+            return False
+        return self._queue(connection, _FRAME_HEADER.pack(port, size) + bytes(payload))
+
+    def _queue(self, connection: _Connection, frame: bytes) -> bool:
+        if len(connection.out) + len(frame) > self.max_buffer:
+            self.counters["dropped_buffer_full"] += 1
+            return False
+        pending = bool(connection.out)
+        connection.out += frame
+        self.counters["frames_out"] += 1
+        if not pending:
+            # Nothing queued: write now rather than wait a loop turn for EVENT_WRITE.
+            self._flush(connection)
+        return True
+
+    def _flush(self, connection: _Connection) -> None:
+        out = connection.out
+        sock = connection.sock
+        while out:
+            size = connection.retry or min(len(out), _WRITE_CHUNK)
+            view = memoryview(out)
+            chunk = view[:size]
+            try:
+                sent = sock.send(chunk)
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                connection.retry = size
+                break
+            except (ssl.SSLError, OSError):
+                self._close(connection, "write_error")
+                return
+            finally:
+                chunk.release()
+                view.release()
+            connection.retry = 0
+            del out[:sent]  # O(1): bytearray deletes from the front by moving its start
+        self._set_events(connection)
+
+    def _set_events(self, connection: _Connection) -> None:
+        if connection.closed:
+            return
+        wanted = _READ
+        if connection.out or connection.wants_write or connection.read_wants_write:
+            wanted |= _WRITE
+        if wanted != connection.events:
+            self._selector().modify(connection.sock, wanted, connection)
+            connection.events = wanted
+
+    # --- the connection's stages ----------------------------------------------------------
+
+    def _sniff(self, connection: _Connection) -> None:
+        sock = connection.sock
+        try:
+            head = sock.recv(8, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(connection, "error")
+            return
+        if not head:
+            self._close(connection, "peer_closed")
+            return
+        # A partial record header counts as TLS: waiting for the rest would spin the loop on a
+        # readable socket, and a wrong third byte fails the handshake anyway.
+        if could_be_tls(head):
+            self._start_tls(connection)
+        else:
+            self._hand_over(connection)
+
+    def _hand_over(self, connection: _Connection) -> None:
+        selector = self._selector()
+        sock = connection.sock
+        selector.unregister(sock)
+        connection.closed = True
+        self._connections.discard(connection)
+        try:
+            first = sock.recv(_FIRST_BYTES)
+        except OSError:
+            first = b""
+        if self.on_other is None or not first:
+            self.counters["closed_not_tls"] += 1
+            sock.close()
+            return
+        self.counters["handed_over"] += 1
+        try:
+            self.on_other(sock, first)
+        except Exception as exc:
+            self.counters["callback_errors"] += 1
+            self.log(f"relay tls: on_other failed: {exc!r}")
+            sock.close()
+
+    def _start_tls(self, connection: _Connection) -> None:
+        selector = self._selector()
+        # wrap_socket detaches the plain socket (its fileno() becomes -1): unregister it first.
+        selector.unregister(connection.sock)
+        connection.events = 0
+        try:
+            wrapped = self._context.wrap_socket(
+                connection.sock, server_side=True, do_handshake_on_connect=False
+            )
+        except (ssl.SSLError, OSError):
+            connection.sock.close()
+            self._forget(connection, "handshake_failed")
+            return
+        connection.sock = wrapped
+        connection.state = _HANDSHAKE
+        selector.register(wrapped, _READ, connection)
+        connection.events = _READ
+        self._handshake(connection)
+
+    def _handshake(self, connection: _Connection) -> None:
+        sock: ssl.SSLSocket = connection.sock  # type: ignore[assignment]
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            connection.wants_write = False
+            self._set_events(connection)
+            return
+        except ssl.SSLWantWriteError:
+            connection.wants_write = True
+            self._set_events(connection)
+            return
+        except ssl.SSLCertVerificationError:
+            self._close(connection, "certificate_rejected")
+            return
+        except ssl.SSLError as exc:
+            missing = exc.reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE"
+            self._close(connection, "no_certificate" if missing else "handshake_failed")
+            return
+        except OSError:
+            self._close(connection, "handshake_failed")
+            return
+        connection.wants_write = False
+        der = sock.getpeercert(binary_form=True)
+        pin = fingerprint(der) if der else ""
+        site = self._sites.get(pin)
+        if site is None:
+            self._close(connection, "unknown_certificate")
+            return
+        connection.state, connection.site, connection.fingerprint = _OPEN, site, pin
+        connection.last_seen = self.clock()
+        older = self._by_site.get(site)
+        self._by_site[site] = connection
+        if older is not None:
+            self._close(older, "superseded")
+        self.counters["handshakes"] += 1
+        self.log(f"relay tls: {site} connected from {connection.peer}")
+        self._set_events(connection)
+        # The client may have sent frames right behind its Finished message.
+        self._read(connection)
+
+    def _read(self, connection: _Connection) -> None:
+        sock: ssl.SSLSocket = connection.sock  # type: ignore[assignment]
+        connection.read_wants_write = False
+        reads = 0
+        while True:
+            try:
+                data = sock.recv(_READ_SIZE)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLWantWriteError:
+                connection.read_wants_write = True
+                break
+            except ssl.SSLZeroReturnError:
+                self._close(connection, "peer_closed")
+                return
+            except (ssl.SSLError, OSError):
+                self._close(connection, "read_error")
+                return
+            if not data:
+                self._close(connection, "peer_closed")
+                return
+            connection.last_seen = self.clock()
+            self.counters["bytes_in"] += len(data)
+            try:
+                frames = connection.decoder.feed(data)
+            except FrameError as exc:
+                self._deliver(connection, exc.frames)
+                self._close(connection, "frame_error")
+                return
+            self._deliver(connection, frames)
+            if connection.closed:
+                return
+            reads += 1
+            # Plaintext already decrypted inside OpenSSL raises no readiness event: drain it.
+            if reads >= _READ_BUDGET and not sock.pending():
+                break
+        self._set_events(connection)
+
+    def _deliver(self, connection: _Connection, frames: list[tuple[int, bytes]]) -> None:
+        site = connection.site
+        if site is None:
+            return
+        allowed = self._ports.get(site, frozenset())
+        on_datagram = self.on_datagram
+        delivered = 0
+        for port, payload in frames:
+            if port in allowed:
+                delivered += 1
+                try:
+                    on_datagram(site, port, payload)
+                except Exception as exc:
+                    self.counters["callback_errors"] += 1
+                    if self.counters["callback_errors"] <= 10:
+                        self.log(f"relay tls: on_datagram failed: {exc!r}")
+            elif port == KEEPALIVE_PORT:
+                self.counters["keepalives"] += 1
+                self._queue(connection, KEEPALIVE)
+            else:
+                self.counters["dropped_port_not_allowed"] += 1
+            if connection.closed:
+                break
+        self.counters["frames_in"] += delivered
+
+    def _close(self, connection: _Connection, reason: str) -> None:
+        if connection.closed:
+            return
+        if self.selector is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(connection.sock)
+        with contextlib.suppress(OSError):
+            connection.sock.close()
+        if connection.state == _OPEN and connection.site is not None:
+            self.log(f"relay tls: {connection.site} disconnected ({reason})")
+        self._forget(connection, reason)
+
+    def _forget(self, connection: _Connection, reason: str) -> None:
+        connection.closed = True
+        self._connections.discard(connection)
+        if connection.site is not None and self._by_site.get(connection.site) is connection:
+            del self._by_site[connection.site]
+        self.counters[f"closed_{reason}"] += 1

@@ -1,0 +1,551 @@
+"""Tests for meshwright.sidecar: a UDP-blocked site's WireGuard datagrams over TLS to its relays.
+
+Everything runs on 127.0.0.1 with real sockets and real TLS: the relay side is TlsClients in a
+small selectors loop of its own (standing in for RelayServer, with a UDP socket per allocation
+port for "the other site"), "WireGuard" is a UDP socket the test owns.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import datetime
+import json
+import queue
+import selectors
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from meshwright.relay.tcp import KEEPALIVE, FrameDecoder, encode, fingerprint
+from meshwright.relay.tls import TlsClients
+from meshwright.sidecar import ConfigError, Sidecar, main, parse_config
+
+HOST = "127.0.0.1"
+DEADLINE = 5.0
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = DEADLINE) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.005)
+
+
+# --- certificates -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cert:
+    pem: str
+    certificate: Path
+    key: Path
+    pin: str
+
+
+def make_cert(directory: Path, name: str) -> Cert:
+    """Self-signed EC P-256, CA:TRUE: what the relay's TLS service documents for sites."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"meshwright {name}")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    pem = certificate.public_bytes(serialization.Encoding.PEM)
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    cert_path.write_bytes(pem)
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    der = certificate.public_bytes(serialization.Encoding.DER)
+    return Cert(pem.decode(), cert_path, key_path, fingerprint(der))
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Cert]:
+    directory = tmp_path_factory.mktemp("certs")
+    return {n: make_cert(directory, n) for n in ("relay", "blk", "stranger", "impostor")}
+
+
+# --- the relay side ---------------------------------------------------------------------------
+
+
+class RelayLoop:
+    """TlsClients in a selectors loop of its own thread. Frames from a site go out of the
+    allocation port's UDP socket to ``forward_to``; datagrams to that socket go back to the
+    site over TLS: the way RelayServer forwards between an allocation's two ports."""
+
+    def __init__(self, relay: Cert, sites: dict[str, Cert], ports: dict[str, set[int]]) -> None:
+        self.selector = selectors.DefaultSelector()
+        self.datagrams: list[tuple[str, int, bytes]] = []
+        self.forward_to: tuple[str, int] | None = None
+        self.owner = {port: site for site, site_ports in ports.items() for port in site_ports}
+        self.clients = TlsClients(
+            relay.certificate,
+            relay.key,
+            {name: cert.pem for name, cert in sites.items()},
+            ports,
+            self._on_datagram,
+        )
+        self.clients.register(self.selector)
+        self.listener = self.clients.listen(HOST, 0)
+        self.address: tuple[str, int] = self.listener.getsockname()[:2]
+        self.udp: dict[int, socket.socket] = {}
+        for port in self.owner:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind((HOST, 0))
+            sock.setblocking(False)
+            self.selector.register(sock, selectors.EVENT_READ, ("udp", port))
+            self.udp[port] = sock
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._wake_read.setblocking(False)
+        self.selector.register(self._wake_read, selectors.EVENT_READ, "wake")
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future]] = (
+            queue.SimpleQueue()
+        )
+        self._stopping = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _on_datagram(self, site: str, port: int, payload: bytes) -> None:
+        self.datagrams.append((site, port, payload))
+        if self.forward_to is not None:
+            self.udp[port].sendto(payload, self.forward_to)
+
+    def _run(self) -> None:
+        while not self._stopping:
+            for key, mask in self.selector.select(0.05):
+                if self.clients.owns(key):
+                    self.clients.handle(key, mask)
+                elif key.data == "wake":
+                    with contextlib.suppress(OSError):
+                        self._wake_read.recv(4096)
+                    while not self._calls.empty():
+                        function, future = self._calls.get()
+                        try:
+                            future.set_result(function())
+                        except Exception as exc:
+                            future.set_exception(exc)
+                else:
+                    port = key.data[1]
+                    with contextlib.suppress(BlockingIOError):
+                        while True:
+                            data, _ = self.udp[port].recvfrom(65535)
+                            self.clients.send(self.owner[port], port, data)
+            self.clients.close_idle()
+        self.clients.close()
+
+    def call(self, function: Callable[[], Any]) -> Any:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._calls.put((function, future))
+        self._wake_write.send(b"\0")
+        return future.result(DEADLINE)
+
+    def counters(self) -> Counter[str]:
+        return self.call(lambda: Counter(self.clients.counters))
+
+    def stop(self) -> None:
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            self._wake_write.send(b"\0")
+        self.thread.join(DEADLINE)
+        for sock in (*self.udp.values(), self._wake_read, self._wake_write):
+            sock.close()
+        self.selector.close()
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def udp_socket(timeout: float = DEADLINE) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((HOST, 0))
+    sock.settimeout(timeout)
+    return sock
+
+
+@dataclass
+class Setup:
+    relay: RelayLoop
+    sidecar: Sidecar
+    config: Path
+    wireguard: socket.socket  # stands in for the site's WireGuard
+    other: socket.socket  # stands in for the other site, behind the relay
+    ports: list[int]
+    certs: dict[str, Cert]
+
+    def write_config(self, peers: list[int], **overrides: Any) -> None:
+        write_config(
+            self.config, self.relay.address, self.certs, self.wireguard, peers, **overrides
+        )
+
+    def counters(self) -> Counter[str]:
+        # The loop thread may add a key while this copies: then copy again.
+        while True:
+            with contextlib.suppress(RuntimeError):
+                return Counter(dict(self.sidecar.counters))
+
+    def probe(self, port: int, timeout: float = DEADLINE) -> bytes:
+        """Send through the sidecar until one datagram reaches the other side (the first ones
+        are dropped while the sidecar connects); then drain stragglers."""
+        deadline = time.monotonic() + timeout
+        self.other.settimeout(0.05)
+        try:
+            while time.monotonic() < deadline:
+                self.wireguard.sendto(b"probe", (HOST, port))
+                with contextlib.suppress(TimeoutError):
+                    data, _ = self.other.recvfrom(65535)
+                    with contextlib.suppress(TimeoutError):
+                        while True:
+                            self.other.recvfrom(65535)
+                    return data
+            raise AssertionError(f"nothing got through port {port}")
+        finally:
+            self.other.settimeout(DEADLINE)
+
+
+def write_config(
+    path: Path,
+    relay: tuple[str, int],
+    certs: dict[str, Cert],
+    wireguard: socket.socket,
+    peers: list[int],
+    *,
+    site: str = "blk",
+    pin: str | None = None,
+) -> None:
+    config = {
+        "relays": {
+            "relay1": {
+                "address": relay[0],
+                "port": relay[1],
+                "fingerprint": pin or certs["relay"].pin,
+            }
+        },
+        "peers": [{"name": f"peer{port}", "relay": "relay1", "port": port} for port in peers],
+        "certificate": str(certs[site].certificate),
+        "key": str(certs[site].key),
+        "wireguard_port": wireguard.getsockname()[1],
+    }
+    path.write_text(json.dumps(config))
+
+
+@pytest.fixture
+def setup(certs: dict[str, Cert], tmp_path: Path) -> Iterator[Callable[..., Setup]]:
+    started: list[tuple[Setup, threading.Thread]] = []
+
+    def start(peers: int = 1, relay_address: tuple[str, int] | None = None, **config: Any) -> Setup:
+        ports = [free_udp_port() for _ in range(peers)]
+        relay = RelayLoop(certs["relay"], {"blk": certs["blk"]}, {"blk": set(ports)})
+        other, wireguard = udp_socket(), udp_socket()
+        relay.forward_to = other.getsockname()
+        path = tmp_path / "sidecar.json"
+        write_config(path, relay_address or relay.address, certs, wireguard, ports[:1], **config)
+        logs: list[str] = []
+        sidecar = Sidecar(path, log=logs.append)
+        sidecar.logs = logs  # type: ignore[attr-defined]
+        thread = threading.Thread(target=sidecar.serve_forever, daemon=True)
+        thread.start()
+        result = Setup(relay, sidecar, path, wireguard, other, ports, certs)
+        started.append((result, thread))
+        return result
+
+    yield start
+    for result, thread in started:
+        result.sidecar.stop()
+        thread.join(DEADLINE)
+        assert not thread.is_alive()
+        result.relay.stop()
+        result.wireguard.close()
+        result.other.close()
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+GOOD = {
+    "relays": {
+        "relay1": {"address": "198.51.100.10", "port": 443, "fingerprint": "sha256:" + "ab" * 32}
+    },
+    "peers": [{"name": "hard1", "relay": "relay1", "port": 40003}],
+    "certificate": "/etc/meshwright/sidecar.crt",
+    "key": "/etc/meshwright/sidecar.key",
+    "wireguard_port": 51820,
+}
+
+
+def test_the_documented_configuration_parses():
+    config = parse_config(GOOD)
+    assert config.relays["relay1"].fingerprint == "sha256:" + "ab" * 32
+    assert config.peers["hard1"].port == 40003
+    assert config.wireguard_port == 51820
+    openssl_style = json.loads(json.dumps(GOOD))
+    openssl_style["relays"]["relay1"]["fingerprint"] = "SHA256 Fingerprint=" + ":".join(["AB"] * 32)
+    assert parse_config(openssl_style).relays == config.relays
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: c["peers"][0].update(relay="relay2"), "not in relays"),
+        (lambda c: c["peers"].append(dict(c["peers"][0], name="hard2")), "also hard1's"),
+        (lambda c: c["peers"][0].update(port=51820), "also wireguard_port's"),
+        (lambda c: c["peers"][0].update(port=0), "not a port"),
+        (lambda c: c["relays"]["relay1"].update(fingerprint="sha1:00"), "fingerprint"),
+        (lambda c: c.pop("certificate"), "certificate"),
+        (lambda c: c.update(peers="hard1"), "not a list"),
+        (lambda c: c["peers"].append(dict(c["peers"][0], port=40004)), "appears twice"),
+    ],
+)
+def test_bad_configurations_are_refused_with_a_reason(change, message):
+    config = json.loads(json.dumps(GOOD))
+    change(config)
+    with pytest.raises(ConfigError, match=message):
+        parse_config(config)
+
+
+# --- over the relay ---------------------------------------------------------------------------
+
+
+def test_1000_numbered_datagrams_each_way_arrive_in_order(setup):
+    s = setup()
+    port = s.ports[0]
+    s.probe(port)
+    before = len(s.relay.datagrams)
+    to_other: list[bytes] = []
+    to_wireguard: list[bytes] = []
+    # A window of 50 in flight keeps the loopback's UDP buffers from dropping any.
+    for base in range(0, 1000, 50):
+        for number in range(base, base + 50):
+            s.wireguard.sendto(number.to_bytes(4, "big") + b"w" * 120, (HOST, port))
+        for _ in range(50):
+            data, _ = s.other.recvfrom(65535)
+            to_other.append(data)
+            s.other.sendto(b"re:" + data, s.relay.udp[port].getsockname())
+        for _ in range(50):
+            data, source = s.wireguard.recvfrom(65535)
+            assert source == (HOST, port)  # from the peer's endpoint, as WireGuard expects
+            to_wireguard.append(data)
+    expected = [number.to_bytes(4, "big") + b"w" * 120 for number in range(1000)]
+    assert to_other == expected
+    assert to_wireguard == [b"re:" + data for data in expected]
+    assert s.relay.datagrams[before:] == [("blk", port, data) for data in expected]
+    # The loop counts right after it sends: wait for the count to catch up with the socket.
+    wait_for(lambda: s.counters()["datagrams_to_wireguard"] == 1000)
+    counters = s.counters()
+    assert counters["datagrams_to_relay"] >= 1000
+    assert counters["connects"] == 1
+
+
+def test_datagrams_not_from_wireguard_or_too_big_are_dropped(setup):
+    s = setup()
+    port = s.ports[0]
+    s.probe(port)
+    with udp_socket() as stranger:
+        stranger.sendto(b"not wireguard", (HOST, port))
+    s.wireguard.sendto(b"x" * 3000, (HOST, port))
+    wait_for(lambda: s.counters()["dropped_foreign_source"] == 1)
+    wait_for(lambda: s.counters()["dropped_bad_size"] == 1)
+    assert s.probe(port) == b"probe"
+    assert all(payload == b"probe" for _, _, payload in s.relay.datagrams)
+
+
+def test_the_sidecar_refuses_a_relay_that_does_not_match_its_pin(setup, certs):
+    s = setup(pin=certs["impostor"].pin)
+    wait_for(lambda: s.counters()["disconnects_fingerprint_mismatch"] >= 1)
+    for _ in range(20):
+        s.wireguard.sendto(b"secret handshake", (HOST, s.ports[0]))
+    wait_for(lambda: s.counters()["dropped_disconnected"] >= 20)
+    assert s.relay.datagrams == []
+    assert s.counters()["connects"] == 0
+    assert any("fingerprint_mismatch" in line for line in s.sidecar.logs)  # type: ignore[attr-defined]
+
+
+def test_the_relay_refuses_a_sidecar_whose_certificate_it_does_not_know(setup):
+    s = setup(site="stranger")
+    wait_for(lambda: s.relay.counters()["closed_certificate_rejected"] >= 1)
+    for _ in range(20):
+        s.wireguard.sendto(b"let me in", (HOST, s.ports[0]))
+    wait_for(lambda: s.relay.counters()["closed_certificate_rejected"] >= 2)
+    assert s.relay.datagrams == []
+    assert s.counters()["keepalives_answered"] == 0
+
+
+def test_a_lost_connection_is_reconnected_and_traffic_resumes(setup):
+    s = setup()
+    port = s.ports[0]
+    s.probe(port)
+    wait_for(lambda: s.counters()["keepalives_answered"] == 1)  # backoff reset: accepted
+    assert s.relay.call(lambda: s.relay.clients.disconnect("blk"))
+    started = time.monotonic()
+    s.probe(port)
+    # The first retry comes after 0.25..0.5 s: backoff, but a short one.
+    assert 0.2 < time.monotonic() - started < 3.0
+    counters = s.counters()
+    assert counters["connects"] == 2
+    assert counters["disconnects_relay_closed"] + counters["disconnects_read_error"] == 1
+    assert s.relay.counters()["handshakes"] == 2
+
+
+def test_reconnects_back_off_while_the_relay_is_down(setup):
+    closed = socket.socket()
+    closed.bind((HOST, 0))
+    address = closed.getsockname()
+    closed.close()  # nothing listens there: every connect is refused at once
+    s = setup(relay_address=address)
+    wait_for(lambda: s.counters()["connect_attempts"] >= 1)
+    time.sleep(1.7)
+    # Attempts at 0, 0.25-0.5, 0.75-1.5, 1.75-3.5 s: without backoff it would be hundreds.
+    assert 3 <= s.counters()["connect_attempts"] <= 4
+    assert s.counters()["disconnects_connect_failed"] >= 3
+
+
+def test_garbage_from_the_relay_closes_the_connection_not_the_sidecar(setup, certs):
+    # A relay that answers with a frame for a port nobody uses, then junk.
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(certs["relay"].certificate, certs["relay"].key)
+    listener = socket.create_server((HOST, 0))
+    listener.settimeout(DEADLINE)
+
+    def serve() -> None:
+        for _ in range(2):
+            with (
+                contextlib.suppress(OSError),
+                server_context.wrap_socket(listener.accept()[0], server_side=True) as tls,
+            ):
+                tls.sendall(encode(9, b"nobody's") + b"\x00\x09\x00\x00" + b"junk" * 100)
+                with contextlib.suppress(OSError):
+                    while tls.recv(4096):
+                        pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        s = setup(relay_address=listener.getsockname())
+        wait_for(lambda: s.counters()["disconnects_frame_error"] >= 1)
+        assert s.counters()["dropped_unknown_port"] == 1
+        # It is retried, and the sidecar's loop is alive and well.
+        wait_for(lambda: s.counters()["connects"] >= 2)
+        s.wireguard.sendto(b"x" * 3000, (HOST, s.ports[0]))
+        wait_for(lambda: s.counters()["dropped_bad_size"] == 1)
+    finally:
+        listener.close()
+        thread.join(DEADLINE)
+
+
+def test_reload_adds_and_removes_peers_without_dropping_the_connection(setup):
+    s = setup(peers=2)
+    first, second = s.ports
+    s.probe(first)
+    s.write_config([first, second])
+    s.sidecar.request_reload()
+    assert s.probe(second) == b"probe"
+    assert s.relay.datagrams[-1] == ("blk", second, b"probe")
+    s.write_config([second])
+    s.sidecar.request_reload()
+
+    def first_is_free() -> bool:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            try:
+                sock.bind((HOST, first))
+            except OSError:
+                return False
+            return True
+
+    wait_for(first_is_free)
+    s.config.write_text("{not json")
+    s.sidecar.request_reload()
+    wait_for(lambda: s.counters()["config_errors"] == 1)
+    assert s.probe(second) == b"probe"  # the last good configuration still runs
+    assert s.counters()["connects"] == 1
+
+
+def test_main_reloads_on_sighup_and_stops_on_sigterm(certs, tmp_path):
+    path = tmp_path / "sidecar.json"
+    with udp_socket() as wireguard:
+        write_config(path, (HOST, 9), certs, wireguard, [free_udp_port()])
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from meshwright.sidecar import main; sys.exit(main(sys.argv[1:]))",
+                "--config",
+                str(path),
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert process.stderr is not None
+            assert "1 peers" in process.stderr.readline()
+            process.send_signal(signal.SIGHUP)
+            assert "1 peers" in process.stderr.readline()
+            process.send_signal(signal.SIGTERM)
+            _, rest = process.communicate(timeout=DEADLINE)
+            assert process.returncode == 0, rest
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def test_main_refuses_a_bad_configuration(tmp_path, capsys):
+    path = tmp_path / "sidecar.json"
+    path.write_text(json.dumps({"peers": [{"name": "x", "relay": "nowhere", "port": 40000}]}))
+    assert main(["--config", str(path)]) == 2
+    assert "not in relays" in capsys.readouterr().err
+
+
+def test_a_keepalive_is_the_first_frame_and_gets_the_relay_to_answer(certs):
+    # What the relay's answer means to the sidecar: its certificate was accepted.
+    relay = RelayLoop(certs["relay"], {"blk": certs["blk"]}, {"blk": {40000}})
+    try:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        context.load_cert_chain(certs["blk"].certificate, certs["blk"].key)
+        with context.wrap_socket(socket.create_connection(relay.address, DEADLINE)) as tls:
+            assert fingerprint(tls.getpeercert(binary_form=True) or b"") == certs["relay"].pin
+            tls.sendall(KEEPALIVE)
+            assert FrameDecoder().feed(tls.recv(64)) == [(0, b"\x00")]
+    finally:
+        relay.stop()
