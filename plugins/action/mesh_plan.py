@@ -4,8 +4,9 @@ Runs `meshwright.plan` once (use `run_once: true`) over every host of the `mesh_
 not just the play's hosts: a site outside `--limit` keeps its peers, because its public key
 and NAT facts come from the state file when this run did not gather them. The plan is set
 as the fact `mesh_plan` (run_once results reach every host of the play) and written, with
-the state file, next to the inventory, where a GitOps repository commits them and a pull
-request shows what will change.
+the state file, beside the inventory in its `.meshwright/` directory (hidden, so that an
+inventory directory never parses them as inventory), where a GitOps repository commits them
+and a pull request shows what will change.
 """
 
 from __future__ import annotations
@@ -97,8 +98,9 @@ class ActionModule(ActionBase):
         result = super().run(tmp, task_vars)
         args = self._task.args
         inventory_dir = Path(task_vars.get("inventory_dir") or ".")
-        plan_path = Path(args.get("plan_file") or inventory_dir / "mesh-plan.json")
-        state_path = Path(args.get("state_file") or inventory_dir / "mesh-state.json")
+        # A hidden directory: an inventory that is a directory never reads these as inventory.
+        plan_path = Path(args.get("plan_file") or inventory_dir / ".meshwright/plan.json")
+        state_path = Path(args.get("state_file") or inventory_dir / ".meshwright/state.json")
         sites_group = args.get("sites_group", "mesh_sites")
         relays_group = args.get("relays_group", "mesh_relays")
         hostvars = task_vars["hostvars"]

@@ -29,10 +29,11 @@ certificate. The site authenticates with its own certificate and key (see
 Connections: TLS 1.3 only, TCP_NODELAY and TCP keepalive on. A lost connection is retried after
 0.5 s, doubling to 30 s, each delay jittered (between half and all of it); the backoff resets
 once the relay has answered a frame on a new connection (the first keepalive), which proves it
-accepted the certificate. A keepalive frame goes out every 30 s; a relay silent for 90 s is
-considered gone. While a relay is not connected, WireGuard's datagrams for it are dropped and
-counted: WireGuard retransmits its handshakes itself, and a queue would only deliver stale ones.
-Writes are queued up to a bound; beyond it frames are dropped and counted, never reordered.
+accepted the certificate. A keepalive frame goes out every 30 s and the relay answers each one;
+a relay silent for 90 s is considered gone. While a relay is not connected, WireGuard's
+datagrams for it are dropped and counted: WireGuard retransmits its handshakes itself, and a
+queue would only deliver stale ones. Writes are queued up to a bound; beyond it frames are
+dropped and counted, never reordered.
 
 One thread, one ``selectors`` loop, non-blocking sockets. SIGHUP re-reads the configuration
 (unchanged peers keep their sockets, unchanged relays their connections; a changed certificate
@@ -230,8 +231,8 @@ class _Link:
         "backoff",
         "decoder",
         "events",
+        "last_keepalive",
         "last_received",
-        "last_sent",
         "next_attempt",
         "out",
         "read_wants_write",
@@ -262,7 +263,7 @@ class _Link:
         self.answered = False  # the relay sent a frame on this connection
         self.started = now
         self.last_received = now
-        self.last_sent = now
+        self.last_keepalive = now
 
 
 class Sidecar:
@@ -461,7 +462,9 @@ class Sidecar:
             if link.state == _OPEN:
                 if now - link.last_received > SILENT_TIMEOUT:
                     self._fail(link, "relay_silent")
-                elif now - link.last_sent >= KEEPALIVE_INTERVAL:
+                elif now - link.last_keepalive >= KEEPALIVE_INTERVAL:
+                    # Even while data flows out: only the answers show the relay is there.
+                    link.last_keepalive = now
                     self._queue(link, KEEPALIVE)
                     self.counters["keepalives_sent"] += 1
             if link.state == _IDLE:
@@ -617,7 +620,7 @@ class Sidecar:
             return
         link.state = _OPEN
         now = self.clock()
-        link.last_received = link.last_sent = now
+        link.last_received = link.last_keepalive = now
         self.counters["connects"] += 1
         self.log(f"sidecar: connected to {link.spec.name} ({link.spec.address}:{link.spec.port})")
         # Its answer proves the relay took our certificate (TLS 1.3 tells the client only later).
@@ -628,7 +631,8 @@ class Sidecar:
     def _read(self, link: _Link) -> None:
         sock: ssl.SSLSocket = link.sock  # type: ignore[assignment]
         link.read_wants_write = False
-        for reads in range(1, _BATCH + 1):
+        reads = 0
+        while True:
             try:
                 data = sock.recv(_READ_SIZE)
             except ssl.SSLWantReadError:
@@ -657,6 +661,7 @@ class Sidecar:
                 link.answered = True
                 link.backoff = MIN_BACKOFF  # the relay accepted us: the next loss retries fast
             self._to_wireguard(link, frames)
+            reads += 1
             # Plaintext already decrypted inside OpenSSL raises no readiness event: drain it.
             if reads >= _BATCH and not sock.pending():
                 break
@@ -668,7 +673,6 @@ class Sidecar:
             return False
         pending = bool(link.out)
         link.out += frame
-        link.last_sent = self.clock()
         if not pending:
             self._flush(link)  # nothing queued: write now, not a loop turn later
         return True

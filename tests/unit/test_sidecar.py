@@ -549,3 +549,43 @@ def test_a_keepalive_is_the_first_frame_and_gets_the_relay_to_answer(certs):
             assert FrameDecoder().feed(tls.recv(64)) == [(0, b"\x00")]
     finally:
         relay.stop()
+
+
+def test_keepalives_go_out_and_a_silent_relay_is_left(certs, tmp_path):
+    # A relay that takes the connection but never answers; the sidecar's clock runs fast.
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(certs["relay"].certificate, certs["relay"].key)
+    listener = socket.create_server((HOST, 0))
+    listener.settimeout(DEADLINE)
+    frames: list[tuple[int, bytes]] = []
+
+    def serve() -> None:
+        with (
+            contextlib.suppress(OSError),
+            server_context.wrap_socket(listener.accept()[0], server_side=True) as tls,
+        ):
+            decoder = FrameDecoder()
+            while data := tls.recv(4096):
+                frames.extend(decoder.feed(data))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    offset = [0.0]
+    path = tmp_path / "sidecar.json"
+    with udp_socket() as wireguard:
+        write_config(path, listener.getsockname(), certs, wireguard, [free_udp_port()])
+        sidecar = Sidecar(path, log=lambda _: None, clock=lambda: time.monotonic() + offset[0])
+        loop = threading.Thread(target=sidecar.serve_forever, daemon=True)
+        loop.start()
+        try:
+            wait_for(lambda: frames == [(0, b"\x00")])  # the first one, right after the pin
+            offset[0] += 31.0
+            wait_for(lambda: len(frames) == 2)
+            assert sidecar.counters["disconnects_relay_silent"] == 0
+            offset[0] += 60.0  # 91 s without a word from the relay
+            wait_for(lambda: sidecar.counters["disconnects_relay_silent"] == 1)
+        finally:
+            sidecar.stop()
+            loop.join(DEADLINE)
+            listener.close()
+            thread.join(DEADLINE)

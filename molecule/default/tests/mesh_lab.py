@@ -18,7 +18,7 @@ import yaml
 PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
 EPHEMERAL = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"])
 INVENTORY = yaml.safe_load((EPHEMERAL / "inventory/lab.yml").read_text())["all"]["children"]
-PLAN = json.loads((EPHEMERAL / "inventory/mesh-plan.json").read_text())
+PLAN = json.loads((EPHEMERAL / "inventory/.meshwright/plan.json").read_text())
 SITES = sorted(INVENTORY["mesh_sites"]["hosts"])
 CONNECTED = [s for s in SITES if s != "blocked"]  # blocked needs the TCP relay
 

@@ -331,7 +331,9 @@ class Allocation:
             raise ValueError(f"side must be 0 or 1, not {side!r}")
         size = len(datagram)
         # The per-packet path: transport data between confirmed addresses.
-        if datagram.startswith(_TRANSPORT) and size >= _TRANSPORT_MIN_SIZE and not (size & 15):
+        # No alignment check: WireGuard pads to 16 bytes only up to the MTU, so a full-size
+        # packet (MTU 1420: 1452 bytes) is not a multiple of 16.
+        if datagram.startswith(_TRANSPORT) and size >= _TRANSPORT_MIN_SIZE:
             if source != self._confirmed[side]:
                 self._dropped[_UNCONFIRMED_SOURCE] += 1
                 return None
