@@ -10,7 +10,7 @@ Run from anywhere; it works from the repository root. It copies the default topo
 (inventory/lab/topology.yml) to /tmp/mwbench/topology.yml with every WAN latency, jitter and loss
 set to 0 (the lab's latency is an NFQUEUE delayer in userspace, which would bound throughput;
 that no host has one is checked), brings the lab `mwbench` up with its inventory in /tmp/mwbench,
-converges playbooks/site.yml on it (the plan lands in /tmp/mwbench/.meshwright/plan.json) and then, LAN
+converges playbooks/site.yml on it (the plan: /tmp/mwbench/.meshwright/plan.json), then, LAN
 host to LAN host, over a direct pair (easy1-lan1 -> public-lan1) and a UDP-relayed pair
 (hard1-lan1 -> hard2-lan1), both checked in the plan and in the live WireGuard endpoints:
 
