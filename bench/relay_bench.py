@@ -1,4 +1,4 @@
-"""Benchmark of the UDP relay against a direct link, on a lab of its own (`mwbench`).
+"""Benchmark of the UDP and TCP relays against a direct link, on a lab of its own (`mwbench`).
 
     .venv/bin/python bench/relay_bench.py                  # up, converge, measure, down
     .venv/bin/python bench/relay_bench.py --keep           # leave the lab up afterwards
@@ -11,19 +11,29 @@ Run from anywhere; it works from the repository root. It copies the default topo
 set to 0 (the lab's latency is an NFQUEUE delayer in userspace, which would bound throughput;
 that no host has one is checked), brings the lab `mwbench` up with its inventory in /tmp/mwbench,
 converges playbooks/site.yml on it (the plan: /tmp/mwbench/.meshwright/plan.json), then, LAN
-host to LAN host, over a direct pair (easy1-lan1 -> public-lan1) and a UDP-relayed pair
-(hard1-lan1 -> hard2-lan1), both checked in the plan and in the live WireGuard endpoints:
+host to LAN host, over three pairs, each checked in the plan and in the live WireGuard endpoints:
 
-- iperf3 TCP throughput (`end.sum_received`), and the same with the sender's MSS clamped
-  (--mss; 0 skips those rows), which keeps every WireGuard datagram below full MTU size;
+- direct: easy1-lan1 -> public-lan1 (plan mode `direct`, no relay address as endpoint);
+- udp relay: hard1-lan1 -> hard2-lan1 (mode `relay`: both sides' endpoints are the relay's
+  address and their own allocation port);
+- tcp relay: blocked-lan1 -> public-lan1 (mode `relay-tcp`: blocked's endpoint is its sidecar,
+  127.0.0.1:<its allocation port>, which holds a TLS connection to the relay's TCP 443; public's
+  is the relay's address and its port),
+
+and measures:
+
+- iperf3 TCP throughput (`end.sum_received`); with --mss (default 0: none) also the same with
+  the sender's MSS clamped, for every pair;
 - ping RTT (`ping -c 20 -i 0.2 -q`, the average);
-- CPU of the relay process (`meshwright relay`, /proc/<pid>/stat utime+stime) and the relay's own
-  counters for the pair (its state file) during the relayed runs.
+- CPU (/proc/<pid>/stat utime+stime) during each relayed run of the relay process carrying the
+  pair (`meshwright relay`) and, for the tcp relay, of the sidecar on blocked
+  (`meshwright-sidecar.service`); the machine's CPU (/proc/stat) during every run; the relay's
+  own counters for the pair (its state file).
 
-Runs are interleaved (direct, relay, direct, relay, ...) for --rounds rounds; the table shows
-medians. A TCP-relayed pair does not exist yet: its row says so. Exit status: 0 if relayed/direct
-throughput is at least the target, 1 if not, 2 if a prerequisite or a lab step failed (no
-numbers are printed then). Not a test: the numbers depend on the machine and its load.
+Runs are interleaved (direct, udp relay, tcp relay, direct, ...) for --rounds rounds; the table
+shows medians. Exit status: 0 if udp-relayed/direct throughput is at least the target, 1 if not,
+2 if a prerequisite or a lab step failed (no numbers are printed then). Not a test: the numbers
+depend on the machine and its load.
 """
 
 from __future__ import annotations
@@ -59,9 +69,12 @@ STATE = WORK / ".meshwright" / "state.json"
 
 DIRECT = ("easy1", "public")  # sender site, receiver site
 RELAYED = ("hard1", "hard2")
+TCP_RELAYED = ("blocked", "public")  # the sender is the UDP-blocked site
 IPERF_PORT = 5299  # not iperf3's default, so a stray server elsewhere cannot answer
 IPERF_PIDFILE = "/run/mwbench-iperf3.pid"
 RELAY_UNIT = "meshwright-relay.service"
+SIDECAR_UNIT = "meshwright-sidecar.service"
+RELAY_TLS_PORT = 443
 RELAY_STATE = "/var/lib/meshwright-relay/state.json"
 WG_INTERFACE = "mesh0"
 PING_COUNT, PING_INTERVAL = 20, 0.2
@@ -164,9 +177,10 @@ def write_topology() -> None:
         f"# {SOURCE_TOPOLOGY.relative_to(ROOT)} with WAN shaping 0 ({count} values), "
         "written by bench/relay_bench.py\n" + zeroed
     )
-    # e.g. `blocked: mesh_required: false`: the plan needs it to accept the lab's topology.
+    # The lab's host_vars as they are now: a file removed there must not linger here.
+    shutil.rmtree(WORK / "host_vars", ignore_errors=True)
     if SOURCE_HOST_VARS.is_dir():
-        shutil.copytree(SOURCE_HOST_VARS, WORK / "host_vars", dirs_exist_ok=True)
+        shutil.copytree(SOURCE_HOST_VARS, WORK / "host_vars")
 
 
 def lab_command(action: str, *extra: str) -> list[str]:
@@ -245,17 +259,21 @@ def relay_allocation(plan: dict[str, Any], a: str, b: str) -> dict[str, Any]:
     raise BenchError(f"{PLAN}: the relayed pair {a} <-> {b} has no allocation")
 
 
-def live_endpoint(plan: dict[str, Any], site: str, peer: str) -> str:
-    """The endpoint `site`'s WireGuard uses for `peer` now (host:port)."""
-    peers = plan["sites"][site]["peers"]
-    entry = next((p for p in peers if p["name"] == peer), None)
+def plan_peer(plan: dict[str, Any], site: str, peer: str) -> dict[str, Any]:
+    entry = next((p for p in plan["sites"][site]["peers"] if p["name"] == peer), None)
     if entry is None:
         raise BenchError(f"{PLAN}: {site} has no peer {peer}")
+    return dict(entry)
+
+
+def live_endpoint(plan: dict[str, Any], site: str, peer: str) -> str:
+    """The endpoint `site`'s WireGuard uses for `peer` now (host:port)."""
+    key = plan_peer(plan, site, peer)["public_key"]
     for line in podman_exec(site, "wg", "show", WG_INTERFACE, "endpoints").splitlines():
-        key, _, endpoint = line.partition("\t")
-        if key == entry["public_key"]:
+        public_key, _, endpoint = line.partition("\t")
+        if public_key == key:
             return endpoint.strip()
-    raise BenchError(f"{site}: WireGuard has no peer {peer} ({entry['public_key']})")
+    raise BenchError(f"{site}: WireGuard has no peer {peer} ({key})")
 
 
 def wireguard_kind(site: str) -> tuple[str, int]:
@@ -274,17 +292,94 @@ def wireguard_kind(site: str) -> tuple[str, int]:
     raise BenchError(f"{site}: {WG_INTERFACE} is neither wireguard nor tun:\n{details}")
 
 
+def unit_pid(host: str, unit: str) -> int:
+    pid = podman_exec(host, "systemctl", "show", "-p", "MainPID", "--value", unit).strip()
+    if not pid.isdigit() or pid == "0":
+        raise BenchError(f"{host}: {unit} is not running (MainPID {pid!r})")
+    return int(pid)
+
+
+@dataclass
+class Route:
+    """One measured pair, as the plan and the live mesh have it (filled in by `check_route`)."""
+
+    name: str  # "direct", "relay", "tcp"
+    label: str
+    sites: tuple[str, str]  # sender, receiver
+    mode: str  # the plan's mode for the pair
+    address: str = ""  # the receiver's LAN address
+    endpoints: dict[str, str] = field(default_factory=dict)  # site -> its live endpoint
+    relay: str = ""
+    allocation_key: str = ""
+    processes: list[tuple[str, str, int]] = field(default_factory=list)  # (what, host, pid)
+
+    @property
+    def hosts(self) -> tuple[str, str]:
+        return f"{self.sites[0]}-lan1", f"{self.sites[1]}-lan1"
+
+
+def check_route(plan: dict[str, Any], rows: list[dict[str, Any]], route: Route) -> None:
+    """Check `route` in the plan and the live mesh, and fill in what the runs need."""
+    a, b = route.sites
+    pair = plan_pair(plan, a, b)
+    if pair["mode"] != route.mode:
+        raise BenchError(f"{PLAN}: {a} <-> {b} is {pair['mode']!r}, not {route.mode!r}")
+    route.address = lan_address(rows, route.hosts[1])
+    route.endpoints = {a: live_endpoint(plan, a, b), b: live_endpoint(plan, b, a)}
+    if route.mode == "direct":
+        relays = {x["address"] for x in plan.get("allocations", [])} | {"127.0.0.1"}
+        for site, endpoint in route.endpoints.items():
+            if endpoint.rsplit(":", 1)[0] in relays:
+                raise BenchError(f"{site} reaches its peer of {a} <-> {b} at {endpoint}: relayed")
+        return
+    allocation = relay_allocation(plan, a, b)
+    if allocation.get("kind") != route.mode:
+        raise BenchError(f"{PLAN}: {a} <-> {b} has an allocation of kind {allocation.get('kind')}")
+    route.relay = allocation["relay"]
+    route.allocation_key = f"{allocation['a']}--{allocation['b']}"
+    ports = dict(zip((allocation["a"], allocation["b"]), allocation["ports"], strict=True))
+    for site, peer in ((a, b), (b, a)):
+        # The UDP-blocked sender reaches its side through its sidecar on loopback.
+        host = "127.0.0.1" if route.mode == "relay-tcp" and site == a else allocation["address"]
+        expected = f"{host}:{ports[site]}"
+        planned = plan_peer(plan, site, peer).get("endpoint")
+        if planned != expected:
+            raise BenchError(f"{PLAN}: {site}'s endpoint for {peer} is {planned}, not {expected}")
+        if route.endpoints[site] != expected:
+            raise BenchError(
+                f"{site} reaches {peer} at {route.endpoints[site]}, not {expected} "
+                f"({route.relay}, {route.mode})"
+            )
+    route.processes = [("relay", route.relay, unit_pid(route.relay, RELAY_UNIT))]
+    if route.mode == "relay-tcp":
+        connections = podman_exec(
+            a,
+            "ss",
+            "-Htn",
+            "state",
+            "established",
+            "dst",
+            f"{allocation['address']}:{RELAY_TLS_PORT}",
+        )
+        if not connections.strip():
+            raise BenchError(
+                f"{a}: no TCP connection to {allocation['address']}:{RELAY_TLS_PORT} "
+                f"({route.relay}'s TLS service)"
+            )
+        route.processes.append(("sidecar", a, unit_pid(a, SIDECAR_UNIT)))
+
+
 # --- measurements ----------------------------------------------------------------------------
 
 
 @dataclass
 class Series:
-    """The runs of one path."""
+    """The runs of one variant (a route, with or without a clamped MSS)."""
 
     bits: list[float] = field(default_factory=list)
     retransmits: list[int] = field(default_factory=list)
     rtt_ms: list[float] = field(default_factory=list)
-    cpu_pct: list[float] = field(default_factory=list)
+    cpu_pct: dict[str, list[float]] = field(default_factory=dict)  # "relay", "sidecar", "host"
     relay_counters: Counter[str] = field(default_factory=Counter)
 
 
@@ -341,18 +436,18 @@ def ping(sender: str, address: str) -> float:
     return float(match.group(1))
 
 
-def relay_pid(relay: str) -> int:
-    pid = podman_exec(relay, "systemctl", "show", "-p", "MainPID", "--value", RELAY_UNIT).strip()
-    if not pid.isdigit() or pid == "0":
-        raise BenchError(f"{relay}: {RELAY_UNIT} is not running (MainPID {pid!r})")
-    return int(pid)
-
-
-def cpu_ticks(relay: str, pid: int) -> int:
-    """utime + stime of `pid` on `relay`, in clock ticks."""
-    stat = podman_exec(relay, "cat", f"/proc/{pid}/stat")
+def cpu_ticks(host: str, pid: int) -> int:
+    """utime + stime of `pid` on lab host `host`, in clock ticks."""
+    stat = podman_exec(host, "cat", f"/proc/{pid}/stat")
     fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": field 3 is fields[0]
     return int(fields[11]) + int(fields[12])  # fields 14 and 15: utime, stime
+
+
+def machine_ticks() -> tuple[int, int]:
+    """This machine's busy and total CPU ticks so far, over all CPUs (/proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    idle = values[3] + values[4]  # idle, iowait
+    return sum(values) - idle, sum(values)
 
 
 def relay_counters(relay: str, key: str) -> dict[str, int]:
@@ -362,6 +457,15 @@ def relay_counters(relay: str, key: str) -> dict[str, int]:
         return dict(json.loads(text)["allocations"][key]["counters"])
     except (json.JSONDecodeError, KeyError, TypeError):
         return {}
+
+
+def sidecar_log(host: str) -> str:
+    """The sidecar's last counters line in its journal (it logs them every 60 s), or ""."""
+    text = podman_exec(
+        host, "journalctl", "-u", SIDECAR_UNIT, "-o", "cat", "--no-pager", "-n", "200", check=False
+    )
+    lines = [line for line in text.splitlines() if "counters" in line]
+    return lines[-1].strip() if lines else ""
 
 
 # --- output ----------------------------------------------------------------------------------
@@ -388,112 +492,119 @@ def runs_text(bits: list[float]) -> str:
     return " ".join(f"{b / 1e6:.1f}" for b in bits)
 
 
+def median_text(values: list[float] | None, digits: int) -> str:
+    return f"{statistics.median(values):.{digits}f}" if values else "-"
+
+
 # --- the benchmark ---------------------------------------------------------------------------
 
 
 def bench(args: argparse.Namespace) -> int:
     rows = lab_status()
     plan = json.loads(PLAN.read_text())
-    direct_pair = plan_pair(plan, *DIRECT)
-    relayed_pair = plan_pair(plan, *RELAYED)
-    if direct_pair["mode"] != "direct":
-        raise BenchError(f"{PLAN}: {DIRECT[0]} <-> {DIRECT[1]} is {direct_pair['mode']!r}")
-    if relayed_pair["mode"] != "relay":
-        raise BenchError(f"{PLAN}: {RELAYED[0]} <-> {RELAYED[1]} is {relayed_pair['mode']!r}")
-    allocation = relay_allocation(plan, *RELAYED)
-    relay, relay_address = allocation["relay"], allocation["address"]
-    allocation_key = f"{allocation['a']}--{allocation['b']}"
-    relay_addresses = {a["address"] for a in plan.get("allocations", [])}
-
-    relayed_endpoint = live_endpoint(plan, RELAYED[0], RELAYED[1])
-    if relayed_endpoint.rsplit(":", 1)[0] != relay_address:
-        raise BenchError(
-            f"{RELAYED[0]} reaches {RELAYED[1]} at {relayed_endpoint}, not through "
-            f"{relay} ({relay_address})"
+    routes = {
+        route.name: route
+        for route in (
+            Route("direct", "direct (UDP, no relay)", DIRECT, "direct"),
+            Route("relay", "udp relay", RELAYED, "relay"),
+            Route("tcp", "tcp relay (TLS, sidecar)", TCP_RELAYED, "relay-tcp"),
         )
-    direct_endpoint = live_endpoint(plan, DIRECT[0], DIRECT[1])
-    if direct_endpoint.rsplit(":", 1)[0] in relay_addresses:
-        raise BenchError(f"{DIRECT[0]} reaches {DIRECT[1]} through a relay ({direct_endpoint})")
-    checked = check_no_delayer(rows)
-    kinds = {site: wireguard_kind(site) for site in (*DIRECT, *RELAYED)}
-    pid = relay_pid(relay)
-
-    paths = {
-        "direct": (f"{DIRECT[0]}-lan1", f"{DIRECT[1]}-lan1"),
-        "relay": (f"{RELAYED[0]}-lan1", f"{RELAYED[1]}-lan1"),
     }
-    addresses = {name: lan_address(rows, receiver) for name, (_, receiver) in paths.items()}
+    for route in routes.values():
+        check_route(plan, rows, route)
+    checked = check_no_delayer(rows)
+    sites = sorted({site for route in routes.values() for site in route.sites})
+    kinds = {site: wireguard_kind(site) for site in sites}
+
     kind_text = "; ".join(sorted({kind for kind, _ in kinds.values()}))
-    mtu = kinds[RELAYED[0]][1]
+    mtus = sorted({mtu for _, mtu in kinds.values()})
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print()
     print(
         f"machine: nproc {len(os.sched_getaffinity(0))}, load average {load}, {os.uname().release}"
     )
-    print(f"WireGuard on {', '.join(kinds)}: {kind_text}; {WG_INTERFACE} MTU {mtu}")
+    print(
+        f"WireGuard on {', '.join(sites)}: {kind_text}; {WG_INTERFACE} MTU "
+        f"{', '.join(map(str, mtus))}"
+    )
     print(
         f"WAN latency: 0 ms, jitter 0, loss 0 ({TOPOLOGY}; no NFQUEUE delayer on any of the "
         f"{checked} internet-facing hosts)"
     )
-    print(
-        f"direct: {paths['direct'][0]} -> {paths['direct'][1]} ({addresses['direct']}), plan "
-        f"mode {direct_pair['mode']}, endpoint {direct_endpoint}"
-    )
-    print(
-        f"relay:  {paths['relay'][0]} -> {paths['relay'][1]} ({addresses['relay']}), plan mode "
-        f"{relayed_pair['mode']}, via {relay} {relayed_endpoint} (`meshwright relay`, pid {pid})"
-    )
+    for route in routes.values():
+        sender, receiver = route.hosts
+        a, b = route.sites
+        text = (
+            f"{route.name + ':':<7} {sender} -> {receiver} ({route.address}), plan mode "
+            f"{route.mode}, endpoints {a} {route.endpoints[a]}, {b} {route.endpoints[b]}"
+        )
+        if route.processes:
+            text += ", via " + ", ".join(
+                f"{host} {what} pid {pid}" for what, host, pid in route.processes
+            )
+        print(text)
     print(
         f"{args.rounds} rounds, interleaved; iperf3 TCP {args.seconds} s per run; "
         f"ping -c {PING_COUNT} -i {PING_INTERVAL}"
     )
     print()
 
-    variants: list[tuple[str, str, int | None]] = [
-        ("direct", "direct", None),
-        ("relay", "relay", None),
+    variants: list[tuple[str, Route, int | None]] = [
+        (name, route, None) for name, route in routes.items()
     ]
     if args.mss:
-        variants += [("direct-mss", "direct", args.mss), ("relay-mss", "relay", args.mss)]
+        variants += [(f"{name}-mss", route, args.mss) for name, route in routes.items()]
     series = {name: Series() for name, _, _ in variants}
     for round_number in range(1, args.rounds + 1):
-        for name, path, mss in variants:
-            sender, receiver = paths[path]
-            counted = relay_counters(relay, allocation_key) if path == "relay" else {}
-            before, start = cpu_ticks(relay, pid) if path == "relay" else 0, time.monotonic()
-            bits, retransmits = iperf(sender, receiver, addresses[path], args.seconds, mss)
-            series[name].bits.append(bits)
-            series[name].retransmits.append(retransmits)
-            if path == "relay":
-                ticks = cpu_ticks(relay, pid) - before
-                busy = ticks / CLOCK_TICKS / (time.monotonic() - start) * 100
-                series[name].cpu_pct.append(busy)
+        for name, route, mss in variants:
+            sender, receiver = route.hosts
+            counted = relay_counters(route.relay, route.allocation_key) if route.relay else {}
+            before = {what: cpu_ticks(host, pid) for what, host, pid in route.processes}
+            busy_before, total_before = machine_ticks()
+            start = time.monotonic()
+            bits, retransmits = iperf(sender, receiver, route.address, args.seconds, mss)
+            elapsed = time.monotonic() - start
+            busy_after, total_after = machine_ticks()
+            s = series[name]
+            s.bits.append(bits)
+            s.retransmits.append(retransmits)
+            for what, host, pid in route.processes:
+                ticks = cpu_ticks(host, pid) - before[what]
+                s.cpu_pct.setdefault(what, []).append(ticks / CLOCK_TICKS / elapsed * 100)
+            s.cpu_pct.setdefault("host", []).append(
+                (busy_after - busy_before) / max(total_after - total_before, 1) * 100
+            )
+            if route.relay:
                 time.sleep(1.5)  # the relay writes its state file once a second
-                after = relay_counters(relay, allocation_key)
+                after = relay_counters(route.relay, route.allocation_key)
                 if counted and after:
-                    series[name].relay_counters.update(
-                        {k: v - counted.get(k, 0) for k, v in after.items()}
-                    )
+                    s.relay_counters.update({k: v - counted.get(k, 0) for k, v in after.items()})
+            cpu = ", ".join(f"{what} {v[-1]:.0f}%" for what, v in s.cpu_pct.items())
             log(
                 f"round {round_number}: {name:<10} {bits / 1e6:8.1f} Mbit/s, "
-                f"{retransmits} retransmits"
+                f"{retransmits} retransmits; CPU {cpu}"
             )
-        for path in ("direct", "relay"):
-            sender, _ = paths[path]
-            rtt = ping(sender, addresses[path])
-            series[path].rtt_ms.append(rtt)
-            log(f"round {round_number}: {path:<10} ping avg {rtt:.3f} ms")
+        for name, route in routes.items():
+            rtt = ping(route.hosts[0], route.address)
+            series[name].rtt_ms.append(rtt)
+            log(f"round {round_number}: {name:<10} ping avg {rtt:.3f} ms")
 
-    direct, relayed = series["direct"], series["relay"]
     rows_out: list[tuple[str, ...]] = [
-        ("path", "Mbit/s", "runs", "retrans", "RTT ms", "relay CPU %")
+        (
+            "path",
+            "Mbit/s",
+            "runs",
+            "retrans",
+            "RTT ms",
+            "relay CPU %",
+            "sidecar CPU %",
+            "host CPU %",
+        )
     ]
-    labels = {
-        "direct": "direct (UDP, no relay)",
-        "relay": "udp relay",
-        "direct-mss": f"direct, MSS {args.mss}",
-        "relay-mss": f"udp relay, MSS {args.mss}",
-    }
+    labels = {name: route.label for name, route in routes.items()}
+    labels.update(
+        {f"{name}-mss": f"{route.label}, MSS {args.mss}" for name, route in routes.items()}
+    )
     for name, _, _ in variants:
         s = series[name]
         rows_out.append(
@@ -502,44 +613,55 @@ def bench(args: argparse.Namespace) -> int:
                 mbit(s.bits),
                 runs_text(s.bits),
                 str(int(statistics.median(s.retransmits))),
-                f"{statistics.median(s.rtt_ms):.3f}" if s.rtt_ms else "-",
-                f"{statistics.median(s.cpu_pct):.0f}" if s.cpu_pct else "-",
+                median_text(s.rtt_ms, 3),
+                median_text(s.cpu_pct.get("relay"), 0),
+                median_text(s.cpu_pct.get("sidecar"), 0),
+                median_text(s.cpu_pct.get("host"), 0),
             )
         )
-    rows_out.append(("tcp relay: not built yet", "-", "-", "-", "-", "-"))
     print()
     print(table(rows_out))
     print()
-    print("Mbit/s, retrans, RTT and CPU are medians; relay CPU is % of one core over the run.")
-
-    ratio = statistics.median(relayed.bits) / statistics.median(direct.bits)
-    rtt_direct, rtt_relay = statistics.median(direct.rtt_ms), statistics.median(relayed.rtt_ms)
-    print(f"relayed/direct throughput: {ratio:.2f}")
-    if args.mss:
-        mss_ratio = statistics.median(series["relay-mss"].bits) / statistics.median(
-            series["direct-mss"].bits
-        )
-        print(f"relayed/direct throughput at MSS {args.mss}: {mss_ratio:.2f}")
     print(
-        f"relayed/direct RTT: {rtt_relay / rtt_direct:.2f} "
-        f"(the relay adds {rtt_relay - rtt_direct:+.3f} ms)"
+        "Mbit/s, retrans, RTT and CPU are medians; relay and sidecar CPU are % of one core over "
+        f"the run, host CPU % of all {os.cpu_count()} of this machine's (everything on it)."
     )
-    for name in ("relay", "relay-mss"):
-        if name not in series:
+
+    direct = series["direct"]
+    bits_direct, rtt_direct = statistics.median(direct.bits), statistics.median(direct.rtt_ms)
+    ratios: dict[str, float] = {}
+    for name, prefix in (("relay", "udp-relayed"), ("tcp", "tcp-relayed")):
+        ratios[name] = statistics.median(series[name].bits) / bits_direct
+        print(f"{prefix}/direct throughput: {ratios[name]:.2f}")
+        if args.mss:
+            mss_ratio = statistics.median(series[f"{name}-mss"].bits) / statistics.median(
+                series["direct-mss"].bits
+            )
+            print(f"{prefix}/direct throughput at MSS {args.mss}: {mss_ratio:.2f}")
+    for name, prefix in (("relay", "udp-relayed"), ("tcp", "tcp-relayed")):
+        rtt = statistics.median(series[name].rtt_ms)
+        print(
+            f"{prefix}/direct RTT: {rtt / rtt_direct:.2f} "
+            f"(the relay adds {rtt - rtt_direct:+.3f} ms)"
+        )
+    for name, _, _ in variants:
+        route = routes[name.removesuffix("-mss")]
+        if not route.relay:
             continue
         counted = series[name].relay_counters
         shown = ", ".join(f"{k} +{v}" for k, v in sorted(counted.items()) if v) or "none"
-        print(f"relay counters for {allocation_key} over the {labels[name]} runs: {shown}")
-    if series["relay"].relay_counters["dropped_malformed"] and mtu:
-        full = 16 + mtu + 16
         print(
-            f"  note: the relay drops datagrams as malformed. WireGuard pads to a multiple "
-            f"of 16 only up to the MTU, so a full-size one here is 16+{mtu}+16 = {full} "
-            f"bytes ({full % 16} over a multiple of 16), which a transport-size check "
-            "requiring a multiple of 16 rejects; the MSS-clamped rows avoid such datagrams."
+            f"{route.relay} counters for {route.allocation_key} over the {labels[name]} runs: "
+            f"{shown}"
         )
-    verdict = "PASS" if ratio >= TARGET_RATIO else "FAIL"
-    print(f"target: relayed/direct throughput >= {TARGET_RATIO}: {verdict} ({ratio:.2f})")
+    for _, host, _ in routes["tcp"].processes[1:]:
+        line = sidecar_log(host)
+        print(f"{host} sidecar, last logged (cumulative, every 60 s): {line or 'nothing yet'}")
+    verdict = "PASS" if ratios["relay"] >= TARGET_RATIO else "FAIL"
+    print(
+        f"target: udp-relayed/direct throughput >= {TARGET_RATIO}: {verdict} "
+        f"({ratios['relay']:.2f})"
+    )
     return 0 if verdict == "PASS" else 1
 
 
@@ -552,7 +674,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--seconds", type=int, default=6, help="per iperf3 run (default 6)")
     parser.add_argument(
-        "--mss", type=int, default=1300, help="clamped-MSS rows' MSS (default 1300; 0: none)"
+        "--mss", type=int, default=0, help="also run with the sender's MSS clamped to this (0: no)"
     )
     args = parser.parse_args()
     if args.rounds < 1 or not 1 <= args.seconds <= 60 or args.mss < 0:

@@ -82,6 +82,40 @@ def relay_facts(name: str, hostvars: Any, state: dict[str, Any]) -> dict[str, An
     return relay
 
 
+_FACT_OF = {
+    "certificate": "sidecar_certificate",
+    "tls_fingerprint": "relay_tls_fingerprint",
+}
+
+
+def _fresh_or_saved(hostvars: Any, state: dict[str, Any], kind: str, name: str, key: str) -> Any:
+    return hostvars[name].get(_FACT_OF[key]) or state.get(kind, {}).get(name, {}).get(key)
+
+
+def sidecar_configs(
+    plan: dict[str, Any], sites: list[dict[str, Any]], hostvars: Any, fingerprints: dict[str, str]
+) -> dict[str, dict[str, Any]]:
+    """For every UDP-blocked site: its relay-tcp peers (its side's port) and their relays."""
+    blocked = {s["name"] for s in sites if s["nat_class"] == "blocked"}
+    configs: dict[str, dict[str, Any]] = {}
+    for allocation in plan.get("allocations", []):
+        for side, site in enumerate((allocation["a"], allocation["b"])):
+            if site not in blocked:
+                continue
+            other = allocation["b"] if side == 0 else allocation["a"]
+            relay = allocation["relay"]
+            config = configs.setdefault(site, {"peers": [], "relays": {}})
+            config["peers"].append(
+                {"name": other, "relay": relay, "port": allocation["ports"][side]}
+            )
+            config["relays"][relay] = {
+                "address": allocation["address"],
+                "port": int(hostvars[relay].get("relay_tls_port", 443)),
+                "fingerprint": fingerprints.get(relay, ""),
+            }
+    return configs
+
+
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -125,10 +159,12 @@ class ActionModule(ActionBase):
         relays = [relay_facts(name, hostvars, state) for name in groups.get(relays_group, [])]
         mesh_input = {
             "overlay_network": args.get("overlay_network") or task_vars.get("mesh_overlay_network"),
-            # With relays, relayed pairs get a relay; relay-tcp waits for the TCP relay.
+            # With relays, relayed pairs get a relay (UDP, or TLS for a UDP-blocked site).
             "link_kinds": list(
                 args.get("link_kinds")
-                or task_vars.get("mesh_link_kinds", ["direct", "relay"] if relays else ["direct"])
+                or task_vars.get(
+                    "mesh_link_kinds", ["direct", "relay", "relay-tcp"] if relays else ["direct"]
+                )
             ),
             "keepalive": int(task_vars.get("mesh_keepalive", planner.DEFAULT_KEEPALIVE)),
             "sites": sites,
@@ -142,6 +178,18 @@ class ActionModule(ActionBase):
 
         plan_json = plan.to_json()
         plan_dict = json.loads(plan_json)  # one serialisation, shared by file and facts
+        # TLS for UDP-blocked sites: public certificates and fingerprints only (every private
+        # key stays on its node), from this run's facts or, outside --limit, the state file.
+        certificates = {
+            s["name"]: cert
+            for s in sites
+            if (cert := _fresh_or_saved(hostvars, state, "sites", s["name"], "certificate"))
+        }
+        fingerprints = {
+            r["name"]: fp
+            for r in relays
+            if (fp := _fresh_or_saved(hostvars, state, "relays", r["name"], "tls_fingerprint"))
+        }
         new_state = {
             "version": STATE_VERSION,
             "sites": {
@@ -149,11 +197,27 @@ class ActionModule(ActionBase):
                     "public_key": s["public_key"],
                     "nat_class": s["nat_class"],
                     "endpoint": s["endpoint"],
+                    **(
+                        {"certificate": certificates[s["name"]]}
+                        if s["name"] in certificates
+                        else {}
+                    ),
                 }
                 for s in sites
             },
-            "relays": {r["name"]: {"public_key": r["public_key"]} for r in relays},
+            "relays": {
+                r["name"]: {
+                    "public_key": r["public_key"],
+                    **(
+                        {"tls_fingerprint": fingerprints[r["name"]]}
+                        if r["name"] in fingerprints
+                        else {}
+                    ),
+                }
+                for r in relays
+            },
         }
+        sidecars = sidecar_configs(plan_dict, sites, hostvars, fingerprints)
         state_json = json.dumps(new_state, indent=2, sort_keys=True) + "\n"
         old_plan = plan_path.read_text() if plan_path.exists() else ""
         old_state = state_path.read_text() if state_path.exists() else ""
@@ -167,7 +231,11 @@ class ActionModule(ActionBase):
             state_file=str(state_path),
             table=planner.format_table(plan).splitlines(),
             unreachable_sites=plan_dict.get("unreachable", {}),
-            ansible_facts={"mesh_plan": plan_dict},
+            ansible_facts={
+                "mesh_plan": plan_dict,
+                "mesh_tls_sites": certificates,
+                "mesh_sidecars": sidecars,
+            },
         )
         if self._task.diff and old_plan != plan_json:
             result["diff"] = {

@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         from meshwright.relay import server
 
         return server.main(argv[1:])
+    if argv[:1] == ["sidecar"]:
+        from meshwright import sidecar
+
+        return sidecar.main(argv[1:])
     parser = argparse.ArgumentParser(prog="meshwright", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     lab = sub.add_parser("lab", help="the multi-site NAT lab on podman")
@@ -95,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     lab.set_defaults(func=_lab)
     # Listed for --help; their own parser takes their arguments (see the dispatch above).
     sub.add_parser("relay", help="a relay's forwarding service (WireGuard ciphertext, unread)")
+    sub.add_parser("sidecar", help="a UDP-blocked site's TLS carrier to its relays")
     sub.add_parser("stun-server", help="the relays' STUN service (RFC 8489 and RFC 5780)")
     args = parser.parse_args(argv)
     return args.func(args)

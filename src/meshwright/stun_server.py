@@ -383,12 +383,112 @@ _COOKIE = stun.MAGIC_COOKIE.to_bytes(4, "big")
 
 
 @dataclass
-class _TcpClient:
+class StunTcpClient:
     conn: socket.socket
     peer: Address
     local: Address
     buffer: bytearray
     last_seen: float
+
+
+class StunStreams:
+    """STUN over TCP connections in a caller's ``selectors`` loop (RFC 8489 section 6.2.2).
+
+    The STUN service uses it for its own TCP listener; the relay service, which owns TCP 443
+    for its TLS relay, hands it the connections that turn out to speak STUN (:meth:`adopt`).
+    A connection's registration data is its :class:`StunTcpClient`: the loop passes keys whose
+    data is one to :meth:`read`.
+    """
+
+    def __init__(
+        self, responder: StunResponder, selector: selectors.BaseSelector, stats: dict[str, int]
+    ) -> None:
+        self.responder, self.selector, self.stats = responder, selector, stats
+        self.clients: dict[socket.socket, StunTcpClient] = {}
+
+    def accept(self, listener: socket.socket) -> None:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        self.adopt(conn)
+
+    def adopt(self, conn: socket.socket, first_bytes: bytes = b"") -> None:
+        """Serve an accepted connection; ``first_bytes`` were already read from it."""
+        if len(self.clients) >= _TCP_MAX_CONNECTIONS:
+            self.stats["tcp_refused"] = self.stats.get("tcp_refused", 0) + 1
+            conn.close()
+            return
+        try:
+            conn.setblocking(False)
+            peer, local = conn.getpeername()[:2], conn.getsockname()[:2]
+        except OSError:
+            conn.close()
+            return
+        client = StunTcpClient(conn, peer, local, bytearray(), time.monotonic())
+        self.clients[conn] = client
+        self.selector.register(conn, selectors.EVENT_READ, client)
+        if first_bytes:
+            self._feed(client, first_bytes)
+
+    def read(self, client: StunTcpClient) -> None:
+        try:
+            data = client.conn.recv(_TCP_MAX_BUFFER)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close(client)
+            return
+        self._feed(client, data)
+
+    def _feed(self, client: StunTcpClient, data: bytes) -> None:
+        client.last_seen = time.monotonic()
+        client.buffer += data
+        # STUN over TCP has no framing of its own: the header's length field delimits.
+        while len(client.buffer) >= stun.HEADER_SIZE:
+            size = stun.HEADER_SIZE + int.from_bytes(client.buffer[2:4], "big")
+            header_ok = client.buffer[0] & 0xC0 == 0 and client.buffer[4:8] == _COOKIE
+            if size > _TCP_MAX_BUFFER or not header_ok:
+                self.stats["tcp_dropped"] = self.stats.get("tcp_dropped", 0) + 1
+                self.close(client)  # no way to resynchronise a byte stream
+                return
+            if len(client.buffer) < size:
+                return
+            message, client.buffer = bytes(client.buffer[:size]), client.buffer[size:]
+            try:
+                udp_local = (client.local[0], self.responder.port)
+                outcome = self.responder.handle(
+                    message, client.peer, udp_local, stream=client.local
+                )
+            except Exception:
+                self.stats["internal_errors"] = self.stats.get("internal_errors", 0) + 1
+                self.close(client)
+                return
+            if outcome.response is not None:
+                try:
+                    client.conn.sendall(outcome.response)
+                except OSError:
+                    self.close(client)
+                    return
+
+    def close_idle(self) -> None:
+        if not self.clients:
+            return
+        cutoff = time.monotonic() - _TCP_IDLE_SECONDS
+        for client in [c for c in self.clients.values() if c.last_seen < cutoff]:
+            self.close(client)
+
+    def close(self, client: StunTcpClient) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(client.conn)
+        self.clients.pop(client.conn, None)
+        client.conn.close()
+
+    def close_all(self) -> None:
+        for client in list(self.clients.values()):
+            self.close(client)
 
 
 class StunServer:
@@ -416,11 +516,11 @@ class StunServer:
         self.log_interval = log_interval
         self._sockets: dict[Address, socket.socket] = {}
         self._listeners: dict[Address, socket.socket] = {}
-        self._clients: dict[socket.socket, _TcpClient] = {}
         self._selector = selectors.DefaultSelector()
         self._stopping = False
         self._stats_requested = False
         self._buffer = bytearray(_RECEIVE_BUFFER)
+        self._streams = StunStreams(self.responder, self._selector, self.stats)
         # A socketpair wakes select() up for stop(); PEP 475 would otherwise resume the wait.
         self._wake_read, self._wake_write = socket.socketpair()
         try:
@@ -507,18 +607,18 @@ class StunServer:
         last_logged: dict[str, int] = {}
         while not self._stopping:
             timeout = None if next_log is None else max(0.0, next_log - time.monotonic())
-            if self._clients:  # wake up to close idle TCP connections
+            if self._streams.clients:  # wake up to close idle TCP connections
                 timeout = 1.0 if timeout is None else min(timeout, 1.0)
             for key, _events in self._selector.select(timeout):
                 if key.data is None:
                     self._drain_wake()
                 elif key.data == "tcp":
-                    self._accept(key.fileobj)  # type: ignore[arg-type]
-                elif isinstance(key.data, _TcpClient):
-                    self._read_tcp(key.data)
+                    self._streams.accept(key.fileobj)  # type: ignore[arg-type]
+                elif isinstance(key.data, StunTcpClient):
+                    self._streams.read(key.data)
                 else:
                     self._drain(key.fileobj, key.data)  # type: ignore[arg-type]
-            self._close_idle()
+            self._streams.close_idle()
             if self._stats_requested:
                 self._stats_requested = False
                 self.log_stats()
@@ -566,76 +666,8 @@ class StunServer:
                 # Includes a full send buffer: UDP answers are best effort anyway.
                 self.stats["send_errors"] += 1
 
-    def _accept(self, listener: socket.socket) -> None:
-        try:
-            conn, peer = listener.accept()
-        except OSError:
-            return
-        if len(self._clients) >= _TCP_MAX_CONNECTIONS:
-            self.stats["tcp_refused"] = self.stats.get("tcp_refused", 0) + 1
-            conn.close()
-            return
-        conn.setblocking(False)
-        local = conn.getsockname()[:2]
-        client = _TcpClient(conn, (peer[0], peer[1]), local, bytearray(), time.monotonic())
-        self._clients[conn] = client
-        self._selector.register(conn, selectors.EVENT_READ, client)
-
-    def _read_tcp(self, client: _TcpClient) -> None:
-        try:
-            data = client.conn.recv(_TCP_MAX_BUFFER)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._close_client(client)
-            return
-        client.last_seen = time.monotonic()
-        client.buffer += data
-        # STUN over TCP has no framing of its own: the header's length field delimits.
-        while len(client.buffer) >= stun.HEADER_SIZE:
-            size = stun.HEADER_SIZE + int.from_bytes(client.buffer[2:4], "big")
-            header_ok = client.buffer[0] & 0xC0 == 0 and client.buffer[4:8] == _COOKIE
-            if size > _TCP_MAX_BUFFER or not header_ok:
-                self.stats["tcp_dropped"] = self.stats.get("tcp_dropped", 0) + 1
-                self._close_client(client)  # no way to resynchronise a byte stream
-                return
-            if len(client.buffer) < size:
-                return
-            message, client.buffer = bytes(client.buffer[:size]), client.buffer[size:]
-            try:
-                udp_local = (client.local[0], self.responder.port)
-                outcome = self.responder.handle(
-                    message, client.peer, udp_local, stream=client.local
-                )
-            except Exception:
-                self.stats["internal_errors"] += 1
-                self._close_client(client)
-                return
-            if outcome.response is not None:
-                try:
-                    client.conn.sendall(outcome.response)
-                except OSError:
-                    self._close_client(client)
-                    return
-
-    def _close_idle(self) -> None:
-        if not self._clients:
-            return
-        cutoff = time.monotonic() - _TCP_IDLE_SECONDS
-        for client in [c for c in self._clients.values() if c.last_seen < cutoff]:
-            self._close_client(client)
-
-    def _close_client(self, client: _TcpClient) -> None:
-        with contextlib.suppress(KeyError, ValueError):
-            self._selector.unregister(client.conn)
-        self._clients.pop(client.conn, None)
-        client.conn.close()
-
     def close(self) -> None:
-        for client in list(self._clients.values()):
-            self._close_client(client)
+        self._streams.close_all()
         self._selector.close()
         sockets = (*self._sockets.values(), *self._listeners.values())
         for sock in (*sockets, self._wake_read, self._wake_write):

@@ -218,11 +218,11 @@ def test_without_punch_an_easy_pair_connects_through_a_relay_first():
     assert len(plan.allocations) == 1
 
 
-def test_a_blocked_site_leaves_its_endpoint_to_the_sidecar():
+def test_a_blocked_site_reaches_its_side_of_the_allocation_through_its_sidecar():
     plan = build_plan(mesh(site("a", "blocked", 1), site("b", "open", 2), kinds={"relay-tcp"}))
     (allocation,) = plan.allocations.values()
     assert allocation.kind == "relay-tcp"
-    assert _peer(plan, "a", "b").endpoint is None
+    assert _peer(plan, "a", "b").endpoint == f"127.0.0.1:{allocation.ports[0]}"  # its sidecar
     assert _peer(plan, "b", "a").endpoint == f"198.51.100.10:{allocation.ports[1]}"
 
 

@@ -287,8 +287,14 @@ class Plan:
                 raise RuntimeError(f"routing: {node.name} routes to {other.name} without a link")
             endpoint, keepalive = _peer_settings(node, other, kind, self._keepalive)
             allocation = self._allocations.get(tuple(sorted((node.name, other.name))))
-            if allocation is not None and node.eclass != "blocked":
-                endpoint = allocation.endpoint_of(node.name)
+            if allocation is not None:
+                # A site that cannot send UDP reaches its side through its sidecar, which
+                # listens on loopback on the same port and carries it over TLS.
+                endpoint = (
+                    allocation.local_endpoint_of(node.name)
+                    if node.eclass == "blocked"
+                    else allocation.endpoint_of(node.name)
+                )
             peers.append(
                 Peer(
                     other.name,

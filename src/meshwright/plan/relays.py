@@ -1,7 +1,8 @@
 """Relay allocations: which relay carries each relayed pair, and on which ports.
 
 Every pair the routing links with ``relay`` or ``relay-tcp`` gets one allocation: a relay and a
-slot on it. Slot ``k`` is the port pair ``(FIRST_PORT + 2k, FIRST_PORT + 2k + 1)``, the first
+slot (unique across relays, so at most ``MAX_SLOTS`` relayed pairs in a mesh). Slot ``k`` is
+the port pair ``(FIRST_PORT + 2k, FIRST_PORT + 2k + 1)``, the first
 port for the pair's first site (in name order), the second for the other. Each site's WireGuard
 endpoint for its peer is the relay's address and its own port; the relay forwards between the
 two ports. A site that cannot send UDP (``relay-tcp``, a ``blocked`` site) reaches its port
@@ -47,6 +48,11 @@ class RelayAllocation:
         port = self.ports[0] if site == self.a else self.ports[1]
         return f"{self.address}:{port}"
 
+    def local_endpoint_of(self, site: str) -> str:
+        """The endpoint of a UDP-blocked ``site``: its sidecar, on loopback, on its port."""
+        port = self.ports[0] if site == self.a else self.ports[1]
+        return f"127.0.0.1:{port}"
+
     def to_dict(self) -> dict[str, object]:
         return {
             "a": self.a,
@@ -80,8 +86,11 @@ def allocate(
         return RelayAllocation(*pair, kind, relay, relays[relay], slot, pair_keys)
 
     wanted = {(a, b): kind for a, b, kind in sorted(pairs)}
-    used: dict[str, set[int]] = {name: set() for name in relays}
-    cursor = dict.fromkeys(relays, 0)  # every slot below it is used
+    used: dict[str, set[int]] = {name: set() for name in relays}  # each relay's load
+    # Slots are unique across relays, not only per relay: a UDP-blocked site binds its side of
+    # every allocation on its own loopback (127.0.0.1:<port>), whichever relay carries it.
+    taken: set[int] = set()
+    cursor = 0  # every slot below it is taken
     result: dict[tuple[str, str], RelayAllocation] = {}
     for old in previous:
         key = (str(old.get("a")), str(old.get("b")))
@@ -93,19 +102,23 @@ def allocate(
             and relay in relays
             and isinstance(slot, int)
             and 0 <= slot < MAX_SLOTS
-            and slot not in used[relay]
+            and slot not in taken
         ):
             used[relay].add(slot)
+            taken.add(slot)
             result[key] = make(key, wanted[key], relay, slot)
     for key, kind in wanted.items():
         if key in result:
             continue
         relay = _choose(key, relays, rtt_ms, used)
-        slot = cursor[relay]
-        while slot in used[relay]:
+        slot = cursor
+        while slot in taken:
             slot += 1
+        if slot >= MAX_SLOTS:
+            raise ValueError(f"more than {MAX_SLOTS} relayed pairs (ports {FIRST_PORT} and up)")
         used[relay].add(slot)
-        cursor[relay] = slot + 1
+        taken.add(slot)
+        cursor = slot + 1
         result[key] = make(key, kind, relay, slot)
     return dict(sorted(result.items()))
 
@@ -121,9 +134,4 @@ def _choose(
 
     best = min(rtt(name) for name in relays)
     near = [name for name in sorted(relays) if rtt(name) <= best + NEAR_MS]
-    free = [name for name in near if len(used[name]) < MAX_SLOTS]
-    if not free:
-        free = [name for name in sorted(relays) if len(used[name]) < MAX_SLOTS]
-    if not free:
-        raise ValueError(f"every relay has all its {MAX_SLOTS} slots in use")
-    return min(free, key=lambda name: (len(used[name]), rtt(name), name))
+    return min(near, key=lambda name: (len(used[name]), rtt(name), name))

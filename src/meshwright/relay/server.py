@@ -13,6 +13,19 @@ closed, and unchanged ones keep their sockets and learned addresses, so a new re
 disturbs the others. The learned addresses and counters are written to the state file every
 second when they changed (and at exit), and read back at start: after a restart, relayed pairs
 carry traffic again at once. Standard library only: it runs on Debian's python3.
+
+With a ``"tls"`` section the service also listens on TCP 443 (``"port"``) for sites that
+cannot send UDP (:mod:`.tls`: mutual TLS, each site known by its pinned certificate and allowed
+only its own allocation ports; :mod:`meshwright.sidecar` is the other end). Such a site's side
+of an allocation is the pseudo-address ``("tls:<site>", <port>)``: what it sends goes through
+:class:`.forward.Allocation` like any datagram, and what is sent to it becomes a frame on its
+connection. Port 443 is shared with STUN over TCP: a connection that does not start a TLS
+handshake is served as STUN (``"stun"``: the STUN service's addresses and ports), so that a
+UDP-blocked site can still tell "UDP blocked" from "relay down"::
+
+    "tls": {"port": 443, "listen": ["198.51.100.10"], "sites": {"blocked": "<PEM>"},
+            "certificate": "/etc/meshwright/relay-tls.crt", "key": "/etc/meshwright/relay-tls.key",
+            "stun": {"addresses": ["198.51.100.10"], "port": 3478, "alt_port": 3479}}
 """
 
 from __future__ import annotations
@@ -32,7 +45,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meshwright.stun_server import StunResponder, StunStreams, StunTcpClient
+
 from .forward import Address, Allocation, Limits
+from .tls import TlsClients
 
 __all__ = ["RelayServer", "main"]
 
@@ -82,6 +98,10 @@ class RelayServer:
         self.open: dict[str, _Open] = {}
         self.limits = Limits()
         self.saved_counters: dict[str, Counter[str]] = {}
+        self.tls: TlsClients | None = None
+        self.stun: StunStreams | None = None
+        self.by_port: dict[int, tuple[_Open, int]] = {}
+        self.stats: dict[str, int] = {}
         self._reload = True
         self._stop = False
         self._dirty = False
@@ -100,7 +120,8 @@ class RelayServer:
     def reload(self) -> None:
         """Bring the open allocations to the file's; keep the unchanged ones untouched."""
         try:
-            specs, limits = _parse(json.loads(self.config.read_text()))
+            data = json.loads(self.config.read_text())
+            specs, limits = _parse(data)
         except (OSError, ValueError) as exc:
             self.log(f"relay: keeping the current allocations: {self.config}: {exc}")
             return
@@ -113,7 +134,65 @@ class RelayServer:
                     self._open(key, spec)
                 except OSError as exc:
                     self.log(f"relay: cannot open {key} on {spec[0]}:{spec[1]}: {exc}")
+        self.by_port = {o.spec[1][s]: (o, s) for o in self.open.values() for s in (0, 1)}
+        tls = data.get("tls") if isinstance(data, dict) else None
+        if tls:
+            try:
+                self._serve_tls(tls)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                self.log(f"relay: TLS service not (re)configured: {exc!r}")
         self.log(f"relay: {len(self.open)} allocations")
+
+    def _serve_tls(self, tls: dict[str, Any]) -> None:
+        ports: dict[str, set[int]] = {}
+        for key, opened in self.open.items():
+            a, b = key.split("--")
+            ports.setdefault(a, set()).add(opened.spec[1][0])
+            ports.setdefault(b, set()).add(opened.spec[1][1])
+        sites = {str(k): str(v) for k, v in (tls.get("sites") or {}).items()}
+        if self.tls is not None:
+            self.tls.update(sites, ports)
+            return
+        stun = tls.get("stun")
+        if stun and self.stun is None:
+            responder = StunResponder(
+                list(stun["addresses"]),
+                int(stun.get("port", 3478)),
+                int(stun.get("alt_port", 3479)),
+            )
+            self.stun = StunStreams(responder, self.selector, self.stats)
+        self.tls = TlsClients(
+            tls["certificate"],
+            tls["key"],
+            sites,
+            ports,
+            self._from_tls,
+            on_other=self.stun.adopt if self.stun is not None else None,
+            log=self.log,
+        )
+        self.tls.register(self.selector)
+        for address in tls.get("listen") or []:
+            self.tls.listen(str(address), int(tls.get("port", 443)))
+
+    def _from_tls(self, site: str, port: int, payload: bytes) -> None:
+        entry = self.by_port.get(port)
+        if entry is None:
+            return
+        opened, side = entry
+        source = ("tls:" + site, port)
+        destination = opened.allocation.receive(side, source, payload, time.monotonic())
+        if destination is not None:
+            self._send(opened, 1 - side, payload, destination)
+
+    def _send(self, opened: _Open, out_side: int, datagram: bytes, destination: Address) -> None:
+        if destination[0].startswith("tls:"):
+            if self.tls is not None:
+                self.tls.send(destination[0][4:], destination[1], datagram)  # drops counted
+            return
+        try:
+            opened.sockets[out_side].sendto(datagram, destination)
+        except OSError:
+            opened.allocation.counters["dropped_send_error"] += 1
 
     def _open(self, key: str, spec: tuple[str, tuple[int, int], tuple[str, str]]) -> None:
         address, ports, keys = spec
@@ -189,10 +268,20 @@ class RelayServer:
                 if self._reload:
                     self._reload = False
                     self.reload()
-                for key, _ in self.selector.select(timeout=1.0):
-                    opened, side = key.data
-                    self._drain(opened, side)
+                for key, mask in self.selector.select(timeout=1.0):
+                    if self.tls is not None and self.tls.owns(key):
+                        self.tls.handle(key, mask)
+                    elif isinstance(key.data, StunTcpClient):
+                        if self.stun is not None:
+                            self.stun.read(key.data)
+                    else:
+                        opened, side = key.data
+                        self._drain(opened, side)
                 now = time.monotonic()
+                if self.tls is not None:
+                    self.tls.close_idle(now)
+                if self.stun is not None:
+                    self.stun.close_idle()
                 if now >= next_save:
                     next_save = now + 1.0
                     counts = {k: sum(o.allocation.counters.values()) for k, o in self.open.items()}
@@ -203,6 +292,10 @@ class RelayServer:
             self.save()
             for key in list(self.open):
                 self._close(key)
+            if self.tls is not None:
+                self.tls.close()
+            if self.stun is not None:
+                self.stun.close_all()
 
     def _drain(self, opened: _Open, side: int) -> None:
         sock, out = opened.sockets[side], opened.sockets[1 - side]
@@ -215,11 +308,15 @@ class RelayServer:
             except OSError:
                 continue  # an ICMP error queued on the socket: nothing to forward
             destination: Address | None = receive(side, source[:2], datagram, time.monotonic())
-            if destination is not None:
-                try:
-                    out.sendto(datagram, destination)
-                except OSError:
-                    opened.allocation.counters["dropped_send_error"] += 1
+            if destination is None:
+                continue
+            if destination[0].startswith("tls:"):
+                self._send(opened, 1 - side, datagram, destination)
+                continue
+            try:
+                out.sendto(datagram, destination)
+            except OSError:
+                opened.allocation.counters["dropped_send_error"] += 1
 
 
 def _spec_json(spec: tuple[str, tuple[int, int], tuple[str, str]]) -> list[Any]:
