@@ -44,7 +44,7 @@ options:
     type: bool
     default: false
 notes:
-  - Runs as root (C(become=true)): the key is root's.
+  - Runs as root (C(become) true), since the key is root's.
   - Needs only Python's standard library on the target.
 """
 
