@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import time
 
 import pytest
@@ -187,3 +188,40 @@ def test_the_udp_blocked_site_reaches_its_peers_through_its_sidecar_and_tls():
     assert host("blocked").service("meshwright-sidecar").is_running
     # blocked -> relay over TLS, relay -> hard2 over UDP: the two relay kinds meet.
     assert ping_loss("blocked-lan1", lan_address("hard2")) == 0
+
+
+@pytest.mark.parametrize(
+    ("node", "unit", "capabilities"),
+    [
+        ("relay1", "meshwright-relay", "cap_net_bind_service"),
+        ("relay1", "meshwright-stun", ""),
+        ("blocked", "meshwright-sidecar", ""),
+    ],
+)
+def test_services_run_hardened_under_their_own_user(node, unit, capabilities):
+    shown = host(node).check_output(
+        f"systemctl show {unit} -p User -p CapabilityBoundingSet -p ProtectSystem"
+        " -p NoNewPrivileges -p MainPID"
+    )
+    fields = dict(line.split("=", 1) for line in shown.splitlines())
+    assert fields["User"] == "meshwright"
+    assert fields["CapabilityBoundingSet"] == capabilities
+    assert (fields["ProtectSystem"], fields["NoNewPrivileges"]) == ("strict", "yes")
+    owner = host(node).check_output(f"ps -o user= -p {fields['MainPID']}")
+    assert owner.strip().startswith("meshwri")  # ps cuts long names
+
+
+def test_the_relay_firewall_lets_in_only_its_ports():
+    rules = host(RELAY).check_output("nft list chain inet meshwright_relay input")
+    assert "policy drop;" in rules
+    accepted = re.findall(r"(udp|tcp) dport (.+?) accept", rules)
+    assert sorted(accepted) == sorted(
+        [
+            ("udp", "{ 3478, 3479 }"),
+            ("tcp", "443"),
+            ("udp", "40000-59999"),
+            ("udp", "51820"),
+            ("udp", "7"),  # the lab's echo service, which its NAT tests use
+            ("tcp", "7"),
+        ]
+    ), rules
