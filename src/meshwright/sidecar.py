@@ -62,12 +62,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meshwright.relay.stream import PEER_CLOSED, FramedStream, Frames, tune
 from meshwright.relay.tcp import (
     KEEPALIVE,
     KEEPALIVE_INTERVAL,
     KEEPALIVE_PORT,
     MAX_PAYLOAD,
-    FrameDecoder,
     FrameError,
     fingerprint,
     normalize_fingerprint,
@@ -82,8 +82,6 @@ SILENT_TIMEOUT = 3 * KEEPALIVE_INTERVAL  # the relay answers every keepalive
 MAX_BUFFER = 256 * 1024
 LOG_INTERVAL = 60.0
 _BATCH = 256  # datagrams or reads per wake-up, so one busy peer cannot starve the others
-_READ_SIZE = 16 * 1024 + 256
-_WRITE_CHUNK = 64 * 1024
 _FRAME_HEADER = struct.Struct(">HH")
 
 _IDLE, _CONNECTING, _HANDSHAKE, _OPEN = "idle", "connecting", "handshake", "open"
@@ -203,17 +201,6 @@ def client_context(certificate: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
-def _tune(sock: socket.socket) -> None:
-    """Small frames must not wait for Nagle; a dead path must eventually be noticed."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if hasattr(socket, "TCP_KEEPIDLE"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
-
-
 class _Peer:
     """The selector data of one peer's local UDP socket."""
 
@@ -223,43 +210,31 @@ class _Peer:
         self.spec, self.sock = spec, sock
 
 
-class _Link:
+class _Link(FramedStream):
     """The selector data of the connection to one relay, and its reconnect state."""
 
     __slots__ = (
         "answered",
         "backoff",
-        "decoder",
-        "events",
         "last_keepalive",
         "last_received",
         "next_attempt",
-        "out",
-        "read_wants_write",
-        "retry",
-        "sock",
         "spec",
         "started",
         "state",
-        "wants_write",
     )
 
     def __init__(self, spec: RelaySpec, now: float) -> None:
+        super().__init__()
         self.spec = spec
         self.state = _IDLE
-        self.sock: socket.socket | None = None
         self.backoff = MIN_BACKOFF
         self.next_attempt = now
         self.reset(now)
 
     def reset(self, now: float) -> None:
         """The per-connection state, fresh."""
-        self.decoder = FrameDecoder()
-        self.out = bytearray()
-        self.retry = 0  # OpenSSL wants a write that hit WANT_WRITE repeated with this length
-        self.events = 0
-        self.wants_write = False
-        self.read_wants_write = False
+        self.reset_stream()
         self.answered = False  # the relay sent a frame on this connection
         self.started = now
         self.last_received = now
@@ -540,7 +515,7 @@ class Sidecar:
         link.sock = sock
         try:
             sock.setblocking(False)
-            _tune(sock)
+            tune(sock, keepalive_idle=30)
             code = sock.connect_ex(address)
             if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
                 raise OSError(code, errno.errorcode.get(code, str(code)))
@@ -575,40 +550,24 @@ class Sidecar:
         if code:
             self._fail(link, "connect_failed", errno.errorcode.get(code, str(code)))
             return
-        # wrap_socket detaches the plain socket (its fileno() becomes -1): unregister it first.
-        self.selector.unregister(sock)
-        link.events = 0
-        try:
-            wrapped = self._context.wrap_socket(
-                sock, server_side=False, do_handshake_on_connect=False
-            )
-        except (OSError, ssl.SSLError) as exc:
-            sock.close()
-            link.sock = None
-            self._fail(link, "handshake_failed", str(exc))
+        error = link.start_tls(self.selector, self._context, server_side=False)
+        if error is not None:
+            link.sock = None  # closed
+            self._fail(link, "handshake_failed", str(error))
             return
-        link.sock = wrapped
         link.state = _HANDSHAKE
-        self.selector.register(wrapped, _READ, link)
-        link.events = _READ
         self._handshake(link)
 
     def _handshake(self, link: _Link) -> None:
         sock: ssl.SSLSocket = link.sock  # type: ignore[assignment]
         try:
-            sock.do_handshake()
-        except ssl.SSLWantReadError:
-            link.wants_write = False
-            self._set_events(link)
-            return
-        except ssl.SSLWantWriteError:
-            link.wants_write = True
-            self._set_events(link)
-            return
+            done = link.handshake()
         except (ssl.SSLError, OSError) as exc:
             self._fail(link, "handshake_failed", str(exc))
             return
-        link.wants_write = False
+        if not done:
+            self._set_events(link)
+            return
         der = sock.getpeercert(binary_form=True)
         presented = fingerprint(der) if der else "none"
         if presented != link.spec.fingerprint:
@@ -629,43 +588,26 @@ class Sidecar:
             self._read(link)
 
     def _read(self, link: _Link) -> None:
-        sock: ssl.SSLSocket = link.sock  # type: ignore[assignment]
-        link.read_wants_write = False
-        reads = 0
-        while True:
-            try:
-                data = sock.recv(_READ_SIZE)
-            except ssl.SSLWantReadError:
-                break
-            except ssl.SSLWantWriteError:
-                link.read_wants_write = True
-                break
-            except ssl.SSLZeroReturnError:
-                self._fail(link, "relay_closed")
-                return
-            except (ssl.SSLError, OSError) as exc:
-                # Also how a relay that refused our certificate shows up under TLS 1.3.
-                self._fail(link, "read_error", str(exc))
-                return
-            if not data:
-                self._fail(link, "relay_closed")
-                return
-            link.last_received = self.clock()
-            try:
-                frames = link.decoder.feed(data)
-            except FrameError as exc:
-                self._to_wireguard(link, exc.frames)
-                self._fail(link, "frame_error", str(exc))
-                return
-            if frames and not link.answered:
-                link.answered = True
-                link.backoff = MIN_BACKOFF  # the relay accepted us: the next loss retries fast
-            self._to_wireguard(link, frames)
-            reads += 1
-            # Plaintext already decrypted inside OpenSSL raises no readiness event: drain it.
-            if reads >= _BATCH and not sock.pending():
-                break
-        self._set_events(link)
+        ended = link.receive(_BATCH, self._heard, self._from_relay)
+        if ended is None:
+            self._set_events(link)
+            return
+        reason, error = ended
+        if isinstance(error, FrameError):
+            self._to_wireguard(link, error.frames)  # the good frames before the bad one
+        # A read error is also how a relay that refused our certificate shows up under TLS 1.3.
+        detail = "" if error is None else str(error)
+        self._fail(link, "relay_closed" if reason == PEER_CLOSED else reason, detail)
+
+    def _heard(self, link: _Link, size: int) -> None:
+        link.last_received = self.clock()
+
+    def _from_relay(self, link: _Link, frames: Frames) -> bool:
+        if frames and not link.answered:
+            link.answered = True
+            link.backoff = MIN_BACKOFF  # the relay accepted us: the next loss retries fast
+        self._to_wireguard(link, frames)
+        return True
 
     def _queue(self, link: _Link, frame: bytes) -> bool:
         if len(link.out) + len(frame) > MAX_BUFFER:
@@ -678,36 +620,14 @@ class Sidecar:
         return True
 
     def _flush(self, link: _Link) -> None:
-        sock = link.sock
-        out = link.out
-        while out and sock is not None:
-            size = link.retry or min(len(out), _WRITE_CHUNK)
-            view = memoryview(out)
-            chunk = view[:size]
-            try:
-                sent = sock.send(chunk)
-            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
-                link.retry = size
-                break
-            except (ssl.SSLError, OSError) as exc:
-                self._fail(link, "write_error", str(exc))
-                return
-            finally:
-                chunk.release()
-                view.release()
-            link.retry = 0
-            del out[:sent]  # O(1): bytearray deletes from the front by moving its start
-        self._set_events(link)
+        """Write what is queued (on an open link) and watch for what is still to do."""
+        error = link.flush(self.selector)
+        if error is not None:
+            self._fail(link, "write_error", str(error))
 
     def _set_events(self, link: _Link) -> None:
-        if link.sock is None or link.state not in (_HANDSHAKE, _OPEN):
-            return
-        wanted = _READ
-        if link.out or link.wants_write or link.read_wants_write:
-            wanted |= _WRITE
-        if wanted != link.events:
-            self.selector.modify(link.sock, wanted, link)
-            link.events = wanted
+        if link.sock is not None and link.state in (_HANDSHAKE, _OPEN):
+            link.watch(self.selector)
 
     def _fail(self, link: _Link, reason: str, detail: str = "") -> None:
         """Close the connection and schedule the next attempt, backing off."""

@@ -7,7 +7,6 @@ are plain blocking TLS clients here (the sidecar has its own tests).
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import datetime
 import hashlib
@@ -15,16 +14,11 @@ import itertools
 import os
 import queue
 import random
-import selectors
 import socket
 import ssl
 import struct
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tls_harness import DEADLINE, Cert, RelayLoop, make_cert, save_cert, wait_for
 
 from meshwright.relay.tcp import (
     KEEPALIVE,
@@ -48,7 +43,7 @@ from meshwright.relay.tcp import (
     looks_like_tls,
     normalize_fingerprint,
 )
-from meshwright.relay.tls import TlsClients, site_fingerprints
+from meshwright.relay.tls import site_fingerprints
 
 # --- framing ----------------------------------------------------------------------------------
 
@@ -196,65 +191,12 @@ def test_fingerprint_and_its_normal_form():
 # --- certificates -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Cert:
-    pem: str
-    certificate: Path
-    key: Path
-    pin: str
-
-
-def make_cert(directory: Path, name: str, *, client: bool = True) -> Cert:
-    """A self-signed EC P-256 certificate shaped as the relay's TLS service documents."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"meshwright {name}")])
-    now = datetime.datetime.now(datetime.UTC)
-    usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    pem = certificate.public_bytes(serialization.Encoding.PEM)
-    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
-    cert_path.write_bytes(pem)
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    der = certificate.public_bytes(serialization.Encoding.DER)
-    return Cert(pem.decode(), cert_path, key_path, fingerprint(der))
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Cert]:
     directory = tmp_path_factory.mktemp("certs")
     names = ("relay", "alpha", "beta", "stranger")
-    return {n: make_cert(directory, n, client=n != "relay") for n in names}
+    client, server = ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH
+    return {n: make_cert(directory, n, usages=[server if n == "relay" else client]) for n in names}
 
 
 def test_site_fingerprints_maps_every_certificate_and_refuses_shared_ones(certs):
@@ -271,119 +213,6 @@ def test_site_fingerprints_maps_every_certificate_and_refuses_shared_ones(certs)
 
 
 # --- the relay's TLS service on loopback --------------------------------------------------------
-
-DEADLINE = 5.0
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = DEADLINE) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        time.sleep(0.005)
-
-
-class RelayLoop:
-    """TlsClients in a selectors loop of its own thread, standing in for RelayServer.
-
-    Each allocation port also has a UDP socket for "the other side": frames from a site are
-    sent from it to ``forward_to``, and datagrams that arrive on it go back to the port's site
-    over TLS, the way RelayServer forwards between an allocation's two ports.
-    """
-
-    def __init__(
-        self,
-        relay: Cert,
-        sites: dict[str, Cert],
-        ports: dict[str, set[int]],
-        on_other: Callable[[socket.socket, bytes], None] | None = None,
-        **options: Any,
-    ) -> None:
-        self.selector = selectors.DefaultSelector()
-        self.datagrams: list[tuple[str, int, bytes]] = []
-        self.log: list[str] = []
-        self.forward_to: tuple[str, int] | None = None
-        self.owner = {port: site for site, site_ports in ports.items() for port in site_ports}
-        self.clients = TlsClients(
-            relay.certificate,
-            relay.key,
-            {name: cert.pem for name, cert in sites.items()},
-            ports,
-            self._on_datagram,
-            on_other,
-            log=self.log.append,
-            **options,
-        )
-        self.clients.register(self.selector)
-        self.listener = self.clients.listen("127.0.0.1", 0)
-        self.address: tuple[str, int] = self.listener.getsockname()[:2]
-        self.udp: dict[int, socket.socket] = {}
-        for port in self.owner:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.bind(("127.0.0.1", 0))
-            sock.setblocking(False)
-            self.selector.register(sock, selectors.EVENT_READ, ("udp", port))
-            self.udp[port] = sock
-        self._wake_read, self._wake_write = socket.socketpair()
-        self._wake_read.setblocking(False)
-        self.selector.register(self._wake_read, selectors.EVENT_READ, "wake")
-        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future]] = (
-            queue.SimpleQueue()
-        )
-        self._stopping = False
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _on_datagram(self, site: str, port: int, payload: bytes) -> None:
-        self.datagrams.append((site, port, payload))
-        if self.forward_to is not None:
-            self.udp[port].sendto(payload, self.forward_to)
-
-    def _run(self) -> None:
-        while not self._stopping:
-            for key, mask in self.selector.select(0.05):
-                if self.clients.owns(key):
-                    self.clients.handle(key, mask)
-                elif key.data == "wake":
-                    with contextlib.suppress(OSError):
-                        self._wake_read.recv(4096)
-                    while not self._calls.empty():
-                        function, future = self._calls.get()
-                        try:
-                            future.set_result(function())
-                        except Exception as exc:
-                            future.set_exception(exc)
-                else:
-                    port = key.data[1]
-                    with contextlib.suppress(BlockingIOError):
-                        while True:
-                            data, _ = self.udp[port].recvfrom(65535)
-                            self.clients.send(self.owner[port], port, data)
-            self.clients.close_idle()
-        self.clients.close()
-
-    def call(self, function: Callable[[], Any]) -> Any:
-        """Run ``function`` in the loop's thread (TlsClients is not thread-safe)."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._calls.put((function, future))
-        self._wake_write.send(b"\0")
-        return future.result(DEADLINE)
-
-    def counters(self) -> Counter[str]:
-        return self.call(lambda: Counter(self.clients.counters))
-
-    def stop(self) -> None:
-        self._stopping = True
-        with contextlib.suppress(OSError):
-            self._wake_write.send(b"\0")
-        self.thread.join(DEADLINE)
-        assert not self.thread.is_alive()
-        for sock in (*self.udp.values(), self._wake_read, self._wake_write):
-            sock.close()
-        self.selector.close()
 
 
 @pytest.fixture
@@ -498,15 +327,7 @@ def test_a_certificate_signed_by_a_site_key_is_not_that_site(relay_loop, certs, 
         .not_valid_after(now + datetime.timedelta(days=1))
         .sign(alpha_key, hashes.SHA256())  # type: ignore[arg-type]
     )
-    (tmp_path / "child.crt").write_bytes(child.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "child.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    cert = Cert("", tmp_path / "child.crt", tmp_path / "child.key", "")
+    cert = save_cert(tmp_path, "child", child, key)
     relay = relay_loop()
     with tls_client(relay.address, cert) as impostor:
         try_send(impostor, encode(40000, b"as alpha"))

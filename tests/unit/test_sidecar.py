@@ -7,12 +7,8 @@ port for "the other site"), "WireGuard" is a UDP socket the test owns.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import datetime
 import json
-import queue
-import selectors
 import signal
 import socket
 import ssl
@@ -27,168 +23,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from tls_harness import DEADLINE, HOST, Cert, RelayLoop, make_cert, wait_for
 
 from meshwright.relay.tcp import KEEPALIVE, FrameDecoder, encode, fingerprint
-from meshwright.relay.tls import TlsClients
 from meshwright.sidecar import ConfigError, Sidecar, main, parse_config
 
-HOST = "127.0.0.1"
-DEADLINE = 5.0
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = DEADLINE) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        time.sleep(0.005)
-
-
 # --- certificates -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Cert:
-    pem: str
-    certificate: Path
-    key: Path
-    pin: str
-
-
-def make_cert(directory: Path, name: str) -> Cert:
-    """Self-signed EC P-256, CA:TRUE: what the relay's TLS service documents for sites."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"meshwright {name}")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    pem = certificate.public_bytes(serialization.Encoding.PEM)
-    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
-    cert_path.write_bytes(pem)
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    der = certificate.public_bytes(serialization.Encoding.DER)
-    return Cert(pem.decode(), cert_path, key_path, fingerprint(der))
 
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Cert]:
     directory = tmp_path_factory.mktemp("certs")
-    return {n: make_cert(directory, n) for n in ("relay", "blk", "stranger", "impostor")}
+    # One shape for the relay's and the sites': both usages, and no keyUsage (optional).
+    usages = [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
+    names = ("relay", "blk", "stranger", "impostor")
+    return {n: make_cert(directory, n, usages=usages, key_usage=False) for n in names}
 
 
 # --- the relay side ---------------------------------------------------------------------------
-
-
-class RelayLoop:
-    """TlsClients in a selectors loop of its own thread. Frames from a site go out of the
-    allocation port's UDP socket to ``forward_to``; datagrams to that socket go back to the
-    site over TLS: the way RelayServer forwards between an allocation's two ports."""
-
-    def __init__(self, relay: Cert, sites: dict[str, Cert], ports: dict[str, set[int]]) -> None:
-        self.selector = selectors.DefaultSelector()
-        self.datagrams: list[tuple[str, int, bytes]] = []
-        self.forward_to: tuple[str, int] | None = None
-        self.owner = {port: site for site, site_ports in ports.items() for port in site_ports}
-        self.clients = TlsClients(
-            relay.certificate,
-            relay.key,
-            {name: cert.pem for name, cert in sites.items()},
-            ports,
-            self._on_datagram,
-        )
-        self.clients.register(self.selector)
-        self.listener = self.clients.listen(HOST, 0)
-        self.address: tuple[str, int] = self.listener.getsockname()[:2]
-        self.udp: dict[int, socket.socket] = {}
-        for port in self.owner:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.bind((HOST, 0))
-            sock.setblocking(False)
-            self.selector.register(sock, selectors.EVENT_READ, ("udp", port))
-            self.udp[port] = sock
-        self._wake_read, self._wake_write = socket.socketpair()
-        self._wake_read.setblocking(False)
-        self.selector.register(self._wake_read, selectors.EVENT_READ, "wake")
-        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future]] = (
-            queue.SimpleQueue()
-        )
-        self._stopping = False
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _on_datagram(self, site: str, port: int, payload: bytes) -> None:
-        self.datagrams.append((site, port, payload))
-        if self.forward_to is not None:
-            self.udp[port].sendto(payload, self.forward_to)
-
-    def _run(self) -> None:
-        while not self._stopping:
-            for key, mask in self.selector.select(0.05):
-                if self.clients.owns(key):
-                    self.clients.handle(key, mask)
-                elif key.data == "wake":
-                    with contextlib.suppress(OSError):
-                        self._wake_read.recv(4096)
-                    while not self._calls.empty():
-                        function, future = self._calls.get()
-                        try:
-                            future.set_result(function())
-                        except Exception as exc:
-                            future.set_exception(exc)
-                else:
-                    port = key.data[1]
-                    with contextlib.suppress(BlockingIOError):
-                        while True:
-                            data, _ = self.udp[port].recvfrom(65535)
-                            self.clients.send(self.owner[port], port, data)
-            self.clients.close_idle()
-        self.clients.close()
-
-    def call(self, function: Callable[[], Any]) -> Any:
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._calls.put((function, future))
-        self._wake_write.send(b"\0")
-        return future.result(DEADLINE)
-
-    def counters(self) -> Counter[str]:
-        return self.call(lambda: Counter(self.clients.counters))
-
-    def stop(self) -> None:
-        self._stopping = True
-        with contextlib.suppress(OSError):
-            self._wake_write.send(b"\0")
-        self.thread.join(DEADLINE)
-        for sock in (*self.udp.values(), self._wake_read, self._wake_write):
-            sock.close()
-        self.selector.close()
 
 
 def free_udp_port() -> int:

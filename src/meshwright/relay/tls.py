@@ -59,15 +59,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 
-from .tcp import (
-    KEEPALIVE,
-    KEEPALIVE_PORT,
-    MAX_PAYLOAD,
-    FrameDecoder,
-    FrameError,
-    could_be_tls,
-    fingerprint,
-)
+from .stream import FramedStream, Frames, tune
+from .tcp import KEEPALIVE, KEEPALIVE_PORT, MAX_PAYLOAD, FrameError, could_be_tls, fingerprint
 
 __all__ = ["DEFAULT_IDLE_TIMEOUT", "TlsClients", "server_context", "site_fingerprints"]
 
@@ -76,9 +69,7 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_MAX_BUFFER = 512 * 1024
 DEFAULT_MAX_CONNECTIONS = 1024
 _ACCEPT_BATCH = 64
-_READ_SIZE = 16 * 1024 + 256  # one TLS record's plaintext, with room to spare
 _READ_BUDGET = 64  # reads per wake-up, so one busy site cannot starve the others
-_WRITE_CHUNK = 64 * 1024
 _FIRST_BYTES = 2048  # handed to on_other: as much as a STUN-over-TCP message may need
 _PEM_CERTIFICATE = re.compile(
     r"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+-----END CERTIFICATE-----"
@@ -102,41 +93,21 @@ class _Listener:
         self.sock = sock
 
 
-class _Connection:
+class _Connection(FramedStream):
     """The selector data of one client connection."""
 
-    __slots__ = (
-        "closed",
-        "created",
-        "decoder",
-        "events",
-        "fingerprint",
-        "last_seen",
-        "out",
-        "peer",
-        "read_wants_write",
-        "retry",
-        "site",
-        "sock",
-        "state",
-        "wants_write",
-    )
+    __slots__ = ("closed", "created", "fingerprint", "last_seen", "peer", "site", "state")
+
+    sock: socket.socket
 
     def __init__(self, sock: socket.socket, peer: object, now: float) -> None:
-        self.sock: socket.socket = sock
+        super().__init__(sock)
         self.peer = peer
         self.state = _SNIFF
         self.created = now
         self.last_seen = now
         self.site: str | None = None
         self.fingerprint: str | None = None
-        self.decoder = FrameDecoder()
-        self.out = bytearray()
-        # OpenSSL wants a write that failed with WANT_WRITE repeated with the same length.
-        self.retry = 0
-        self.events = 0
-        self.wants_write = False  # the handshake waits for writability
-        self.read_wants_write = False  # a read waits for writability (a TLS 1.3 key update)
         self.closed = False
 
 
@@ -187,17 +158,6 @@ def server_context(
         except ssl.SSLError as exc:
             raise ValueError(f"a site certificate is unusable: {exc}") from None
     return context
-
-
-def _tune(sock: socket.socket) -> None:
-    """Small frames must not wait for Nagle; dead peers must eventually be noticed."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if hasattr(socket, "TCP_KEEPIDLE"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
 
 
 class TlsClients:
@@ -360,7 +320,7 @@ class TlsClients:
             return
         try:
             sock.setblocking(False)
-            _tune(sock)
+            tune(sock, keepalive_idle=60)
             connection = _Connection(sock, peer, self.clock())
             self._selector().register(sock, _READ, connection)
         except (OSError, ValueError):
@@ -435,36 +395,13 @@ class TlsClients:
         return True
 
     def _flush(self, connection: _Connection) -> None:
-        out = connection.out
-        sock = connection.sock
-        while out:
-            size = connection.retry or min(len(out), _WRITE_CHUNK)
-            view = memoryview(out)
-            chunk = view[:size]
-            try:
-                sent = sock.send(chunk)
-            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
-                connection.retry = size
-                break
-            except (ssl.SSLError, OSError):
-                self._close(connection, "write_error")
-                return
-            finally:
-                chunk.release()
-                view.release()
-            connection.retry = 0
-            del out[:sent]  # O(1): bytearray deletes from the front by moving its start
-        self._set_events(connection)
+        """Write what is queued (on an open connection) and watch for what is still to do."""
+        if connection.flush(self.selector) is not None:  # type: ignore[arg-type]
+            self._close(connection, "write_error")
 
     def _set_events(self, connection: _Connection) -> None:
-        if connection.closed:
-            return
-        wanted = _READ
-        if connection.out or connection.wants_write or connection.read_wants_write:
-            wanted |= _WRITE
-        if wanted != connection.events:
-            self._selector().modify(connection.sock, wanted, connection)
-            connection.events = wanted
+        if not connection.closed:
+            connection.watch(self.selector)  # type: ignore[arg-type]  # registered: not None
 
     # --- the connection's stages ----------------------------------------------------------
 
@@ -510,36 +447,16 @@ class TlsClients:
             sock.close()
 
     def _start_tls(self, connection: _Connection) -> None:
-        selector = self._selector()
-        # wrap_socket detaches the plain socket (its fileno() becomes -1): unregister it first.
-        selector.unregister(connection.sock)
-        connection.events = 0
-        try:
-            wrapped = self._context.wrap_socket(
-                connection.sock, server_side=True, do_handshake_on_connect=False
-            )
-        except (ssl.SSLError, OSError):
-            connection.sock.close()
-            self._forget(connection, "handshake_failed")
+        if connection.start_tls(self._selector(), self._context, server_side=True) is not None:
+            self._forget(connection, "handshake_failed")  # its plain socket is closed
             return
-        connection.sock = wrapped
         connection.state = _HANDSHAKE
-        selector.register(wrapped, _READ, connection)
-        connection.events = _READ
         self._handshake(connection)
 
     def _handshake(self, connection: _Connection) -> None:
         sock: ssl.SSLSocket = connection.sock  # type: ignore[assignment]
         try:
-            sock.do_handshake()
-        except ssl.SSLWantReadError:
-            connection.wants_write = False
-            self._set_events(connection)
-            return
-        except ssl.SSLWantWriteError:
-            connection.wants_write = True
-            self._set_events(connection)
-            return
+            done = connection.handshake()
         except ssl.SSLCertVerificationError:
             self._close(connection, "certificate_rejected")
             return
@@ -550,7 +467,9 @@ class TlsClients:
         except OSError:
             self._close(connection, "handshake_failed")
             return
-        connection.wants_write = False
+        if not done:
+            self._set_events(connection)
+            return
         der = sock.getpeercert(binary_form=True)
         pin = fingerprint(der) if der else ""
         site = self._sites.get(pin)
@@ -570,47 +489,24 @@ class TlsClients:
         self._read(connection)
 
     def _read(self, connection: _Connection) -> None:
-        sock: ssl.SSLSocket = connection.sock  # type: ignore[assignment]
-        connection.read_wants_write = False
-        reads = 0
-        while True:
-            try:
-                data = sock.recv(_READ_SIZE)
-            except ssl.SSLWantReadError:
-                break
-            except ssl.SSLWantWriteError:
-                connection.read_wants_write = True
-                break
-            except ssl.SSLZeroReturnError:
-                self._close(connection, "peer_closed")
-                return
-            except (ssl.SSLError, OSError):
-                self._close(connection, "read_error")
-                return
-            if not data:
-                self._close(connection, "peer_closed")
-                return
-            connection.last_seen = self.clock()
-            self.counters["bytes_in"] += len(data)
-            try:
-                frames = connection.decoder.feed(data)
-            except FrameError as exc:
-                self._deliver(connection, exc.frames)
-                self._close(connection, "frame_error")
-                return
-            self._deliver(connection, frames)
-            if connection.closed:
-                return
-            reads += 1
-            # Plaintext already decrypted inside OpenSSL raises no readiness event: drain it.
-            if reads >= _READ_BUDGET and not sock.pending():
-                break
-        self._set_events(connection)
+        ended = connection.receive(_READ_BUDGET, self._received, self._deliver)
+        if ended is None:
+            self._set_events(connection)
+            return
+        reason, error = ended  # "peer_closed", "read_error" or "frame_error"
+        if isinstance(error, FrameError):
+            self._deliver(connection, error.frames)  # the good frames before the bad one
+        self._close(connection, reason)
 
-    def _deliver(self, connection: _Connection, frames: list[tuple[int, bytes]]) -> None:
+    def _received(self, connection: _Connection, size: int) -> None:
+        connection.last_seen = self.clock()
+        self.counters["bytes_in"] += size
+
+    def _deliver(self, connection: _Connection, frames: Frames) -> bool:
+        """Hand a site's frames on; whether its connection is still open."""
         site = connection.site
         if site is None:
-            return
+            return True
         allowed = self._ports.get(site, frozenset())
         on_datagram = self.on_datagram
         delivered = 0
@@ -631,6 +527,7 @@ class TlsClients:
             if connection.closed:
                 break
         self.counters["frames_in"] += delivered
+        return not connection.closed
 
     def _close(self, connection: _Connection, reason: str) -> None:
         if connection.closed:
