@@ -32,8 +32,9 @@ def relay_state() -> dict:
     return json.loads(text)["allocations"]["hard1--hard2"]
 
 
-def udp_payloads(pcap: bytes) -> list[bytes]:
-    """UDP payloads of a classic pcap file of Ethernet or Linux-cooked IPv4 frames."""
+def udp_payloads(pcap: bytes) -> list[tuple[int, bytes]]:
+    """(destination port, UDP payload) of a classic pcap file of Ethernet or Linux-cooked
+    IPv4 frames."""
     link = int.from_bytes(pcap[20:24], "little")
     offset, payloads = 24, []
     header = {1: 14, 113: 16, 276: 20}[link]
@@ -44,7 +45,7 @@ def udp_payloads(pcap: bytes) -> list[bytes]:
         ip = frame[header:]
         if len(ip) >= 28 and ip[9] == 17:
             ihl = (ip[0] & 15) * 4
-            payloads.append(ip[ihl + 8 :])
+            payloads.append((int.from_bytes(ip[ihl + 2 : ihl + 4], "big"), ip[ihl + 8 :]))
     return payloads
 
 
@@ -90,7 +91,7 @@ def test_the_relay_sees_only_wireguard_messages():
     host("hard1-lan1").run(f"ping -c 5 -i 0.2 -W 2 -p 6d657368777269676874 {lan_address('hard2')}")
     time.sleep(1.5)
     raw = base64.b64decode(host(RELAY).check_output(f"base64 -w0 {CAPTURE}"))
-    payloads = udp_payloads(raw)
+    payloads = [payload for _, payload in udp_payloads(raw)]
     assert len(payloads) >= 10
     for payload in payloads:
         assert payload[0] in (1, 2, 3, 4) and payload[1:4] == b"\0\0\0", payload[:8].hex()
@@ -111,13 +112,14 @@ def _send_from(sender: str, payloads: list[bytes], port: int) -> None:
 
 
 def test_garbage_bad_mac1_and_a_replayed_handshake_are_dropped_and_move_nothing():
-    initiation = _captured_initiation()
+    port, initiation = _captured_initiation()
     forged = bytearray(initiation)
     forged[120] ^= 1  # inside mac1
     garbage = [os.urandom(n) for n in (1, 40, 148, 92, 300)]
     before = relay_state()
     for sender in ("public", "easy2"):  # other addresses than the handshake's own
-        _send_from(sender, [*garbage, bytes(forged), initiation], PORTS["hard1"])
+        # The replay goes where it was captured: its mac1 is for the other side's key.
+        _send_from(sender, [*garbage, bytes(forged), initiation], port)
     assert relay_state_after(
         lambda s: (
             sum(v for k, v in s["counters"].items() if k.startswith("dropped_"))
@@ -136,15 +138,15 @@ def test_garbage_bad_mac1_and_a_replayed_handshake_are_dropped_and_move_nothing(
     assert ping_loss("hard1-lan1", lan_address("hard2")) == 0
 
 
-def _captured_initiation(seconds: float = 150.0) -> bytes:
+def _captured_initiation(seconds: float = 150.0) -> tuple[int, bytes]:
     """A real handshake initiation from hard1 or hard2, from the relay's capture (WireGuard
     rekeys every two minutes, so one comes within that)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         raw = base64.b64decode(host(RELAY).check_output(f"base64 -w0 {CAPTURE}"))
-        for payload in udp_payloads(raw):
-            if payload[0] == 1 and len(payload) == 148:
-                return payload
+        for port, payload in udp_payloads(raw):
+            if payload[0] == 1 and len(payload) == 148 and port in PORTS.values():
+                return port, payload
         time.sleep(3)
     raise AssertionError(f"no handshake initiation on the relay in {seconds:.0f} s")
 
