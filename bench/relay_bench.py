@@ -517,16 +517,20 @@ def bench(args: argparse.Namespace) -> int:
     kinds = {site: wireguard_kind(site) for site in sites}
 
     kind_text = "; ".join(sorted({kind for kind, _ in kinds.values()}))
-    mtus = sorted({mtu for _, mtu in kinds.values()})
+    by_mtu: dict[int, list[str]] = {}
+    for site, (_, mtu) in kinds.items():
+        by_mtu.setdefault(mtu, []).append(site)
+    mtu_text = (
+        str(next(iter(by_mtu)))
+        if len(by_mtu) == 1
+        else "; ".join(f"{mtu} on {', '.join(names)}" for mtu, names in sorted(by_mtu.items()))
+    )
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print()
     print(
         f"machine: nproc {len(os.sched_getaffinity(0))}, load average {load}, {os.uname().release}"
     )
-    print(
-        f"WireGuard on {', '.join(sites)}: {kind_text}; {WG_INTERFACE} MTU "
-        f"{', '.join(map(str, mtus))}"
-    )
+    print(f"WireGuard on {', '.join(sites)}: {kind_text}; {WG_INTERFACE} MTU {mtu_text}")
     print(
         f"WAN latency: 0 ms, jitter 0, loss 0 ({TOPOLOGY}; no NFQUEUE delayer on any of the "
         f"{checked} internet-facing hosts)"

@@ -59,6 +59,12 @@ options:
     type: list
     elements: dict
     required: true
+  mtu:
+    description:
+      - The interface's MTU, set live when it differs. Unset, the MTU is left as it is.
+      - wg-quick otherwise derives it from the route to the peers' endpoints, which for a
+        sidecar's loopback endpoints would be far too large.
+    type: int
   preshared_keys:
     description: Give every peer a derived preshared key; false removes them.
     type: bool
@@ -290,6 +296,7 @@ class Interface:
             "public_key": None if public == "(none)" else public,
             "listen_port": port,
             "addresses": addresses,
+            "mtu": int(links[0].get("mtu", 0)) if links else 0,
             "peers": peers,
         }
 
@@ -375,6 +382,13 @@ def plan(name: str, live: dict, want: dict) -> list[tuple[str, list[str]]]:
                     ["wg", "set", name, "peer", key, *argv],
                 )
             )
+    if want.get("mtu") and live.get("mtu") != want["mtu"]:
+        steps.append(
+            (
+                f"set mtu {live.get('mtu')} -> {want['mtu']}",
+                ["ip", "link", "set", "dev", name, "mtu", str(want["mtu"])],
+            )
+        )
     for address in live["addresses"]:
         if address not in want["addresses"]:
             steps.append(
@@ -449,6 +463,7 @@ def main() -> None:
             "addresses": {"type": "list", "elements": "str", "required": True},
             "private_key_file": {"type": "path", "required": True},
             "peers": {"type": "list", "elements": "dict", "required": True},
+            "mtu": {"type": "int"},
             "preshared_keys": {"type": "bool", "default": False},
             "preshared_key_secret": {"type": "str", "default": "", "no_log": True},
             "preshared_key_dir": {"type": "path"},
@@ -484,6 +499,7 @@ def main() -> None:
             "private_key_file": params["private_key_file"],
             "listen_port": params["listen_port"],
             "addresses": addresses,
+            "mtu": params["mtu"],
             "peers": desired_peers([p for p in peers if p not in unknown], own_public),
         }
         psk_dir = params["preshared_key_dir"] or f"/etc/wireguard/{name}.psk"
