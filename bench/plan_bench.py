@@ -20,6 +20,8 @@ import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
+from report import table  # bench/report.py: the script's own directory is on sys.path
+
 from meshwright.plan import Mesh, Plan, PlanError, build_plan
 from meshwright.plan.synthetic import REALISTIC_MIX, synthetic_mesh
 
@@ -67,19 +69,6 @@ def peak_memory(mesh: Mesh) -> int:
 
 def all_sites(plan: Plan) -> int:
     return sum(len(site.routes) for site in plan.sites.values())
-
-
-def table(rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
-    lines = [
-        "  ".join(
-            c.rjust(w) if k else c.ljust(w)
-            for k, (c, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def main() -> int:

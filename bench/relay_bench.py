@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from report import table  # bench/report.py: the script's own directory is on sys.path
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"
 CONTAINERS_CONF = ROOT / "src" / "meshwright" / "lab" / "containers.conf"
@@ -469,19 +471,6 @@ def sidecar_log(host: str) -> str:
 
 
 # --- output ----------------------------------------------------------------------------------
-
-
-def table(rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
-    lines = [
-        "  ".join(
-            c.rjust(w) if k else c.ljust(w)
-            for k, (c, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def mbit(bits: list[float]) -> str:

@@ -298,7 +298,7 @@ class RelayServer:
                 self.stun.close_all()
 
     def _drain(self, opened: _Open, side: int) -> None:
-        sock, out = opened.sockets[side], opened.sockets[1 - side]
+        sock = opened.sockets[side]
         receive = opened.allocation.receive
         for _ in range(_BATCH):
             try:
@@ -308,15 +308,8 @@ class RelayServer:
             except OSError:
                 continue  # an ICMP error queued on the socket: nothing to forward
             destination: Address | None = receive(side, source[:2], datagram, time.monotonic())
-            if destination is None:
-                continue
-            if destination[0].startswith("tls:"):
+            if destination is not None:
                 self._send(opened, 1 - side, datagram, destination)
-                continue
-            try:
-                out.sendto(datagram, destination)
-            except OSError:
-                opened.allocation.counters["dropped_send_error"] += 1
 
 
 def _spec_json(spec: tuple[str, tuple[int, int], tuple[str, str]]) -> list[Any]:
