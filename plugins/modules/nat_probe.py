@@ -230,7 +230,7 @@ def main() -> None:
     )
     params = module.params
     try:
-        relays = [natprobe.RelaySpec.from_dict(r) for r in params["relays"]]
+        relays = [natprobe.StunRelay.from_dict(r) for r in params["relays"]]
         retransmission = natprobe.Retransmission(rto=params["rto_ms"] / 1000, rc=params["tries"])
     except ValueError as exc:
         module.fail_json(msg=f"invalid relays or timing: {exc}")

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from meshwright import node
+
 DEFAULT_TOPOLOGY = Path("inventory/lab/topology.yml")
 DEFAULT_INVENTORY = Path("inventory/lab/hosts.yml")
 
@@ -57,25 +59,11 @@ def _print_status(rows: list[dict]) -> None:
         )
 
 
-def _stun_server(argv: list[str]) -> int:
-    from meshwright import stun_server
-
-    return stun_server.main(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # The relay's services take their own arguments.
-    if argv[:1] == ["stun-server"]:
-        return _stun_server(argv[1:])
-    if argv[:1] == ["relay"]:
-        from meshwright.relay import server
-
-        return server.main(argv[1:])
-    if argv[:1] == ["sidecar"]:
-        from meshwright import sidecar
-
-        return sidecar.main(argv[1:])
+    # The node's services (relay, sidecar, STUN) take their own arguments.
+    if argv[:1] and argv[0] in node.COMMANDS:
+        return node.main(argv)
     parser = argparse.ArgumentParser(prog="meshwright", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     lab = sub.add_parser("lab", help="the multi-site NAT lab on podman")
@@ -98,9 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     lab.add_argument("--quiet", action="store_true", help="`up` prints no status table")
     lab.set_defaults(func=_lab)
     # Listed for --help; their own parser takes their arguments (see the dispatch above).
-    sub.add_parser("relay", help="a relay's forwarding service (WireGuard ciphertext, unread)")
-    sub.add_parser("sidecar", help="a UDP-blocked site's TLS carrier to its relays")
-    sub.add_parser("stun-server", help="the relays' STUN service (RFC 8489 and RFC 5780)")
+    for name, text in node.COMMANDS.items():
+        sub.add_parser(name, help=text)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,4 +1,4 @@
-"""Tests for meshwright.natprobe: classification on recorded observations, and the probe itself
+"""Tests for meshwright.site.nat: classification on recorded observations, and the probe itself
 against a tiny RFC 5780 responder on loopback. Traffic goes only to 127.0.0.0/8."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from dataclasses import replace
 
 import pytest
 
-from meshwright import natprobe, stun
-from meshwright.natprobe import (
+from meshwright.site.nat import probe as natprobe
+from meshwright.site.nat.classify import (
     ADDRESS_AND_PORT_DEPENDENT,
     ADDRESS_DEPENDENT,
     BLOCKED,
@@ -30,10 +30,10 @@ from meshwright.natprobe import (
     UNKNOWN,
     Binding,
     Observations,
-    RelaySpec,
-    Retransmission,
     classify,
 )
+from meshwright.site.nat.probe import Retransmission, StunRelay
+from meshwright.wire import stun
 
 Address = tuple[str, int]
 
@@ -395,15 +395,15 @@ def test_retransmission_schedules() -> None:
 
 
 def test_relay_spec() -> None:
-    spec = RelaySpec.from_dict({"name": "r", "addresses": ["198.51.100.1"], "alt_port": None})
-    assert spec == RelaySpec("r", ("198.51.100.1",), 3478, None)
-    assert RelaySpec.from_dict({"name": "r", "address": "h"}).addresses == ("h",)
+    spec = StunRelay.from_dict({"name": "r", "addresses": ["198.51.100.1"], "alt_port": None})
+    assert spec == StunRelay("r", ("198.51.100.1",), 3478, None)
+    assert StunRelay.from_dict({"name": "r", "address": "h"}).addresses == ("h",)
     with pytest.raises(ValueError):
-        RelaySpec("r", ())
+        StunRelay("r", ())
     with pytest.raises(ValueError):
-        RelaySpec("r", ("a", "b", "c"))
+        StunRelay("r", ("a", "b", "c"))
     with pytest.raises(ValueError):
-        RelaySpec("r", ("a",), port=70000)
+        StunRelay("r", ("a",), port=70000)
 
 
 # --- the probe on loopback, against an in-test RFC 5780 responder ------------------------------
@@ -486,8 +486,8 @@ class Responder:
         for sock in self.sockets.values():
             sock.close()
 
-    def spec(self, name: str, addresses: Sequence[str] | None = None) -> RelaySpec:
-        return RelaySpec(name, tuple(addresses or self.ips[:1]), self.port, self.alt_port)
+    def spec(self, name: str, addresses: Sequence[str] | None = None) -> StunRelay:
+        return StunRelay(name, tuple(addresses or self.ips[:1]), self.port, self.alt_port)
 
     def _serve(self) -> None:
         with selectors.DefaultSelector() as selector:
@@ -766,7 +766,7 @@ def test_probe_names_a_dead_relay_and_still_classifies() -> None:
     with Responder(["127.0.0.1"]) as alive:
         started = time.monotonic()
         report = natprobe.probe(
-            [alive.spec("alive"), RelaySpec("dead", ("127.0.0.3",), refused, None)],
+            [alive.spec("alive"), StunRelay("dead", ("127.0.0.3",), refused, None)],
             tcp_port=None,
             retransmission=FAST,
         )
@@ -788,8 +788,8 @@ def test_probe_with_no_answer_at_all_reports_every_address() -> None:
         started = time.monotonic()
         report = natprobe.probe(
             [
-                RelaySpec("silent", ("127.0.0.3",), quiet, None),
-                RelaySpec("refusing", ("127.0.0.3",), refused, None),
+                StunRelay("silent", ("127.0.0.3",), quiet, None),
+                StunRelay("refusing", ("127.0.0.3",), refused, None),
             ],
             tcp_port=tcp_refused,
             tcp_timeout=0.5,
@@ -817,7 +817,7 @@ def test_probe_with_no_answer_at_all_reports_every_address() -> None:
 def test_probe_falls_back_to_a_relays_second_address() -> None:
     with Responder(["127.0.0.1"]) as alive:
         # The dead first address listens nowhere on either port.
-        spec = RelaySpec("r", ("127.0.0.3", "127.0.0.1"), alive.port, alive.alt_port)
+        spec = StunRelay("r", ("127.0.0.3", "127.0.0.1"), alive.port, alive.alt_port)
         report = natprobe.probe([spec], tcp_port=None, retransmission=FAST)
     assert report.udp is True
     assert report.rtt_ms.keys() == {"r"}

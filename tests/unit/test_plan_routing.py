@@ -1,6 +1,6 @@
 """meshwright.plan routing: properties on random meshes, a reference Dijkstra, stability.
 
-The reference (meshwright.plan.reference) tests every pair with its own copy of the link rules
+The reference (plan_reference) tests every pair with its own copy of the link rules
 and runs a textbook Dijkstra per site with the same link weights; the planner must find exactly
 the same paths, whatever shortcuts it takes.
 """
@@ -13,9 +13,9 @@ from itertools import pairwise
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from plan_reference import reference_link, reference_paths
 
 from meshwright.plan import LINK_COST, LINK_KINDS, Mesh, Plan, Policy, Relay, Site, build_plan
-from meshwright.plan.reference import reference_link, reference_paths
 from meshwright.plan.routing import SHIFT, site_hash
 from meshwright.plan.synthetic import public_key, synthetic_mesh
 

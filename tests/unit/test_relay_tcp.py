@@ -1,4 +1,4 @@
-"""Tests for meshwright.relay.tcp (framing, no I/O) and meshwright.relay.tls (the relay's TLS
+"""Tests for meshwright.wire.frames (framing, no I/O) and meshwright.relay.tls (the relay's TLS
 service), the latter with real TLS over sockets on 127.0.0.1 only.
 
 The relay side runs as a small selectors loop in a thread, like RelayServer's would; the sites
@@ -30,7 +30,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tls_harness import DEADLINE, Cert, RelayLoop, make_cert, save_cert, wait_for
 
-from meshwright.relay.tcp import (
+from meshwright.relay.tls import site_fingerprints
+from meshwright.wire.frames import (
     KEEPALIVE,
     KEEPALIVE_PORT,
     MAX_PAYLOAD,
@@ -43,7 +44,6 @@ from meshwright.relay.tcp import (
     looks_like_tls,
     normalize_fingerprint,
 )
-from meshwright.relay.tls import site_fingerprints
 
 # --- framing ----------------------------------------------------------------------------------
 

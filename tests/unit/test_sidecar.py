@@ -1,4 +1,4 @@
-"""Tests for meshwright.sidecar: a UDP-blocked site's WireGuard datagrams over TLS to its relays.
+"""Tests for meshwright.site.sidecar: a UDP-blocked site's WireGuard over TLS to its relays.
 
 Everything runs on 127.0.0.1 with real sockets and real TLS: the relay side is TlsClients in a
 small selectors loop of its own (standing in for RelayServer, with a UDP socket per allocation
@@ -26,8 +26,9 @@ import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from tls_harness import DEADLINE, HOST, Cert, RelayLoop, make_cert, wait_for
 
-from meshwright.relay.tcp import KEEPALIVE, FrameDecoder, encode, fingerprint
-from meshwright.sidecar import ConfigError, Sidecar, main, parse_config
+from meshwright.site.sidecar import Sidecar, SidecarConfigError, main
+from meshwright.site.sidecar.config import parse_config
+from meshwright.wire.frames import KEEPALIVE, FrameDecoder, encode, fingerprint
 
 # --- certificates -----------------------------------------------------------------------------
 
@@ -192,7 +193,7 @@ def test_the_documented_configuration_parses():
 def test_bad_configurations_are_refused_with_a_reason(change, message):
     config = json.loads(json.dumps(GOOD))
     change(config)
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(SidecarConfigError, match=message):
         parse_config(config)
 
 
@@ -360,7 +361,8 @@ def test_main_reloads_on_sighup_and_stops_on_sigterm(certs, tmp_path):
             [
                 sys.executable,
                 "-c",
-                "import sys; from meshwright.sidecar import main; sys.exit(main(sys.argv[1:]))",
+                "import sys; from meshwright.node import main; sys.exit(main(sys.argv[1:]))",
+                "sidecar",
                 "--config",
                 str(path),
             ],

@@ -1,4 +1,4 @@
-"""Tests for meshwright.stun: RFC 5769 vectors, builders, validation and a deterministic fuzz."""
+"""Tests for meshwright.wire.stun: RFC 5769 vectors, builders, validation, a deterministic fuzz."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshwright import stun
-from meshwright.stun import Attribute, Message, StunError
+from meshwright.wire import stun
+from meshwright.wire.stun import Attribute, Message, StunError
 
 VECTORS: dict[str, Any] = json.loads(
     (Path(__file__).resolve().parent.parent / "data" / "rfc5769.json").read_text("utf-8")

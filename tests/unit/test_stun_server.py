@@ -1,4 +1,4 @@
-"""Tests for meshwright.stun_server: the pure responder, the rate limiter, and the real server
+"""Tests for meshwright.relay.stun_server: the pure responder, the rate limiter, and the real server
 on loopback (127.0.0.1 and 127.0.0.2 only)."""
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshwright import stun
-from meshwright.stun_server import (
+from meshwright.relay.stun_server import (
     UNKNOWN_ATTRIBUTES,
     RateLimiter,
     StunResponder,
     StunServer,
     main,
 )
+from meshwright.wire import stun
 
 A, B = "192.0.2.1", "192.0.2.2"
 A6, B6 = "2001:db8::1", "2001:db8::2"
@@ -528,7 +528,8 @@ def test_main_serves_until_sigterm_and_logs_stats() -> None:
             [
                 sys.executable,
                 "-c",
-                "import sys; from meshwright.stun_server import main; sys.exit(main(sys.argv[1:]))",
+                "import sys; from meshwright.node import main; sys.exit(main(sys.argv[1:]))",
+                "stun-server",
                 "--address",
                 "127.0.0.1",
                 "--port",
@@ -584,8 +585,8 @@ def test_stun_over_tcp_answers_on_the_connection_and_survives_garbage():
     import socket as _socket
     import threading as _threading
 
-    from meshwright import stun as _stun
-    from meshwright.stun_server import StunServer as _Server
+    from meshwright.relay.stun_server import StunServer as _Server
+    from meshwright.wire import stun as _stun
 
     probe = _socket.socket()
     probe.bind(("127.0.0.1", 0))

@@ -1,4 +1,4 @@
-"""meshwright.wgkeys: X25519 against RFC 7748's vectors and an independent implementation."""
+"""meshwright.site.keys: X25519 against RFC 7748's vectors and an independent implementation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from meshwright import wgkeys
+from meshwright.site import keys as wgkeys
 
 H = bytes.fromhex
 

@@ -1,6 +1,6 @@
 """What the TLS relay's tests share: site and relay certificates, and the relay side in a loop.
 
-Imported by ``test_relay_tcp.py`` (the relay's TLS service) and ``test_sidecar.py`` as a plain
+Imported by ``test_relay_tcp.py`` (the relay's TLS service) and ``test_the sidecar`` as a plain
 module: ``tests/unit`` has no ``__init__.py``, so pytest puts it on ``sys.path``.
 
 :class:`RelayLoop` runs :class:`meshwright.relay.tls.TlsClients` in a ``selectors`` loop of its
@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from meshwright.relay.tcp import fingerprint
 from meshwright.relay.tls import TlsClients
+from meshwright.wire.frames import fingerprint
 
 HOST = "127.0.0.1"
 DEADLINE = 5.0

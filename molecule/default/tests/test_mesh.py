@@ -23,7 +23,7 @@ from mesh_lab import (
     overlay,
 )
 
-from meshwright import wgkeys
+from meshwright.site import keys as wgkeys
 
 
 def test_every_lan_host_reaches_every_other_sites_lan_host():

@@ -52,14 +52,14 @@ class LinkShape:
 
 
 @dataclass(frozen=True)
-class Relay:
+class LabRelay:
     name: str
     addresses: tuple[ipaddress.IPv4Address, ...]
     wan: LinkShape
 
 
 @dataclass(frozen=True)
-class Site:
+class LabSite:
     name: str
     nat: str
     lan: ipaddress.IPv4Network
@@ -73,13 +73,13 @@ class Site:
 class Topology:
     name: str
     internet: tuple[ipaddress.IPv4Network, ...]
-    relays: tuple[Relay, ...]
-    sites: tuple[Site, ...]
+    relays: tuple[LabRelay, ...]
+    sites: tuple[LabSite, ...]
     uplink_pool: ipaddress.IPv4Network
     carrier_pool: ipaddress.IPv4Network
     overlay: ipaddress.IPv4Network
 
-    def site(self, name: str) -> Site:
+    def site(self, name: str) -> LabSite:
         return next(s for s in self.sites if s.name == name)
 
     def overlay_address(self, site: str) -> str:
@@ -251,7 +251,7 @@ def _load_relays(raw: Any, internet: tuple[ipaddress.IPv4Network, ...], wan: Lin
         )
         if len(set(addrs)) != len(addrs):
             raise TopologyError(f"{where}.addresses: {addrs_raw!r} repeats an address")
-        relays.append(Relay(rname, addrs, _shape(rdata.get("wan"), f"{where}.wan", wan)))
+        relays.append(LabRelay(rname, addrs, _shape(rdata.get("wan"), f"{where}.wan", wan)))
     return tuple(relays)
 
 
@@ -302,7 +302,7 @@ def _load_sites(raw: Any, internet: tuple[ipaddress.IPv4Network, ...], wan: Link
                 f"{where}.lan_hosts: {lan_hosts} is out of range [0, {MAX_LAN_HOSTS}]"
             )
         sites.append(
-            Site(
+            LabSite(
                 name=sname,
                 nat=nat or "",
                 lan=lan,
@@ -401,11 +401,11 @@ def _claim(seen: dict[ipaddress.IPv4Address, str], addr: ipaddress.IPv4Address, 
     seen[addr] = where
 
 
-def _replace_nat(site: Site, nat: str) -> Site:
-    return Site(site.name, nat, site.lan, site.lan_hosts, site.wan, None, site.behind)
+def _replace_nat(site: LabSite, nat: str) -> LabSite:
+    return LabSite(site.name, nat, site.lan, site.lan_hosts, site.wan, None, site.behind)
 
 
-def _site_host_names(site: Site) -> list[str]:
+def _site_host_names(site: LabSite) -> list[str]:
     hosts = [f"{site.name}-lan{i}" for i in range(1, site.lan_hosts + 1)]
     if site.behind is None and site.nat != "none":
         hosts.append(f"{site.name}-nat")

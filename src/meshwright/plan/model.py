@@ -20,7 +20,7 @@ __all__ = [
     "Site",
 ]
 
-# NAT classes, as meshwright.natprobe reports them (``mesh_nat.nat_class``).
+# NAT classes, as meshwright.site.nat.probe reports them (``mesh_nat.nat_class``).
 NAT_CLASSES = ("open", "easy", "hard", "blocked")
 
 # Link kinds, best first, and what one link of each kind costs a path.

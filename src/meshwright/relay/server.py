@@ -16,7 +16,7 @@ carry traffic again at once. Standard library only: it runs on Debian's python3.
 
 With a ``"tls"`` section the service also listens on TCP 443 (``"port"``) for sites that
 cannot send UDP (:mod:`.tls`: mutual TLS, each site known by its pinned certificate and allowed
-only its own allocation ports; :mod:`meshwright.sidecar` is the other end). Such a site's side
+only its own allocation ports; :mod:`meshwright.site.sidecar` is the other end). Such a site's side
 of an allocation is the pseudo-address ``("tls:<site>", <port>)``: what it sends goes through
 :class:`.forward.Allocation` like any datagram, and what is sent to it becomes a frame on its
 connection. Port 443 is shared with STUN over TCP: a connection that does not start a TLS
@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshwright.stun_server import StunResponder, StunStreams, StunTcpClient
+from meshwright.relay.stun_server import StunResponder, StunStreams, StunTcpClient
 
 from .forward import Address, Allocation, Limits
 from .tls import TlsClients
@@ -66,13 +66,13 @@ class _Open:
     sockets: tuple[socket.socket, socket.socket]
 
 
-class ConfigError(ValueError):
+class RelayConfigError(ValueError):
     """The allocation file is unusable; the message names the entry and the value."""
 
 
 def _parse(data: Any) -> tuple[dict[str, tuple[str, tuple[int, int], tuple[str, str]]], Limits]:
     if not isinstance(data, dict):
-        raise ConfigError("the allocation file is not a JSON object")
+        raise RelayConfigError("the allocation file is not a JSON object")
     limits = Limits(**(data.get("limits") or {}))
     specs: dict[str, tuple[str, tuple[int, int], tuple[str, str]]] = {}
     for position, entry in enumerate(data.get("allocations") or []):
@@ -85,7 +85,7 @@ def _parse(data: Any) -> tuple[dict[str, tuple[str, tuple[int, int], tuple[str, 
                     raise ValueError("a public key is not 32 bytes")
             specs[key] = (str(entry["address"]), ports, keys)
         except (KeyError, IndexError, TypeError, ValueError, binascii.Error) as exc:
-            raise ConfigError(f"allocations[{position}]: {exc!r}") from None
+            raise RelayConfigError(f"allocations[{position}]: {exc!r}") from None
     return specs, limits
 
 

@@ -1,8 +1,9 @@
 """The relay's TLS service: sites that cannot send UDP reach their allocation ports over TLS.
 
-:class:`TlsClients` serves the TLS connections of the sites' sidecars (:mod:`meshwright.sidecar`)
-inside a ``selectors`` loop that someone else owns, such as :class:`.server.RelayServer`'s. Each
-connection carries :mod:`.tcp` frames: ``(allocation port, WireGuard datagram)``.
+:class:`TlsClients` serves the TLS connections of the sites' sidecars
+(:mod:`meshwright.site.sidecar`) inside a ``selectors`` loop that someone else owns, such as
+:class:`.server.RelayServer`'s. Each connection carries :mod:`meshwright.wire.frames`:
+``(allocation port, WireGuard datagram)``.
 
 Who may connect
 ---------------
@@ -59,8 +60,15 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 
-from .stream import FramedStream, Frames, tune
-from .tcp import KEEPALIVE, KEEPALIVE_PORT, MAX_PAYLOAD, FrameError, could_be_tls, fingerprint
+from meshwright.wire.frames import (
+    KEEPALIVE,
+    KEEPALIVE_PORT,
+    MAX_PAYLOAD,
+    FrameError,
+    could_be_tls,
+    fingerprint,
+)
+from meshwright.wire.stream import FramedStream, Frames, tune
 
 __all__ = ["DEFAULT_IDLE_TIMEOUT", "TlsClients", "server_context", "site_fingerprints"]
 

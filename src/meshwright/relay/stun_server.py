@@ -1,6 +1,6 @@
 """The relays' STUN service: Binding over UDP (RFC 8489) with RFC 5780 behaviour discovery.
 
-Standard library only, like :mod:`meshwright.stun`, because this file is copied to relays that
+Standard library only, like :mod:`meshwright.wire.stun`, because this file is copied to relays that
 have Debian's python3 and nothing else.
 
 Layout: :class:`StunResponder` decides what to answer (no sockets, unit-testable),
@@ -54,7 +54,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import stun
+from meshwright.wire import stun
 
 __all__ = [
     "DEFAULT_ALT_PORT",

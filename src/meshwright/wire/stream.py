@@ -1,7 +1,7 @@
 """One non-blocking TLS connection that carries :mod:`.tcp` frames: the I/O both ends share.
 
 The relay's TLS service (:class:`.tls.TlsClients`, the server) and the sidecar
-(:mod:`meshwright.sidecar`, the client) keep a :class:`FramedStream` per connection, each in a
+(:mod:`meshwright.site.sidecar`, the client) keep a :class:`FramedStream` per connection, each in a
 subclass with its own state. This is how both do the handshake, read, write and ask the
 selector for events; what is then closed, counted, logged or retried stays with them:
 :meth:`FramedStream.receive` and :meth:`FramedStream.flush` return why a connection has to go
@@ -25,7 +25,7 @@ import socket
 import ssl
 from collections.abc import Callable
 
-from .tcp import FrameDecoder, FrameError
+from .frames import FrameDecoder, FrameError
 
 __all__ = [
     "FRAME_ERROR",

@@ -4,7 +4,7 @@ A site whose network drops UDP (its pairs are ``relay-tcp``) cannot reach its re
 ports. Its WireGuard instead uses ``127.0.0.1:<allocation port>`` as the endpoint of each such
 peer, and this service, on the same host, carries the datagrams over one TLS connection per relay
 to the relay's TCP port 443 (:mod:`meshwright.relay.tls` is the other end), in the frames of
-:mod:`meshwright.relay.tcp`. The configuration (JSON, written by the playbook)::
+:mod:`meshwright.wire.frames`. The configuration (JSON, written by the playbook)::
 
     {"relays": {"relay1": {"address": "198.51.100.10", "port": 443,
                            "fingerprint": "sha256:<hex of the SHA-256 of the relay's DER cert>"}},
@@ -58,22 +58,21 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from meshwright.relay.stream import PEER_CLOSED, FramedStream, Frames, tune
-from meshwright.relay.tcp import (
+from meshwright.wire.frames import (
     KEEPALIVE,
     KEEPALIVE_INTERVAL,
     KEEPALIVE_PORT,
     MAX_PAYLOAD,
     FrameError,
     fingerprint,
-    normalize_fingerprint,
 )
+from meshwright.wire.stream import PEER_CLOSED, FramedStream, Frames, tune
 
-__all__ = ["Config", "ConfigError", "PeerSpec", "RelaySpec", "Sidecar", "load_config", "main"]
+from .config import Config, PeerSpec, SidecarConfigError, TlsRelay, load_config
+
+__all__ = ["Config", "PeerSpec", "Sidecar", "SidecarConfigError", "TlsRelay", "load_config", "main"]
 
 MIN_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
@@ -86,109 +85,6 @@ _FRAME_HEADER = struct.Struct(">HH")
 
 _IDLE, _CONNECTING, _HANDSHAKE, _OPEN = "idle", "connecting", "handshake", "open"
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
-
-
-class ConfigError(ValueError):
-    """The configuration is unusable; the message names the entry and the value."""
-
-
-@dataclass(frozen=True)
-class RelaySpec:
-    name: str
-    address: str
-    port: int
-    fingerprint: str  # "sha256:<hex>"
-
-
-@dataclass(frozen=True)
-class PeerSpec:
-    name: str
-    relay: str
-    port: int  # the allocation port on the relay, and the local UDP port WireGuard talks to
-
-
-@dataclass(frozen=True)
-class Config:
-    relays: dict[str, RelaySpec]
-    peers: dict[str, PeerSpec]
-    certificate: Path
-    key: Path
-    wireguard_port: int
-
-
-def _port(value: object, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 0xFFFF:
-        raise ConfigError(f"{where}: {value!r} is not a port")
-    return value
-
-
-def _text(value: object, where: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{where}: {value!r} is not a non-empty string")
-    return value
-
-
-def parse_config(data: Any) -> Config:
-    """The configuration from its JSON value; ConfigError names what is wrong."""
-    if not isinstance(data, dict):
-        raise ConfigError("the configuration is not a JSON object")
-    relays: dict[str, RelaySpec] = {}
-    raw_relays = data.get("relays") or {}
-    if not isinstance(raw_relays, dict):
-        raise ConfigError("relays: not an object")
-    for name, entry in raw_relays.items():
-        where = f"relays.{name}"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{where}: not an object")
-        try:
-            pin = normalize_fingerprint(_text(entry.get("fingerprint"), f"{where}.fingerprint"))
-        except ValueError as exc:
-            raise ConfigError(f"{where}.fingerprint: {exc}") from None
-        relays[name] = RelaySpec(
-            name,
-            _text(entry.get("address"), f"{where}.address"),
-            _port(entry.get("port", 443), f"{where}.port"),
-            pin,
-        )
-    wireguard_port = _port(data.get("wireguard_port", 51820), "wireguard_port")
-    peers: dict[str, PeerSpec] = {}
-    used: dict[int, str] = {}
-    raw_peers = data.get("peers") or []
-    if not isinstance(raw_peers, list):
-        raise ConfigError("peers: not a list")
-    for position, entry in enumerate(raw_peers):
-        where = f"peers[{position}]"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{where}: not an object")
-        name = _text(entry.get("name"), f"{where}.name")
-        relay = _text(entry.get("relay"), f"{where}.relay")
-        port = _port(entry.get("port"), f"{where}.port")
-        if relay not in relays:
-            raise ConfigError(f"{where}: relay {relay!r} is not in relays")
-        if name in peers:
-            raise ConfigError(f"{where}: peer {name!r} appears twice")
-        # Every peer needs its own local port, whichever relay it is on.
-        if port in used or port == wireguard_port:
-            other = used.get(port, "wireguard_port")
-            raise ConfigError(f"{where}: local port {port} is also {other}'s")
-        used[port] = name
-        peers[name] = PeerSpec(name, relay, port)
-    return Config(
-        relays,
-        peers,
-        Path(_text(data.get("certificate"), "certificate")),
-        Path(_text(data.get("key"), "key")),
-        wireguard_port,
-    )
-
-
-def load_config(path: Path) -> Config:
-    """Read and parse the file; OSError or ConfigError."""
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ConfigError(f"not JSON: {exc}") from None
-    return parse_config(data)
 
 
 def client_context(certificate: Path, key: Path) -> ssl.SSLContext:
@@ -224,7 +120,7 @@ class _Link(FramedStream):
         "state",
     )
 
-    def __init__(self, spec: RelaySpec, now: float) -> None:
+    def __init__(self, spec: TlsRelay, now: float) -> None:
         super().__init__()
         self.spec = spec
         self.state = _IDLE
@@ -667,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         load_config(args.config)
-    except (OSError, ConfigError) as exc:
+    except (OSError, SidecarConfigError) as exc:
         log(f"sidecar: {args.config}: {exc}")
         return 2
     sidecar = Sidecar(args.config, log=log)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import heapq
 
-from .model import LINK_COST, RELAY_KINDS, Mesh, Site
-from .routing import SHIFT, site_hash
+from meshwright.plan.model import LINK_COST, RELAY_KINDS, Mesh, Site
+from meshwright.plan.routing import SHIFT, site_hash
 
 __all__ = ["reference_link", "reference_paths"]
 
