@@ -9,6 +9,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 CACHE := .cache
 COLLECTION := $(CACHE)/collections/ansible_collections/containers/podman
+# This checkout is the collection meshwright.mesh: linked into the collections path, so that
+# playbooks, tests and ansible-lint use it by its fully qualified names, as users do.
+SELF := $(CACHE)/collections/ansible_collections/meshwright/mesh
+ARTIFACT := roles/node/files/meshwright-node.pyz
+NODE_SOURCES := $(shell find src/meshwright -name '*.py' -not -path '*/lab/*' -not -path '*/plan/*') requirements.lock
 export CONTAINERS_CONF := $(CURDIR)/src/meshwright/lab/containers.conf
 export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/$(CACHE)/collections
 export PATH := $(CURDIR)/$(BIN):$(PATH)
@@ -17,15 +22,16 @@ DEB_PACKAGES := podman runc netavark aardvark-dns uidmap fuse-overlayfs debootst
 	wireguard-tools wireguard-go iproute2 nftables iptables conntrack tcpdump iperf3 \
 	ca-certificates python3-venv
 
-.PHONY: help setup deb venv collections image demo demo-down test lint unit lab-test molecule clean
+.PHONY: help setup deb venv collections artifact collection image demo demo-down test lint unit lab-test molecule clean
 
 help:
 	@echo "make demo       bring the default lab up, converge the mesh on it, show the plan"
 	@echo "                (make demo-down removes it)"
 	@echo "make test       lint, unit and lab tests: everything CI runs"
 	@echo "make setup      only install what the two above need"
+	@echo "make collection build the collection tarball (build/meshwright-mesh-*.tar.gz)"
 
-setup: deb venv collections image
+setup: deb venv collections artifact image
 
 deb:
 	@missing=$$(for p in $(DEB_PACKAGES); do \
@@ -44,7 +50,20 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@
 
-collections: $(COLLECTION)/MANIFEST.json
+collections: $(COLLECTION)/MANIFEST.json $(SELF)
+$(SELF):
+	mkdir -p $(dir $@)
+	ln -sfn $(CURDIR) $@
+
+# The node artifact (the code relays and sites run, one zipapp), named by its content hash.
+artifact: $(ARTIFACT)
+$(ARTIFACT): $(NODE_SOURCES) | venv
+	$(BIN)/meshwright artifact --output $(dir $@)
+
+# The collection tarball users install with ansible-galaxy.
+collection: artifact
+	$(BIN)/ansible-galaxy collection build --force --output-path build .
+
 $(COLLECTION)/MANIFEST.json: requirements-collections.txt | venv
 	$(BIN)/pip download -q --disable-pip-version-check --no-deps --require-hashes \
 	  -r requirements-collections.txt -d $(CACHE)/wheels
@@ -65,12 +84,12 @@ demo: setup
 demo-down: venv
 	$(BIN)/meshwright lab down
 
-lint: venv collections
+lint: venv collections artifact
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/ansible-lint --profile production
 
-unit: venv
+unit: venv artifact
 	$(BIN)/pytest -q tests/unit
 
 lab-test: setup

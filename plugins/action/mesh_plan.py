@@ -20,7 +20,15 @@ from typing import Any
 from ansible.errors import AnsibleActionFail
 from ansible.plugins.action import ActionBase
 
-from meshwright import plan as planner
+try:
+    from meshwright import plan as planner
+except ImportError:  # one clear sentence instead of a traceback deep in a run
+    planner = None  # type: ignore[assignment]
+
+MISSING_PACKAGE = (
+    "meshwright.mesh needs the Python package meshwright on the controller, in the Python that"
+    " runs ansible-playbook: pip install meshwright (from the meshwright repository)"
+)
 
 STATE_VERSION = 1
 
@@ -128,6 +136,8 @@ class ActionModule(ActionBase):
     _supports_async = False
 
     def run(self, tmp: str | None = None, task_vars: dict[str, Any] | None = None):
+        if planner is None:
+            raise AnsibleActionFail(MISSING_PACKAGE)
         task_vars = task_vars or {}
         result = super().run(tmp, task_vars)
         args = self._task.args

@@ -32,6 +32,8 @@ description:
     inventory group when it is not given.
 version_added: "0.1.0"
 author: meshwright
+extends_documentation_fragment:
+  - meshwright.mesh.node
 options:
   relays:
     description:
@@ -201,7 +203,10 @@ probe_seconds:
 import time
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.meshwright import natprobe
+from ansible_collections.meshwright.mesh.plugins.module_utils.node import (
+    NODE_ARTIFACT_SPEC,
+    import_node,
+)
 
 
 def main() -> None:
@@ -224,10 +229,12 @@ def main() -> None:
             "rto_ms": {"type": "int", "default": 250},
             "tries": {"type": "int", "default": 4},
             "hairpin": {"type": "bool", "default": True},
+            "node_artifact": NODE_ARTIFACT_SPEC,
         },
         # The probe only sends STUN requests from a socket of its own: nothing to change.
         supports_check_mode=True,
     )
+    natprobe = import_node(module, "site.nat.probe")
     params = module.params
     try:
         relays = [natprobe.StunRelay.from_dict(r) for r in params["relays"]]

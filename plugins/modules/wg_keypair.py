@@ -28,6 +28,8 @@ description:
   - Diff mode shows the public keys (and modes) before and after, never a private key.
 version_added: "0.1.0"
 author: meshwright
+extends_documentation_fragment:
+  - meshwright.mesh.node
 options:
   path:
     description:
@@ -96,9 +98,15 @@ ansible_facts:
 import os
 import stat
 import tempfile
+from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.meshwright import wgkeys
+from ansible_collections.meshwright.mesh.plugins.module_utils.node import (
+    NODE_ARTIFACT_SPEC,
+    import_node,
+)
+
+wgkeys: Any = None  # meshwright.site.keys, imported from the node artifact by main()
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
@@ -224,9 +232,12 @@ def main() -> None:
         argument_spec={
             "path": {"type": "path", "default": "/etc/wireguard/mesh0.key"},
             "rotate": {"type": "bool", "default": False},
+            "node_artifact": NODE_ARTIFACT_SPEC,
         },
         supports_check_mode=True,
     )
+    global wgkeys
+    wgkeys = import_node(module, "site.keys")
     given = module.params["path"]
     path = os.path.abspath(given)
     rotate = module.params["rotate"]

@@ -59,6 +59,18 @@ def _print_status(rows: list[dict]) -> None:
         )
 
 
+def _artifact(args: argparse.Namespace) -> int:
+    from meshwright import artifact
+
+    try:
+        path = artifact.build(args.output)
+    except artifact.ArtifactError as exc:
+        print(f"artifact: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # The node's services (relay, sidecar, STUN) take their own arguments.
@@ -85,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     lab.add_argument("--json", action="store_true", help="status as JSON")
     lab.add_argument("--quiet", action="store_true", help="`up` prints no status table")
     lab.set_defaults(func=_lab)
+    build = sub.add_parser("artifact", help="build the node artifact (what relays and sites run)")
+    build.add_argument("--output", type=Path, default=Path("."), help="directory (default: .)")
+    build.set_defaults(func=_artifact)
     # Listed for --help; their own parser takes their arguments (see the dispatch above).
     for name, text in node.COMMANDS.items():
         sub.add_parser(name, help=text)

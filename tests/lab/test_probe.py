@@ -34,7 +34,7 @@ def probe_runs(lab, tmp_path_factory):
     runs = []
     for i in range(RUNS):
         report = out / f"run{i}.json"
-        proc = ansible(lab, "playbooks/probe.yml", "-e", f"mesh_probe_report={report}")
+        proc = ansible(lab, "meshwright.mesh.probe", "-e", f"mesh_probe_report={report}")
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
         runs.append((json.loads(report.read_text()), proc.stdout))
     return runs
@@ -80,12 +80,12 @@ def test_table_and_timing(probe_runs):
 def test_second_run_changes_nothing_and_check_mode_works(lab, probe_runs):
     # The relay role already ran five times in probe_runs; a run that writes no report on
     # the controller now changes nothing anywhere: relays stay as they are, probes change nothing.
-    again = ansible(lab, "playbooks/probe.yml")
+    again = ansible(lab, "meshwright.mesh.probe")
     assert again.returncode == 0, again.stdout[-3000:]
     rows = recap(again.stdout)
     assert set(rows) == set(EXPECTED) | {"relay1", "relay2"}
     assert {h: r["changed"] for h, r in rows.items() if r["changed"]} == {}
-    checked = ansible(lab, "playbooks/probe.yml", "--check")
+    checked = ansible(lab, "meshwright.mesh.probe", "--check")
     assert checked.returncode == 0, checked.stdout[-3000:]
     assert re.search(r'"easy1\s+easy\s', checked.stdout), "check mode still probes"
 
@@ -93,7 +93,7 @@ def test_second_run_changes_nothing_and_check_mode_works(lab, probe_runs):
 @pytest.mark.lab
 def test_no_relay_answering_fails_naming_each_address(lab):
     relays = json.dumps({"relays": [{"name": "ghost", "addresses": ["203.0.113.99"]}]})
-    proc = ansible(lab, "easy1", "-m", "nat_probe", "-a", relays, tool="ansible")
+    proc = ansible(lab, "easy1", "-m", "meshwright.mesh.nat_probe", "-a", relays, tool="ansible")
     assert proc.returncode != 0
     for attempt in ("ghost 203.0.113.99:3478", "ghost 203.0.113.99:3479", "ghost 203.0.113.99:443"):
         assert attempt in proc.stdout, proc.stdout[-2000:]

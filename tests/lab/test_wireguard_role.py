@@ -35,7 +35,7 @@ pytestmark = pytest.mark.lab
 
 def keypair(lab, host: str, *args: str) -> dict:
     """Run wg_keypair ad hoc on one host; its result, and the whole output in `_output`."""
-    proc = ansible(lab, host, "-m", "wg_keypair", "-o", *args, tool="ansible")
+    proc = ansible(lab, host, "-m", "meshwright.mesh.wg_keypair", "-o", *args, tool="ansible")
     line = re.search(rf"^{host} \| ([A-Z!]+) => (\{{.*\}})$", proc.stdout, re.M)
     assert line, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(line.group(2))

@@ -129,7 +129,7 @@ def test_inventory_groups():
     assert easy1["mesh_lan_prefixes"] == ["10.10.2.0/24"]
     assert easy1["mesh_overlay_address"] == "10.99.0.2/24"
     assert inv["all"]["vars"]["mesh_overlay_network"] == "10.99.0.0/24"
-    assert inv["all"]["vars"]["ansible_connection"] == "podman_exec"
+    assert inv["all"]["vars"]["ansible_connection"] == "meshwright.mesh.podman_exec"
 
 
 def _set(data: dict, path: str, value):

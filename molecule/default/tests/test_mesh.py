@@ -170,7 +170,7 @@ def test_a_limited_run_keeps_every_other_sites_peers():
     run = subprocess.run(
         [
             "ansible-playbook",
-            "playbooks/site.yml",
+            "meshwright.mesh.site",
             "-i",
             str(EPHEMERAL / "inventory"),
             "--limit",

@@ -281,7 +281,7 @@ def render_inventory(lab: Lab, topology: Topology) -> str:
     inventory = {
         "all": {
             "vars": {
-                "ansible_connection": "podman_exec",
+                "ansible_connection": "meshwright.mesh.podman_exec",
                 "ansible_python_interpreter": "/usr/bin/python3",
                 "lab_name": lab.name,
                 "mesh_overlay_network": str(topology.overlay),

@@ -33,6 +33,8 @@ description:
     an error (the service that creates it has not run); otherwise it is an error.
 version_added: "0.1.0"
 author: meshwright
+extends_documentation_fragment:
+  - meshwright.mesh.node
 options:
   interface:
     description: The WireGuard interface.
@@ -118,9 +120,15 @@ import os  # noqa: E402
 import re  # noqa: E402
 import socket  # noqa: E402
 import tempfile  # noqa: E402
+from typing import Any  # noqa: E402
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
-from ansible.module_utils.meshwright import wgkeys  # noqa: E402
+from ansible_collections.meshwright.mesh.plugins.module_utils.node import (  # noqa: E402
+    NODE_ARTIFACT_SPEC,
+    import_node,
+)
+
+wgkeys: Any = None  # meshwright.site.keys, imported from the node artifact by main()
 
 
 class SpecError(ValueError):
@@ -467,9 +475,12 @@ def main() -> None:
             "preshared_keys": {"type": "bool", "default": False},
             "preshared_key_secret": {"type": "str", "default": "", "no_log": True},
             "preshared_key_dir": {"type": "path"},
+            "node_artifact": NODE_ARTIFACT_SPEC,
         },
         supports_check_mode=True,
     )
+    global wgkeys
+    wgkeys = import_node(module, "site.keys")
     params = module.params
     name = params["interface"]
     interface = Interface(module, name)
