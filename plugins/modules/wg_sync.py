@@ -113,17 +113,17 @@ interface_present:
 """
 
 # Imports follow DOCUMENTATION/EXAMPLES/RETURN, by Ansible's convention.
-import hashlib  # noqa: E402
-import ipaddress  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import socket  # noqa: E402
-import tempfile  # noqa: E402
-from typing import Any  # noqa: E402
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import socket
+import tempfile
+from typing import Any
 
-from ansible.module_utils.basic import AnsibleModule  # noqa: E402
-from ansible_collections.meshwright.mesh.plugins.module_utils.node import (  # noqa: E402
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.meshwright.mesh.plugins.module_utils.node import (
     NODE_ARTIFACT_SPEC,
     import_node,
 )
