@@ -29,7 +29,7 @@ help:
 	@echo "                (make demo-down removes it)"
 	@echo "make test       lint, unit and lab tests: everything CI runs"
 	@echo "make setup      only install what the two above need"
-	@echo "make collection build the collection tarball (build/meshwright-mesh-*.tar.gz)"
+	@echo "make collection build the collection tarball and the package's wheel into dist/"
 
 setup: deb venv collections artifact image
 
@@ -60,9 +60,11 @@ artifact: $(ARTIFACT)
 $(ARTIFACT): $(NODE_SOURCES) | venv
 	$(BIN)/meshwright artifact --output $(dir $@)
 
-# The collection tarball users install with ansible-galaxy.
+# What users install: the collection tarball (ansible-galaxy) and the controller's Python
+# package (pip), both into dist/.
 collection: artifact
-	$(BIN)/ansible-galaxy collection build --force --output-path build .
+	$(BIN)/ansible-galaxy collection build --force --output-path dist .
+	$(BIN)/pip wheel -q --disable-pip-version-check --no-deps -w dist .
 
 $(COLLECTION)/MANIFEST.json: requirements-collections.txt | venv
 	$(BIN)/pip download -q --disable-pip-version-check --no-deps --require-hashes \
@@ -87,6 +89,7 @@ demo-down: venv
 lint: venv collections artifact
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy src
 	$(BIN)/ansible-lint --profile production
 
 unit: venv artifact
