@@ -81,7 +81,7 @@ image: deb venv
 
 demo: setup
 	$(BIN)/meshwright lab up
-	$(BIN)/ansible-playbook playbooks/site.yml
+	$(BIN)/ansible-playbook meshwright.mesh.site
 
 demo-down: venv
 	$(BIN)/meshwright lab down
