@@ -1,4 +1,8 @@
-"""Action plugin for nat_probe: fills `relays` from the mesh_relays inventory group."""
+"""Action plugin for nat_probe: fills `relays` from the mesh_relays inventory group.
+
+Its options are checked here, on the controller, so a mistyped one fails before a probe runs;
+their defaults stay in the module (one place), which gets the task's arguments as given.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,28 @@ from ansible.errors import AnsibleActionFail
 from ansible.plugins.action import ActionBase
 
 RELAY_GROUP = "mesh_relays"
+
+# The module's options (plugins/modules/nat_probe.py), without their defaults; `relays` is
+# optional here because this plugin fills it.
+ARGUMENT_SPEC: dict[str, dict[str, Any]] = {
+    "relays": {
+        "type": "list",
+        "elements": "dict",
+        "options": {
+            "name": {"type": "str", "required": True},
+            "addresses": {"type": "list", "elements": "str", "required": True},
+            "port": {"type": "int"},
+            "alt_port": {"type": "int"},
+        },
+    },
+    "local_port": {"type": "int"},
+    "bind_address": {"type": "str"},
+    "tcp_port": {"type": "int"},
+    "rto_ms": {"type": "int"},
+    "tries": {"type": "int"},
+    "hairpin": {"type": "bool"},
+    "node_artifact": {"type": "path"},
+}
 
 
 def relays_from_inventory(task_vars: dict[str, Any]) -> list[dict[str, Any]]:
@@ -39,9 +65,12 @@ class ActionModule(ActionBase):
     _supports_check_mode = True
     _supports_async = False
 
-    def run(self, tmp: str | None = None, task_vars: dict[str, Any] | None = None):
+    def run(
+        self, tmp: str | None = None, task_vars: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         task_vars = task_vars or {}
-        result = super().run(tmp, task_vars)
+        result: dict[str, Any] = super().run(tmp, task_vars)
+        self.validate_argument_spec(ARGUMENT_SPEC)
         args = dict(self._task.args)
         if not args.get("relays"):
             args["relays"] = relays_from_inventory(task_vars)

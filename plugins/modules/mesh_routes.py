@@ -14,7 +14,8 @@ description:
     steer remote prefixes into the interface.
   - Routes it manages carry the route protocol O(protocol), so routes added by anyone else
     are never removed.
-  - Supports check mode and diff mode.
+  - Check mode reports the routes that would be added and removed; diff mode shows the owned
+    routes before and after.
 version_added: "0.1.0"
 author: meshwright
 options:
@@ -33,6 +34,17 @@ options:
     default: 77
 notes:
   - Needs C(ip) from iproute2 on the target.
+attributes:
+  check_mode:
+    support: full
+    description: Reports the routes that would be added and removed, changes nothing.
+  diff_mode:
+    support: full
+    description: Shows the routes this module owns on the interface before and after.
+  platform:
+    support: full
+    platforms: posix
+    description: Linux with iproute2.
 """
 
 EXAMPLES = r"""
@@ -86,6 +98,16 @@ def _host(address: str) -> str:
     return f"{address}/{ipaddress.ip_address(address).max_prefixlen}"
 
 
+def _order(prefix: str) -> tuple[int, int, int]:
+    # IPv4 before IPv6: ip_network objects of two versions do not compare.
+    network = ipaddress.ip_network(prefix)
+    return network.version, int(network.network_address), network.prefixlen
+
+
+def _table(prefixes: set[str], interface: str) -> str:
+    return "".join(f"{p} dev {interface}\n" for p in sorted(prefixes, key=_order))
+
+
 def main() -> None:
     module = AnsibleModule(
         argument_spec={
@@ -107,8 +129,8 @@ def main() -> None:
     if rc != 0:
         module.fail_json(msg=f"interface {interface} does not exist: {err.strip()}")
     current = _current(module, interface, protocol)
-    added = sorted(wanted - current, key=ipaddress.ip_network)
-    removed = sorted(current - wanted, key=ipaddress.ip_network)
+    added = sorted(wanted - current, key=_order)
+    removed = sorted(current - wanted, key=_order)
     if not module.check_mode:
         for prefix in added:
             cmd = ["ip", "route", "replace", prefix, "dev", interface, "proto", str(protocol)]
@@ -124,12 +146,14 @@ def main() -> None:
         "changed": bool(added or removed),
         "added": added,
         "removed": removed,
-        "routes": sorted(wanted, key=ipaddress.ip_network),
+        "routes": sorted(wanted, key=_order),
     }
-    if module._diff:
+    if module._diff and (added or removed):
         result["diff"] = {
-            "before": "".join(f"{p} dev {interface}\n" for p in sorted(current)),
-            "after": "".join(f"{p} dev {interface}\n" for p in sorted(wanted)),
+            "before_header": f"routes of {interface}, protocol {protocol}",
+            "after_header": f"routes of {interface}, protocol {protocol}",
+            "before": _table(current, interface),
+            "after": _table(wanted, interface),
         }
     module.exit_json(**result)
 

@@ -88,7 +88,18 @@ options:
     type: bool
     default: true
 notes:
-  - Needs only Python's standard library on the target.
+  - Needs only Python 3 and meshwright's node artifact on the target.
+attributes:
+  check_mode:
+    support: full
+    description: The probe changes nothing on the host, so check mode runs it in full.
+  diff_mode:
+    support: none
+    description: Nothing on the host changes, so there is nothing to show.
+  platform:
+    support: full
+    platforms: posix
+    description: Any POSIX system with Python 3.
 """
 
 EXAMPLES = r"""

@@ -17,9 +17,10 @@ description:
   - A key file that exists but does not hold a WireGuard key (44 characters of base64 for
     32 bytes) is an error naming the file and what is wrong, never its content. It is not
     replaced unless O(rotate=true).
-  - Keys are made in pure Python (RFC 7748 X25519 over 32 bytes from the OS's CSPRNG, clamped,
-    as C(wg genkey) does), so the module needs only Python's standard library and no C(wg) binary,
-    and no other process ever sees the private key. The public key equals C(wg pubkey)'s.
+  - Keys are made in the module's own process by the Python package wireguard-tools, from
+    meshwright's node artifact (X25519 in pure Python over 32 bytes from the OS's CSPRNG,
+    clamped, as C(wg genkey) does), so no C(wg) binary and no other process ever sees the
+    private key. The public key equals C(wg pubkey)'s.
   - The new file is written next to the old one and renamed over it, so a reader sees the old
     key or the new one, never a partial file.
   - Check mode reports what would change and writes nothing. When no key exists yet, or
@@ -47,7 +48,18 @@ options:
     default: false
 notes:
   - Runs as root (C(become) true), since the key is root's.
-  - Needs only Python's standard library on the target.
+  - Needs only Python 3 and meshwright's node artifact on the target.
+attributes:
+  check_mode:
+    support: full
+    description: Reports what would change, writes nothing; a key not made yet has no public key.
+  diff_mode:
+    support: full
+    description: Shows the public key (and modes) before and after, never a private key.
+  platform:
+    support: full
+    platforms: posix
+    description: Any POSIX system with Python 3; the key file is root's.
 """
 
 EXAMPLES = r"""
@@ -121,8 +133,9 @@ class MalformedKeyError(KeyFileError):
     """The key file is a regular file that does not hold a key (rotate replaces it)."""
 
 
-def read_key(path: str) -> tuple[os.stat_result, bytes] | None:
-    """The key file's status and private key, None when missing; KeyFileError when unusable."""
+def read_key(path: str) -> tuple[os.stat_result, Any] | None:
+    """The key file's status and private key (a WireguardKey: types from the node artifact are
+    known only at run time), None when missing; KeyFileError when unusable."""
     try:
         info = os.lstat(path)
     except FileNotFoundError:
@@ -140,7 +153,7 @@ def read_key(path: str) -> tuple[os.stat_result, bytes] | None:
     with os.fdopen(fd, "rb") as handle:
         text = handle.read(MAX_KEY_FILE + 1)
     try:
-        return info, wgkeys.decode(text)
+        return info, wgkeys.parse_key(text)
     except wgkeys.KeyFormatError as exc:
         raise MalformedKeyError(
             f"{path} is not a WireGuard private key: {exc}. It was left as it is: fix or"
@@ -190,7 +203,7 @@ def ensure_directory(directory: str, check_mode: bool) -> list[str]:
     return [f"directory {directory}: {w}" for w in wrong]
 
 
-def write_key(path: str, private: bytes) -> None:
+def write_key(path: str, private: Any) -> None:
     """Write the key to a new root-only file beside `path` and rename it over `path`."""
     directory = os.path.dirname(path)
     fd, temporary = tempfile.mkstemp(dir=directory, prefix=".wg_keypair.")  # mode 0600
@@ -198,7 +211,7 @@ def write_key(path: str, private: bytes) -> None:
         os.fchown(fd, 0, 0)
         os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
-            handle.write(wgkeys.encode(private).encode("ascii") + b"\n")
+            handle.write(str(private).encode("ascii") + b"\n")
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
@@ -256,7 +269,7 @@ def main() -> None:
                 raise
             existing = None
         changes = ensure_directory(directory, check)
-        previous = None if existing is None else wgkeys.encode(wgkeys.public_key(existing[1]))
+        previous = None if existing is None else str(existing[1].public_key())
 
         if existing is not None and not rotate:
             wrong = needs_fixing(existing[0], FILE_MODE)
@@ -273,9 +286,9 @@ def main() -> None:
             changes.append(what)
             public = None
             if not check:
-                private = wgkeys.generate_private_key()
+                private = wgkeys.WireguardKey.generate()
                 write_key(path, private)
-                public = wgkeys.encode(wgkeys.public_key(private))
+                public = str(private.public_key())
     except (KeyFileError, OSError) as exc:
         # OSError messages name a file and an errno, never a file's content.
         module.fail_json(msg=str(exc), path=path)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from meshwright import node
 
@@ -44,7 +46,7 @@ def _lab(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_status(rows: list[dict]) -> None:
+def _print_status(rows: list[dict[str, Any]]) -> None:
     if not rows:
         print("no lab hosts")
         return
@@ -104,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in node.COMMANDS.items():
         sub.add_parser(name, help=text)
     args = parser.parse_args(argv)
-    return args.func(args)
+    func: Callable[[argparse.Namespace], int] = args.func
+    return func(args)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ import sys
 
 COMMANDS = {
     "relay": "a relay's forwarding service (WireGuard ciphertext, unread)",
-    "sidecar": "a site's sidecar: carries a UDP-blocked site's WireGuard over TLS",
+    "sidecar": "a site's sidecar: punch peers upgraded to direct; TLS for UDP-blocked sites",
     "stun-server": "the relays' STUN service (RFC 8489 and RFC 5780)",
+    "wg-stun": "a relay's answer to sites: where it sees their WireGuard socket",
     "version": "the artifact's content hash",
 }
 
@@ -41,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         from meshwright.site import sidecar
 
         return sidecar.main(rest)
+    if command == "wg-stun":
+        from meshwright.relay import wgstun
+
+        return wgstun.main(rest)
     if command == "version":
         print(version())
         return 0

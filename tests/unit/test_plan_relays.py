@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import itertools
 
-from meshwright.plan.relays import FIRST_PORT, allocate
+import pytest
+
+from meshwright.plan import DEFAULT_RELAY_FIRST_PORT as FIRST_PORT
+from meshwright.plan.relays import RelayPorts, allocate
 
 RELAYS = {"r1": "198.51.100.10", "r2": "203.0.113.10"}
 
@@ -56,3 +59,64 @@ def test_a_new_plan_keeps_every_allocation_still_in_use():
 def test_same_input_same_allocations():
     rtt = {n: {"r1": 10.0 + i, "r2": 12.0} for i, n in enumerate("abcdef")}
     assert allocate(pairs("abcdef"), RELAYS, rtt) == allocate(pairs("abcdef"), RELAYS, rtt)
+
+
+def test_each_relay_allocates_from_its_own_port_range():
+    ports = {"r1": RelayPorts(50000, 50009), "r2": RelayPorts(41000, 41001)}
+    rtt = {n: {"r1": 10.0, "r2": 10.0} for n in "abcd"}
+    result = allocate(pairs("abcd"), RELAYS, rtt, ports=ports)
+    on = {r: sorted(a.ports for a in result.values() if a.relay == r) for r in RELAYS}
+    # r2 holds one port pair: once it is full, the next pairs go to r1 however near r2 is.
+    assert on["r2"] == [(41000, 41001)]
+    assert on["r1"] == [
+        (50000, 50001),
+        (50002, 50003),
+        (50004, 50005),
+        (50006, 50007),
+        (50008, 50009),
+    ]
+
+
+def test_ports_are_unique_across_relays_with_overlapping_ranges():
+    # A UDP-blocked site binds its side of every allocation on its own loopback.
+    ports = {"r1": RelayPorts(40000, 40099), "r2": RelayPorts(40001, 40100)}
+    result = allocate(pairs("abcdefgh"), RELAYS, {}, ports=ports)
+    every = [port for a in result.values() for port in a.ports]
+    assert len(every) == len(set(every)) == 2 * len(result)
+
+
+def test_a_relays_own_wireguard_port_is_never_allocated():
+    ports = {"r1": RelayPorts(51816, 51823, reserved=51820)}
+    result = allocate(pairs("abc"), {"r1": "198.51.100.10"}, {}, ports=ports)
+    assert [a.ports for a in result.values()] == [(51816, 51817), (51818, 51819), (51822, 51823)]
+
+
+def test_no_free_port_pair_is_an_error_naming_the_pair_and_the_remedy():
+    ports = {"r1": RelayPorts(40000, 40003)}
+    with pytest.raises(ValueError) as raised:
+        allocate(pairs("abc"), {"r1": "198.51.100.10"}, {}, ports=ports)
+    assert str(raised.value) == (
+        "no free port pair for b and c: every relay's allocation ports are taken (2 relayed"
+        " pairs; widen relay_first_port to relay_last_port, or add a relay)"
+    )
+
+
+def test_an_allocation_outside_a_narrowed_range_moves():
+    first = allocate(pairs("abc"), RELAYS, {})
+    assert [(a.relay, a.slot) for a in first.values()] == [("r1", 0), ("r2", 1), ("r1", 2)]
+    # r1 now holds two port pairs: its slot 2 is gone, and only r2 still has one free.
+    ports = {
+        "r1": RelayPorts(FIRST_PORT, FIRST_PORT + 3),
+        "r2": RelayPorts(FIRST_PORT, FIRST_PORT + 5),
+    }
+    second = allocate(pairs("abc"), RELAYS, {}, [a.to_dict() for a in first.values()], ports=ports)
+    assert second[("a", "b")] == first[("a", "b")] and second[("a", "c")] == first[("a", "c")]
+    assert (second[("b", "c")].relay, second[("b", "c")].ports) == (
+        "r2",
+        (FIRST_PORT + 4, FIRST_PORT + 5),
+    )
+
+
+def test_an_ipv6_relay_address_is_written_in_brackets():
+    (allocation,) = allocate(pairs("ab"), {"r1": "2001:db8::10"}, {}).values()
+    assert allocation.endpoint_of("a") == f"[2001:db8::10]:{FIRST_PORT}"

@@ -1,12 +1,18 @@
-"""meshwright.site.keys: X25519 against RFC 7748's vectors and an independent implementation."""
+"""meshwright.site.keys and the wireguard-tools X25519 under it: RFC 7748's vectors, Debian's
+`wg genkey`/`wg pubkey`, an independent implementation, and the pinned preshared-key derivation."""
 
 from __future__ import annotations
 
 import base64
+import shutil
+import subprocess
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey as Reference
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey as ReferencePublic
+from wireguard_tools import WireguardKey
+from wireguard_tools.curve25519 import X25519PrivateKey
 
 from meshwright.site import keys as wgkeys
 
@@ -37,15 +43,19 @@ BOB = (
 SHARED = "4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742"
 
 
+def x25519(scalar: bytes, u: bytes) -> bytes:
+    return X25519PrivateKey.from_private_bytes(scalar).exchange(u)
+
+
 @pytest.mark.parametrize(("scalar", "u", "out"), SCALAR_MULT)
 def test_rfc7748_scalar_multiplication(scalar, u, out):
-    assert wgkeys.x25519(H(scalar), H(u)).hex() == out
+    assert x25519(H(scalar), H(u)).hex() == out
 
 
 def test_rfc7748_iterated_1_and_1000_times():
     k = u = (9).to_bytes(32, "little")
     for i in range(1, 1001):
-        k, u = wgkeys.x25519(k, u), k
+        k, u = x25519(k, u), k
         if i == 1:
             assert k.hex() == "422c8e7a6227d7bca1350b3e2bb7279f7897b87bb6854b783c60e80311ae3079"
     assert k.hex() == "684cf59ba83309552800ef566f2f4d3c1c3887c49360e3875f2eb94d99532c51"
@@ -53,62 +63,65 @@ def test_rfc7748_iterated_1_and_1000_times():
 
 def test_rfc7748_diffie_hellman():
     for private, public in (ALICE, BOB):
-        assert wgkeys.public_key(H(private)).hex() == public
-    assert wgkeys.x25519(H(ALICE[0]), H(BOB[1])).hex() == SHARED
-    assert wgkeys.x25519(H(BOB[0]), H(ALICE[1])).hex() == SHARED
+        assert WireguardKey(H(private)).public_key().keydata.hex() == public
+    assert x25519(H(ALICE[0]), H(BOB[1])).hex() == SHARED
+    assert x25519(H(BOB[0]), H(ALICE[1])).hex() == SHARED
 
 
-def _raw_public(private: bytes) -> bytes:
-    key = X25519PrivateKey.from_private_bytes(private).public_key()
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+def wg(*args: str, stdin: str = "") -> str:
+    """Debian's wg; missing, the test fails (apt-get install wireguard-tools)."""
+    assert shutil.which("wg"), "the wg command (Debian package wireguard-tools) is missing"
+    return subprocess.run(
+        ["wg", *args], input=stdin, capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
-def test_public_keys_match_an_independent_implementation():
-    for _ in range(50):
-        private = wgkeys.generate_private_key()
-        assert wgkeys.public_key(private) == _raw_public(private)
+def test_public_keys_match_wg_pubkey():
+    keys = [str(WireguardKey.generate()) for _ in range(20)]
+    keys += [wg("genkey") for _ in range(20)]
+    for private in keys:
+        assert str(wgkeys.parse_key(private).public_key()) == wg("pubkey", stdin=private + "\n")
 
 
-def test_shared_secrets_match_an_independent_implementation():
-    for _ in range(10):
-        ours, theirs = wgkeys.generate_private_key(), X25519PrivateKey.generate()
-        theirs_public = _raw_public(
-            theirs.private_bytes(
-                serialization.Encoding.Raw,
-                serialization.PrivateFormat.Raw,
-                serialization.NoEncryption(),
-            )
-        )
-        expected = theirs.exchange(X25519PublicKey.from_public_bytes(wgkeys.public_key(ours)))
-        assert wgkeys.x25519(ours, theirs_public) == expected
-
-
-def test_generated_keys_are_clamped_and_distinct():
-    keys = {wgkeys.generate_private_key() for _ in range(64)}
+def test_generated_keys_are_clamped_as_wg_genkey_makes_them():
+    keys = {WireguardKey.generate().keydata for _ in range(64)}
     assert len(keys) == 64
-    for key in keys:
+    for key in [*keys, base64.b64decode(wg("genkey"))]:
         assert len(key) == 32
         assert key[0] & 7 == 0
         assert key[31] & 0x80 == 0
         assert key[31] & 0x40 == 0x40
 
 
-def test_unclamped_private_key_gives_the_clamped_keys_public_key():
-    raw = bytes(range(32))
-    assert wgkeys.public_key(raw) == wgkeys.public_key(wgkeys.clamp(raw))
+def _raw(private: Reference) -> bytes:
+    return private.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
 
 
-def test_keypair_text_form_round_trips():
-    private, public = wgkeys.generate_keypair()
-    assert len(private) == len(public) == 44
-    assert private.endswith("=") and public.endswith("=")
-    assert wgkeys.public_key_of(private) == public
-    assert wgkeys.public_key_of(private + "\n") == public
-    assert wgkeys.public_key_of(private.encode()) == public
-    assert wgkeys.decode(public) == base64.b64decode(public)
+def _raw_public(private: Reference) -> bytes:
+    public = private.public_key()
+    return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-SECRET = wgkeys.encode(bytes(range(32)))
+def test_shared_secrets_match_an_independent_implementation():
+    for _ in range(10):
+        ours, theirs = WireguardKey.generate(), Reference.generate()
+        expected = theirs.exchange(ReferencePublic.from_public_bytes(ours.public_key().keydata))
+        assert x25519(ours.keydata, _raw_public(theirs)) == expected
+        assert WireguardKey(_raw(theirs)).public_key().keydata == _raw_public(theirs)
+
+
+def test_key_text_form_round_trips():
+    private = WireguardKey.generate()
+    text = str(private)
+    assert len(text) == 44 and text.endswith("=")
+    assert wgkeys.parse_key(text) == private
+    assert wgkeys.parse_key(text + "\n") == private
+    assert wgkeys.parse_key(text.encode()) == private
+
+
+SECRET = str(WireguardKey(bytes(range(32))))
 
 
 @pytest.mark.parametrize(
@@ -121,13 +134,14 @@ SECRET = wgkeys.encode(bytes(range(32)))
         (SECRET[:20] + "\n" + SECRET[20:], "one line"),
         ("!" * 43 + "=", "not valid base64"),
         (SECRET[:-2] + "B=", "canonical"),  # the last character's spare bits must be zero
-        (base64.b64encode(bytes(33)).decode(), "decode to 32 bytes"),
+        (str(WireguardKey(b"\xfb" * 32)).replace("/", "_"), "canonical"),  # URL-safe alphabet
+        (base64.b64encode(bytes(33)).decode(), "base64 of 32 bytes"),
         (b"\xff" * 44, "not ASCII"),
     ],
 )
 def test_malformed_keys_are_refused_without_quoting_them(text, reason):
     with pytest.raises(wgkeys.KeyFormatError) as caught:
-        wgkeys.decode(text)
+        wgkeys.parse_key(text)
     message = str(caught.value)
     assert reason in message
     stripped = text.strip() if isinstance(text, str) else ""
@@ -135,21 +149,17 @@ def test_malformed_keys_are_refused_without_quoting_them(text, reason):
         assert stripped[:8] not in message
 
 
+def test_hex_keys_that_the_library_takes_are_refused():
+    with pytest.raises(wgkeys.KeyFormatError, match="44 base64 characters"):
+        wgkeys.parse_key(bytes(range(32)).hex())
+
+
 def test_error_never_contains_a_real_private_key():
-    private, _ = wgkeys.generate_keypair()
+    private = str(WireguardKey.generate())
     for bad in (private[:-1], private + "x", private[:10] + "\n" + private[10:]):
         with pytest.raises(wgkeys.KeyFormatError) as caught:
-            wgkeys.decode(bad)
+            wgkeys.parse_key(bad)
         assert private[:8] not in str(caught.value)
-
-
-def test_wrong_lengths_are_refused():
-    with pytest.raises(wgkeys.KeyFormatError):
-        wgkeys.public_key(bytes(31))
-    with pytest.raises(wgkeys.KeyFormatError):
-        wgkeys.x25519(bytes(32), bytes(33))
-    with pytest.raises(wgkeys.KeyFormatError):
-        wgkeys.encode(bytes(16))
 
 
 # RFC 5869 appendix A, test cases 1 and 3: (ikm, salt, info, length, okm).
@@ -176,18 +186,40 @@ def test_hkdf_matches_rfc5869(ikm, salt, info, length, okm):
     assert wgkeys.hkdf_sha256(H(ikm), H(salt), H(info), length) == H(okm)
 
 
+def test_preshared_keys_are_pinned():
+    # Computed by the hand-written X25519 this module had before wireguard-tools: a change
+    # here would make every deployed pair's keys differ at its two ends during an upgrade.
+    alice, bob = WireguardKey(H(ALICE[0])), WireguardKey(H(BOB[0]))
+    assert str(wgkeys.pair_preshared_key(alice, bob.public_key())) == (
+        "+sskoJZ/fcJ5YwOQ0q6vcr+E/1ngoHZjk4hduyl/FQA="
+    )
+    assert str(wgkeys.pair_preshared_key(bob, alice.public_key(), b"vaulted")) == (
+        "3LfjxYh/ZxoG/XSpDp+SlB8mAJEejlPfnkxUL6Q2/dM="
+    )
+
+
+def test_preshared_key_is_the_documented_hkdf():
+    a, b = WireguardKey.generate(), WireguardKey.generate()
+    shared = Reference.from_private_bytes(a.keydata).exchange(
+        ReferencePublic.from_public_bytes(b.public_key().keydata)
+    )
+    info = b"".join(sorted((a.public_key().keydata, b.public_key().keydata)))
+    expected = wgkeys.hkdf_sha256(shared + b"s", b"meshwright preshared key v1", info)
+    assert wgkeys.pair_preshared_key(a, b.public_key(), b"s").keydata == expected
+
+
 def test_both_ends_of_a_pair_derive_the_same_preshared_key():
-    a, b, c = (wgkeys.generate_private_key() for _ in range(3))
-    ab = wgkeys.pair_preshared_key(a, wgkeys.public_key(b))
-    assert ab == wgkeys.pair_preshared_key(b, wgkeys.public_key(a))
-    assert len(ab) == 32
+    a, b, c = (WireguardKey.generate() for _ in range(3))
+    ab = wgkeys.pair_preshared_key(a, b.public_key())
+    assert ab == wgkeys.pair_preshared_key(b, a.public_key())
+    assert len(ab.keydata) == 32
     # Another pair, or the same pair with a mesh secret, gets another key.
-    assert ab != wgkeys.pair_preshared_key(a, wgkeys.public_key(c))
-    with_secret = wgkeys.pair_preshared_key(a, wgkeys.public_key(b), b"vaulted")
-    assert with_secret == wgkeys.pair_preshared_key(b, wgkeys.public_key(a), b"vaulted")
+    assert ab != wgkeys.pair_preshared_key(a, c.public_key())
+    with_secret = wgkeys.pair_preshared_key(a, b.public_key(), b"vaulted")
+    assert with_secret == wgkeys.pair_preshared_key(b, a.public_key(), b"vaulted")
     assert with_secret != ab
 
 
 def test_preshared_key_refuses_a_low_order_peer_key():
     with pytest.raises(wgkeys.KeyFormatError, match="low-order"):
-        wgkeys.pair_preshared_key(wgkeys.generate_private_key(), bytes(32))
+        wgkeys.pair_preshared_key(WireguardKey.generate(), WireguardKey(bytes(32)))

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from meshwright.lab import podman
@@ -69,7 +70,7 @@ def host_mirror(sources_dir: Path = Path("/etc/apt")) -> str:
     return DEFAULT_MIRROR
 
 
-def ensure_image(log=print) -> str:
+def ensure_image(log: Callable[[str], None] = print) -> str:
     """Build the image unless it exists; returns its name."""
     name = image_name()
     if podman.image_exists(name):

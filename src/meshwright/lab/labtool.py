@@ -79,7 +79,7 @@ def _serve_tcp(listener: socket.socket, udp: dict[socket.socket, str]) -> None:
                 if sender is None:
                     raise OSError(f"no UDP socket on {local}")
                 sender.sendto(b'{"third": true}', (parts[1], int(parts[2])))
-                reply = {"sent": True}
+                reply: dict[str, object] = {"sent": True}
             except (OSError, ValueError) as exc:
                 reply = {"sent": False, "error": str(exc)}
         else:
@@ -99,7 +99,8 @@ def _endpoint(text: str) -> tuple[str, int]:
 def _probe(args: argparse.Namespace) -> int:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("0.0.0.0", args.sport))
-    result: dict[str, object] = {"sport": args.sport, "mappings": []}
+    mappings: list[dict[str, object]] = []
+    result: dict[str, object] = {"sport": args.sport, "mappings": mappings}
     first_mapping = None
     for target in args.to:
         dest = _endpoint(target)
@@ -122,7 +123,7 @@ def _probe(args: argparse.Namespace) -> int:
             if mapped:
                 break
         entry = {"to": target, "mapped": mapped, **({"error": error} if error else {})}
-        result["mappings"].append(entry)  # type: ignore[union-attr]
+        mappings.append(entry)
         first_mapping = first_mapping or mapped
     if args.third:
         result["unsolicited"] = _ask_third(sock, args.third, first_mapping, args)
@@ -130,7 +131,9 @@ def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ask_third(sock: socket.socket, third: str, mapping: str | None, args) -> object:
+def _ask_third(
+    sock: socket.socket, third: str, mapping: str | None, args: argparse.Namespace
+) -> object:
     if mapping is None:
         return None
     ip, port = _endpoint(mapping)

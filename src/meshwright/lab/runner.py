@@ -47,9 +47,10 @@ def read_topology(path: Path, name: str | None = None) -> Topology:
 
 
 def _containers(lab_name: str) -> list[dict[str, Any]]:
-    return podman.run_json(
+    containers: list[dict[str, Any]] = podman.run_json(
         ["ps", "-a", "--filter", f"label={LABEL}={lab_name}", "--format", "json"]
     )
+    return containers
 
 
 def _networks(lab_name: str) -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,7 +161,9 @@ def _shape(value: Any, where: str, default: LinkShape) -> LinkShape:
     return shape
 
 
-def _public(addr: ipaddress.IPv4Address, where: str, internet: tuple[ipaddress.IPv4Network, ...]):
+def _public(
+    addr: ipaddress.IPv4Address, where: str, internet: tuple[ipaddress.IPv4Network, ...]
+) -> ipaddress.IPv4Address:
     if not any(addr in net for net in ALLOWED_PUBLIC):
         raise TopologyError(
             f"{where}: {addr} is outside the lab's public space "
@@ -234,7 +236,9 @@ def load_topology(data: Any) -> Topology:
     return _check_cross_references(topology)
 
 
-def _load_relays(raw: Any, internet: tuple[ipaddress.IPv4Network, ...], wan: LinkShape):
+def _load_relays(
+    raw: Any, internet: tuple[ipaddress.IPv4Network, ...], wan: LinkShape
+) -> tuple[LabRelay, ...]:
     relays_map = _require_mapping(raw if raw is not None else {}, "relays")
     relays = []
     for rname, rdata in relays_map.items():
@@ -255,7 +259,9 @@ def _load_relays(raw: Any, internet: tuple[ipaddress.IPv4Network, ...], wan: Lin
     return tuple(relays)
 
 
-def _load_sites(raw: Any, internet: tuple[ipaddress.IPv4Network, ...], wan: LinkShape):
+def _load_sites(
+    raw: Any, internet: tuple[ipaddress.IPv4Network, ...], wan: LinkShape
+) -> tuple[LabSite, ...]:
     sites_map = _require_mapping(raw, "sites")
     if not sites_map:
         raise TopologyError("sites: at least one site is needed")
@@ -395,7 +401,7 @@ def _check_cross_references(top: Topology) -> Topology:
     return top
 
 
-def _claim(seen: dict[ipaddress.IPv4Address, str], addr: ipaddress.IPv4Address, where: str):
+def _claim(seen: dict[ipaddress.IPv4Address, str], addr: ipaddress.IPv4Address, where: str) -> None:
     if addr in seen:
         raise TopologyError(f"{where}: {addr} is already used by {seen[addr]}")
     seen[addr] = where
@@ -595,7 +601,16 @@ def _ordered(hosts: list[LabHost]) -> list[LabHost]:
     return sorted(hosts, key=lambda h: rank[h.role])
 
 
-def _make_router(top, site, up_name, net, carriers, networks, hosts, public_cidr) -> LabHost:
+def _make_router(
+    top: Topology,
+    site: LabSite,
+    up_name: str,
+    net: ipaddress.IPv4Network,
+    carriers: Iterator[ipaddress.IPv4Network],
+    networks: list[Network],
+    hosts: list[LabHost],
+    public_cidr: Callable[[ipaddress.IPv4Address], str],
+) -> LabHost:
     """The NAT router (or routers, for cgnat) in front of `site`; returns the inner one."""
     assert site.public_address is not None
     public = str(site.public_address)

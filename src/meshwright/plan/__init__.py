@@ -2,7 +2,8 @@
 
 ``build_plan(mesh)`` decides for every pair of sites how they connect (a link of some kind, or a
 path through other sites) and derives every site's WireGuard peers, allowed IPs and routing
-table; ``mesh_from_dict`` reads the plain dict the ``mesh_plan`` action plugin builds. No I/O,
+table; ``mesh_from_dict`` reads the plain dict that :mod:`meshwright.plan.inventory` builds
+from an Ansible inventory (for the ``mesh_plan`` and ``mesh_validate`` action plugins). No I/O,
 standard library only. See docs/plan.md.
 """
 
@@ -14,6 +15,8 @@ from .model import (
     DEFAULT_KEEPALIVE,
     DEFAULT_LINK_KINDS,
     DEFAULT_LISTEN_PORT,
+    DEFAULT_RELAY_FIRST_PORT,
+    DEFAULT_RELAY_LAST_PORT,
     LINK_COST,
     LINK_KINDS,
     NAT_CLASSES,
@@ -30,6 +33,8 @@ __all__ = [
     "DEFAULT_KEEPALIVE",
     "DEFAULT_LINK_KINDS",
     "DEFAULT_LISTEN_PORT",
+    "DEFAULT_RELAY_FIRST_PORT",
+    "DEFAULT_RELAY_LAST_PORT",
     "LINK_COST",
     "LINK_KINDS",
     "NAT_CLASSES",

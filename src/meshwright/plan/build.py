@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from .links import Blocker, LinkGraph
 from .model import LINK_KINDS, RELAY_KINDS, Mesh, PlanError
 from .output import Plan
-from .relays import RelayAllocation, allocate
+from .relays import RelayAllocation, RelayPorts, allocate
 from .routing import Routing
 from .validate import Node, Skip, check_mesh
 
@@ -84,9 +84,10 @@ def _allocations(
     if not relayed:
         return {}
     relays = {r.name: r.addresses[0] for r in mesh.relays if r.addresses}
+    ports = {r.name: RelayPorts(r.first_port, r.last_port, r.listen_port) for r in mesh.relays}
     rtt = {node.name: dict(node.site.relay_rtt_ms) for node in nodes}
     keys = {node.name: node.site.public_key or "" for node in nodes}
-    return allocate(relayed, relays, rtt, mesh.previous_allocations, keys)
+    return allocate(relayed, relays, rtt, mesh.previous_allocations, keys, ports)
 
 
 def build_plan(mesh: Mesh) -> Plan:

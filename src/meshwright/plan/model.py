@@ -9,6 +9,8 @@ __all__ = [
     "DEFAULT_KEEPALIVE",
     "DEFAULT_LINK_KINDS",
     "DEFAULT_LISTEN_PORT",
+    "DEFAULT_RELAY_FIRST_PORT",
+    "DEFAULT_RELAY_LAST_PORT",
     "LINK_COST",
     "LINK_KINDS",
     "NAT_CLASSES",
@@ -31,6 +33,10 @@ RELAY_KINDS = frozenset({"relay", "relay-tcp"})
 DEFAULT_LINK_KINDS = frozenset({"direct"})
 DEFAULT_KEEPALIVE = 25
 DEFAULT_LISTEN_PORT = 51820
+# A relay's allocation ports, unless its inventory says otherwise (relay_first_port and
+# relay_last_port): 10,000 port pairs. Defined here only; the plan hands them on.
+DEFAULT_RELAY_FIRST_PORT = 40000
+DEFAULT_RELAY_LAST_PORT = 59999
 
 
 class PlanError(ValueError):
@@ -96,6 +102,9 @@ class Relay:
     public_key: str | None = None
     overlay_address: str | None = None
     listen_port: int = DEFAULT_LISTEN_PORT
+    # Its allocation ports, inclusive (slot k: first + 2k and first + 2k + 1).
+    first_port: int = DEFAULT_RELAY_FIRST_PORT
+    last_port: int = DEFAULT_RELAY_LAST_PORT
 
 
 @dataclass(frozen=True, kw_only=True)

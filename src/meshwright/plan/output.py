@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from ipaddress import ip_address
 from typing import Any, NamedTuple, overload
 
+from ..wire.endpoint import format_endpoint
 from .links import LinkGraph
 from .model import Relay
 from .relays import RelayAllocation
 from .routing import Routing
-from .validate import Node, format_endpoint
+from .validate import Node
 
 __all__ = ["Pair", "Peer", "Plan", "Route", "SitePlan", "format_table"]
 
@@ -65,13 +66,16 @@ class Route(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class SitePlan:
-    """What one site gets: peers sorted by name, routes sorted by prefix."""
+    """What one site gets: peers sorted by name, routes sorted by prefix, and the mesh's
+    prefixes its firewall passes (the overlay network first, then the LAN prefixes of every
+    site of its connected part, its own included, sorted)."""
 
     name: str
     overlay_address: str
     listen_port: int
     peers: tuple[Peer, ...]
     routes: tuple[Route, ...]
+    mesh_prefixes: tuple[str, ...]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,6 +83,7 @@ class SitePlan:
             "listen_port": self.listen_port,
             "peers": [p.to_dict() for p in self.peers],
             "routes": [r.to_dict() for r in self.routes],
+            "mesh_prefixes": list(self.mesh_prefixes),
         }
 
 
@@ -112,6 +117,7 @@ class Plan:
         "_graph",
         "_keepalive",
         "_local",
+        "_mesh_prefixes",
         "_nodes",
         "_part",
         "_prefixes",
@@ -151,6 +157,7 @@ class Plan:
         self._part = [-1] * len(self._nodes)
         self._local = [-1] * len(self._nodes)
         self._prefixes: list[list[tuple[str, int]]] = []
+        self._mesh_prefixes: list[tuple[str, ...]] = []
         for part, routing in enumerate(self._routings):
             prefixes: list[tuple[tuple[int, int, int], str, int]] = []
             for position, i in enumerate(routing.local):
@@ -158,6 +165,7 @@ class Plan:
                 prefixes.extend((key, p, position) for key, p in self._nodes[i].prefixes)
             prefixes.sort()
             self._prefixes.append([(p, position) for _, p, position in prefixes])
+            self._mesh_prefixes.append(self._lan_prefixes(routing.local))
 
     # --- views ---------------------------------------------------------------------------------
 
@@ -238,11 +246,22 @@ class Plan:
                 hi = mid
         return [self._nodes[lo]] if lo < len(self._nodes) and self._nodes[lo].name == name else []
 
+    def _lan_prefixes(self, members: Sequence[int]) -> tuple[str, ...]:
+        """The overlay network, then the LAN prefixes of these nodes (all but overlay /32s)."""
+        lans = sorted(
+            item
+            for i in members
+            for item in self._nodes[i].prefixes
+            if item[1] != self._nodes[i].overlay
+        )
+        return (self.overlay_network, *(prefix for _, prefix in lans))
+
     def _site_plan(self, node: Node) -> SitePlan:
         address = node.overlay.split("/")[0]
         part, me = self._part[node.index], self._local[node.index]
         if part < 0:
-            return SitePlan(node.name, address, node.site.listen_port, (), ())
+            alone = self._lan_prefixes((node.index,))
+            return SitePlan(node.name, address, node.site.listen_port, (), (), alone)
         routing = self._routings[part]
         nodes, local = self._nodes, routing.local
         names = [nodes[i].name for i in local]
@@ -286,7 +305,8 @@ class Plan:
             if kind is None:  # pragma: no cover - a next hop is always a linked neighbour
                 raise RuntimeError(f"routing: {node.name} routes to {other.name} without a link")
             endpoint, keepalive = _peer_settings(node, other, kind, self._keepalive)
-            allocation = self._allocations.get(tuple(sorted((node.name, other.name))))
+            low, high = sorted((node.name, other.name))
+            allocation = self._allocations.get((low, high))
             if allocation is not None:
                 # A site that cannot send UDP reaches its side through its sidecar, which
                 # listens on loopback on the same port and carries it over TLS.
@@ -323,7 +343,14 @@ class Plan:
                     )
                 )
             peers.sort(key=lambda p: p.name)
-        return SitePlan(node.name, address, node.site.listen_port, tuple(peers), tuple(routes))
+        return SitePlan(
+            node.name,
+            address,
+            node.site.listen_port,
+            tuple(peers),
+            tuple(routes),
+            self._mesh_prefixes[part],
+        )
 
     def _relay_plan(self, relay: Relay) -> dict[str, Any]:
         """A relay's WireGuard: every site that can send UDP, allowed only its overlay address."""

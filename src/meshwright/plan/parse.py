@@ -6,7 +6,8 @@ The dict::
      "link_kinds": ["direct"],            # optional, default ["direct"]
      "keepalive": 25,                     # optional
      "listen_port": 51820,                # optional: the sites' default
-     "relays": [{"name": "r1", "addresses": ["198.51.100.10"]}],          # optional
+     "relays": [{"name": "r1", "addresses": ["198.51.100.10"],            # optional
+                 "first_port": 40000, "last_port": 59999}],  # allocation ports, optional
      "sites": [{"name": "a", "public_key": "...", "overlay_address": "10.99.0.1",
                 "lan_prefixes": ["192.168.1.0/24"], "nat_class": "open",
                 "endpoint": "198.51.100.1:51820", "listen_port": 51820, "required": true,
@@ -27,14 +28,17 @@ from .model import (
     DEFAULT_KEEPALIVE,
     DEFAULT_LINK_KINDS,
     DEFAULT_LISTEN_PORT,
+    DEFAULT_RELAY_FIRST_PORT,
+    DEFAULT_RELAY_LAST_PORT,
     Mesh,
     PlanError,
     Policy,
     Relay,
     Site,
 )
+from .validate import Skip
 
-__all__ = ["mesh_from_dict"]
+__all__ = ["mesh_from_dict", "read_mesh"]
 
 _MESH_KEYS = {
     "overlay_network",
@@ -58,7 +62,15 @@ _SITE_KEYS = {
     "required",
 }
 _POLICY_KEYS = {"allow_direct", "allow_relay", "hubs"}
-_RELAY_KEYS = {"name", "addresses", "public_key", "overlay_address", "listen_port"}
+_RELAY_KEYS = {
+    "name",
+    "addresses",
+    "public_key",
+    "overlay_address",
+    "listen_port",
+    "first_port",
+    "last_port",
+}
 
 
 def _is_int(value: object) -> bool:
@@ -99,6 +111,19 @@ def _entries(value: object, what: str, problems: list[str]) -> list[tuple[str, d
 
 def mesh_from_dict(data: Mapping[str, Any]) -> Mesh:
     """Read and shape-check a plain dict; :class:`PlanError` names every problem found."""
+    mesh, problems, skip = read_mesh(data)
+    if problems:
+        more, _ = check(mesh, skip)
+        raise PlanError([*problems, *more])
+    return mesh
+
+
+def read_mesh(data: Mapping[str, Any]) -> tuple[Mesh, list[str], Skip]:
+    """The mesh of a plain dict, its shape problems, and the (site, field) pairs they concern
+    (for :func:`~meshwright.plan.validate.check_mesh`'s ``skip``, so none is reported twice).
+
+    A malformed field becomes a neutral value; PlanError only when ``data`` is no mapping.
+    """
     problems: list[str] = []
     skip: set[tuple[str, str]] = set()
     if not isinstance(data, Mapping):
@@ -142,24 +167,34 @@ def mesh_from_dict(data: Mapping[str, Any]) -> Mesh:
         if addresses is None:
             problems.append(f"{label}: addresses {entry.get('addresses')!r} is not a list")
             addresses = ()
-        key, relay_overlay = entry.get("public_key"), entry.get("overlay_address")
+        public_key, relay_overlay = entry.get("public_key"), entry.get("overlay_address")
         port = entry.get("listen_port", DEFAULT_LISTEN_PORT)
-        if key is not None and not isinstance(key, str):
-            problems.append(f"{label}: public key {key!r} is not a string")
-            key = None
+        if public_key is not None and not isinstance(public_key, str):
+            problems.append(f"{label}: public key {public_key!r} is not a string")
+            public_key = None
         if relay_overlay is not None and not isinstance(relay_overlay, str):
             problems.append(f"{label}: overlay address {relay_overlay!r} is not an address string")
             relay_overlay = None
         if not _is_int(port):
             problems.append(f"{label}: listen port {port!r} is not a port number")
             port = DEFAULT_LISTEN_PORT
+        first = entry.get("first_port", DEFAULT_RELAY_FIRST_PORT)
+        if not _is_int(first):
+            problems.append(f"{label}: first port {first!r} is not a port number")
+            first = DEFAULT_RELAY_FIRST_PORT
+        last = entry.get("last_port", DEFAULT_RELAY_LAST_PORT)
+        if not _is_int(last):
+            problems.append(f"{label}: last port {last!r} is not a port number")
+            last = DEFAULT_RELAY_LAST_PORT
         relays.append(
             Relay(
                 name=name,
                 addresses=addresses,
-                public_key=key,
+                public_key=public_key,
                 overlay_address=relay_overlay.split("/")[0] if relay_overlay else None,
                 listen_port=port,
+                first_port=first,
+                last_port=last,
             )
         )
 
@@ -184,10 +219,7 @@ def mesh_from_dict(data: Mapping[str, Any]) -> Mesh:
         keepalive=keepalive,
         listen_port=listen_port,
     )
-    if problems:
-        more, _ = check(mesh, frozenset(skip))
-        raise PlanError([*problems, *more])
-    return mesh
+    return mesh, problems, frozenset(skip)
 
 
 def _site(

@@ -1,17 +1,21 @@
 """Relay allocations: which relay carries each relayed pair, and on which ports.
 
 Every pair the routing links with ``relay`` or ``relay-tcp`` gets one allocation: a relay and a
-slot (unique across relays, so at most ``MAX_SLOTS`` relayed pairs in a mesh). Slot ``k`` is
-the port pair ``(FIRST_PORT + 2k, FIRST_PORT + 2k + 1)``, the first
-port for the pair's first site (in name order), the second for the other. Each site's WireGuard
-endpoint for its peer is the relay's address and its own port; the relay forwards between the
-two ports. A site that cannot send UDP (``relay-tcp``, a ``blocked`` site) reaches its port
-through the relay's TLS service instead, naming the port.
+slot. Slot ``k`` of a relay is the port pair ``(first + 2k, first + 2k + 1)`` of that relay's
+allocation range (:class:`RelayPorts`, from the inventory's ``relay_first_port`` and
+``relay_last_port``), the first port for the pair's first site (in name order), the second for
+the other. Each site's WireGuard endpoint for its peer is the relay's address and its own port;
+the relay forwards between the two ports. A site that cannot send UDP (``relay-tcp``, a
+``blocked`` site) reaches its port through the relay's TLS service instead, naming the port.
+
+Ports are unique across relays, not only per relay: a UDP-blocked site binds its side of every
+allocation on its own loopback (``127.0.0.1:<port>``), whichever relay carries it.
 
 Stable: an allocation the previous plan made is kept while its pair is still relayed and its
-relay still exists, so a new plan never moves a working pair. A new pair goes to the relay with
-the lowest round trip (the two sites' probe RTTs added up), spread: among relays within
-``NEAR_MS`` of the best it takes the one carrying fewest pairs; then the lowest free slot.
+relay and ports still exist, so a new plan never moves a working pair. A new pair goes to the
+relay with the lowest round trip (the two sites' probe RTTs added up), spread: among relays
+within ``NEAR_MS`` of the best it takes the one carrying fewest pairs; then the lowest free slot
+(a full relay passes the pair on to the next one).
 """
 
 from __future__ import annotations
@@ -19,12 +23,30 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["FIRST_PORT", "MAX_SLOTS", "RelayAllocation", "allocate"]
+from ..wire.endpoint import format_endpoint
+from .model import DEFAULT_RELAY_FIRST_PORT, DEFAULT_RELAY_LAST_PORT
 
-FIRST_PORT = 40000
-MAX_SLOTS = 10000  # ports 40000-59999
+__all__ = ["RelayAllocation", "RelayPorts", "allocate"]
+
 NEAR_MS = 10.0
 UNKNOWN_RTT_MS = 500.0  # a site with no RTT to a relay (a UDP-blocked site): ranks it last
+
+
+@dataclass(frozen=True, slots=True)
+class RelayPorts:
+    """A relay's allocation ports, ``first`` to ``last`` inclusive; never its ``reserved`` port
+    (its own WireGuard port, which may fall inside the range)."""
+
+    first: int = DEFAULT_RELAY_FIRST_PORT
+    last: int = DEFAULT_RELAY_LAST_PORT
+    reserved: int | None = None
+
+    @property
+    def slots(self) -> int:
+        return max(0, (self.last - self.first + 1) // 2)
+
+    def pair(self, slot: int) -> tuple[int, int]:
+        return self.first + 2 * slot, self.first + 2 * slot + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,16 +59,13 @@ class RelayAllocation:
     relay: str
     address: str
     slot: int
+    ports: tuple[int, int]
     public_keys: tuple[str, str]  # a's and b's: the relay checks each handshake's mac1
-
-    @property
-    def ports(self) -> tuple[int, int]:
-        return FIRST_PORT + 2 * self.slot, FIRST_PORT + 2 * self.slot + 1
 
     def endpoint_of(self, site: str) -> str:
         """The WireGuard endpoint ``site`` holds for the other site of the pair."""
         port = self.ports[0] if site == self.a else self.ports[1]
-        return f"{self.address}:{port}"
+        return format_endpoint(self.address, port)
 
     def local_endpoint_of(self, site: str) -> str:
         """The endpoint of a UDP-blocked ``site``: its sidecar, on loopback, on its port."""
@@ -72,25 +91,37 @@ def allocate(
     rtt_ms: Mapping[str, Mapping[str, float]],
     previous: Sequence[Mapping[str, object]] = (),
     public_keys: Mapping[str, str] | None = None,
+    ports: Mapping[str, RelayPorts] | None = None,
 ) -> dict[tuple[str, str], RelayAllocation]:
     """Allocations for ``pairs`` ((a, b, kind), a < b) on ``relays`` (name -> address).
 
     ``rtt_ms[site][relay]``: the probe's round trips. ``previous``: the last plan's allocations
     (as :meth:`RelayAllocation.to_dict` wrote them); the ones still valid are kept.
-    ``public_keys``: every site's WireGuard public key, by name.
+    ``public_keys``: every site's WireGuard public key, by name. ``ports``: each relay's
+    allocation ports (default :class:`RelayPorts`). ValueError when every port is taken.
     """
     keys = public_keys or {}
+    ranges = {name: (ports or {}).get(name, RelayPorts()) for name in relays}
+    used: dict[str, set[int]] = {name: set() for name in relays}  # each relay's slots (load)
+    taken: set[int] = set()  # ports, across relays (see the module's docstring)
+    cursor = dict.fromkeys(relays, 0)  # per relay: every slot below it is unusable
 
-    def make(pair: tuple[str, str], kind: str, relay: str, slot: int) -> RelayAllocation:
+    def free(relay: str, slot: int) -> bool:
+        span = ranges[relay]
+        if not 0 <= slot < span.slots:
+            return False
+        pair = span.pair(slot)
+        return span.reserved not in pair and taken.isdisjoint(pair)
+
+    def take(pair: tuple[str, str], kind: str, relay: str, slot: int) -> RelayAllocation:
+        used[relay].add(slot)
+        taken.update(ranges[relay].pair(slot))
         pair_keys = (keys.get(pair[0], ""), keys.get(pair[1], ""))
-        return RelayAllocation(*pair, kind, relay, relays[relay], slot, pair_keys)
+        return RelayAllocation(
+            *pair, kind, relay, relays[relay], slot, ranges[relay].pair(slot), pair_keys
+        )
 
     wanted = {(a, b): kind for a, b, kind in sorted(pairs)}
-    used: dict[str, set[int]] = {name: set() for name in relays}  # each relay's load
-    # Slots are unique across relays, not only per relay: a UDP-blocked site binds its side of
-    # every allocation on its own loopback (127.0.0.1:<port>), whichever relay carries it.
-    taken: set[int] = set()
-    cursor = 0  # every slot below it is taken
     result: dict[tuple[str, str], RelayAllocation] = {}
     for old in previous:
         key = (str(old.get("a")), str(old.get("b")))
@@ -101,37 +132,46 @@ def allocate(
             and isinstance(relay, str)
             and relay in relays
             and isinstance(slot, int)
-            and 0 <= slot < MAX_SLOTS
-            and slot not in taken
+            and not isinstance(slot, bool)
+            and free(relay, slot)
         ):
-            used[relay].add(slot)
-            taken.add(slot)
-            result[key] = make(key, wanted[key], relay, slot)
+            result[key] = take(key, wanted[key], relay, slot)
     for key, kind in wanted.items():
         if key in result:
             continue
-        relay = _choose(key, relays, rtt_ms, used)
-        slot = cursor
-        while slot in taken:
-            slot += 1
-        if slot >= MAX_SLOTS:
-            raise ValueError(f"more than {MAX_SLOTS} relayed pairs (ports {FIRST_PORT} and up)")
-        used[relay].add(slot)
-        taken.add(slot)
-        cursor = slot + 1
-        result[key] = make(key, kind, relay, slot)
+        for relay in _preference(key, relays, rtt_ms, used):
+            slot = cursor[relay]
+            while slot < ranges[relay].slots and not free(relay, slot):
+                slot += 1
+            cursor[relay] = slot
+            if slot < ranges[relay].slots:
+                result[key] = take(key, kind, relay, slot)
+                break
+        else:
+            raise ValueError(
+                f"no free port pair for {key[0]} and {key[1]}: every relay's allocation ports"
+                f" are taken ({len(result)} relayed pairs; widen relay_first_port to"
+                " relay_last_port, or add a relay)"
+            )
     return dict(sorted(result.items()))
 
 
-def _choose(
+def _preference(
     pair: tuple[str, str],
     relays: Mapping[str, str],
     rtt_ms: Mapping[str, Mapping[str, float]],
     used: Mapping[str, set[int]],
-) -> str:
+) -> list[str]:
+    """Relays in the order ``pair`` tries them: the near ones (within NEAR_MS of the best round
+    trip) least loaded first, then the others nearest first."""
+
     def rtt(relay: str) -> float:
         return sum(rtt_ms.get(site, {}).get(relay, UNKNOWN_RTT_MS) for site in pair)
 
     best = min(rtt(name) for name in relays)
-    near = [name for name in sorted(relays) if rtt(name) <= best + NEAR_MS]
-    return min(near, key=lambda name: (len(used[name]), rtt(name), name))
+
+    def rank(name: str) -> tuple[bool, int, float, str]:
+        far = rtt(name) > best + NEAR_MS
+        return far, 0 if far else len(used[name]), rtt(name), name
+
+    return sorted(relays, key=rank)

@@ -7,6 +7,7 @@ import hashlib
 import ipaddress
 import random
 from collections.abc import Iterable
+from typing import Any
 
 from .model import DEFAULT_LINK_KINDS, RELAY_KINDS, Mesh, Policy, Relay, Site
 
@@ -21,7 +22,7 @@ def public_key(name: str) -> str:
     return base64.b64encode(hashlib.sha256(name.encode()).digest()).decode()
 
 
-def synthetic_site(name: str, nat: str | None = "open", number: int = 1, **kw) -> Site:
+def synthetic_site(name: str, nat: str | None = "open", number: int = 1, **kw: Any) -> Site:
     """A site numbered ``number``; an ``open`` site gets an endpoint unless one is given."""
     if nat == "open" and "endpoint" not in kw:
         kw["endpoint"] = f"203.0.113.{number}:51820"

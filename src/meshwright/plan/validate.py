@@ -15,9 +15,10 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from ..wire.endpoint import EndpointError, parse_endpoint
 from .model import LINK_KINDS, NAT_CLASSES, RELAY_KINDS, Mesh, Site
 
-__all__ = ["Node", "check_mesh", "format_endpoint", "parse_endpoint", "prefix_key"]
+__all__ = ["Node", "check_mesh", "prefix_key"]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -46,27 +47,6 @@ class Node:
 def prefix_key(net: IPNetwork) -> tuple[int, int, int]:
     """Sort key of a prefix: IPv4 before IPv6, then by address, shorter prefix first."""
     return (net.version, int(net.network_address), net.prefixlen)
-
-
-def parse_endpoint(text: str) -> tuple[IPAddress, int]:
-    """``"ip:port"`` or ``"[ip6]:port"``; raises ValueError with a short reason."""
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or not rest.startswith(":"):
-            raise ValueError("want [ipv6]:port")
-        port_text = rest[1:]
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep or ":" in host:
-            raise ValueError("want ip:port, or [ipv6]:port")
-    address = ipaddress.ip_address(host)
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ValueError(f"port {port_text!r} is not 1-65535")
-    return address, int(port_text)
-
-
-def format_endpoint(address: IPAddress, port: int) -> str:
-    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
 
 
 def _is_port(value: object) -> bool:
@@ -137,6 +117,14 @@ def check_mesh(mesh: Mesh, skip: Skip = frozenset()) -> tuple[list[str], list[No
                 relay_overlays.append((address, relay.name))
         if not _is_port(relay.listen_port):
             add(f"relay {relay.name}: listen port {relay.listen_port!r} is not a port in 1-65535")
+        first, last = relay.first_port, relay.last_port
+        if not (_is_port(first) and _is_port(last)):
+            add(f"relay {relay.name}: allocation ports {first!r}-{last!r} are not ports in 1-65535")
+        elif last - first < 1:
+            add(
+                f"relay {relay.name}: allocation ports {first}-{last} hold no port pair"
+                " (the first must be below the last)"
+            )
     for name, times in sorted(relay_count.items()):
         if times > 1:
             add(f"relay {name}: defined {times} times")
@@ -254,9 +242,9 @@ def check_mesh(mesh: Mesh, skip: Skip = frozenset()) -> tuple[list[str], list[No
         endpoint: str | None = None
         if site.endpoint is not None and not skipped("endpoint"):
             try:
-                endpoint = format_endpoint(*parse_endpoint(str(site.endpoint)))
-            except ValueError as exc:
-                add(f"{where}: endpoint {site.endpoint!r} is not valid ({exc})")
+                endpoint = str(parse_endpoint(str(site.endpoint)))
+            except EndpointError as exc:
+                add(f"{where}: endpoint {site.endpoint!r} is not valid ({exc.reason})")
                 endpoint = site.endpoint  # still "has an endpoint" for the link rules
             else:
                 endpoint_of[endpoint].append(name)

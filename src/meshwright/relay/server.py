@@ -41,11 +41,13 @@ import socket
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from meshwright.relay.stun_server import StunResponder, StunStreams, StunTcpClient
+from meshwright.wire.endpoint import format_endpoint
 
 from .forward import Address, Allocation, Limits
 from .tls import TlsClients
@@ -92,7 +94,9 @@ def _parse(data: Any) -> tuple[dict[str, tuple[str, tuple[int, int], tuple[str, 
 class RelayServer:
     """Forwards for every allocation in ``config``; one thread, one selector."""
 
-    def __init__(self, config: Path, state: Path | None = None, log=print) -> None:
+    def __init__(
+        self, config: Path, state: Path | None = None, log: Callable[[str], None] = print
+    ) -> None:
         self.config, self.state, self.log = config, state, log
         self.selector = selectors.DefaultSelector()
         self.open: dict[str, _Open] = {}
@@ -113,7 +117,8 @@ class RelayServer:
         if self.state is None or not self.state.exists():
             return {}
         try:
-            return json.loads(self.state.read_text()).get("allocations", {})
+            allocations: dict[str, Any] = json.loads(self.state.read_text()).get("allocations", {})
+            return allocations
         except (ValueError, AttributeError):
             return {}  # a damaged state file costs one handshake per pair, nothing more
 
@@ -133,7 +138,8 @@ class RelayServer:
                 try:
                     self._open(key, spec)
                 except OSError as exc:
-                    self.log(f"relay: cannot open {key} on {spec[0]}:{spec[1]}: {exc}")
+                    where = " and ".join(format_endpoint(spec[0], port) for port in spec[1])
+                    self.log(f"relay: cannot open {key} on {where}: {exc}")
         self.by_port = {o.spec[1][s]: (o, s) for o in self.open.values() for s in (0, 1)}
         tls = data.get("tls") if isinstance(data, dict) else None
         if tls:
@@ -197,9 +203,13 @@ class RelayServer:
     def _open(self, key: str, spec: tuple[str, tuple[int, int], tuple[str, str]]) -> None:
         address, ports, keys = spec
         restored = self._restored.get(key, {})
-        confirmed = tuple(
-            (str(c[0]), int(c[1])) if isinstance(c, list) and len(c) == 2 else None
-            for c in restored.get("confirmed", [None, None])
+        # A pair when the state file is sound; Allocation rejects any other length.
+        confirmed = cast(
+            tuple[Address | None, Address | None],
+            tuple(
+                (str(c[0]), int(c[1])) if isinstance(c, list) and len(c) == 2 else None
+                for c in restored.get("confirmed", [None, None])
+            ),
         )
         allocation = Allocation(
             (base64.b64decode(keys[0]), base64.b64decode(keys[1])),
@@ -290,8 +300,8 @@ class RelayServer:
                         self.save()
         finally:
             self.save()
-            for key in list(self.open):
-                self._close(key)
+            for open_key in list(self.open):
+                self._close(open_key)
             if self.tls is not None:
                 self.tls.close()
             if self.stun is not None:

@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshwright.wire import stun
+from meshwright.wire.endpoint import format_endpoint
 
 __all__ = [
     "DEFAULT_ALT_PORT",
@@ -596,12 +597,12 @@ class StunServer:
     def serve_forever(self) -> None:
         log.info(
             "stun-server listening on %s",
-            ", ".join(f"[{a}]:{p}" if ":" in a else f"{a}:{p}" for a, p in self._sockets),
+            ", ".join(format_endpoint(a, p) for a, p in self._sockets),
         )
         if self._listeners:
             log.info(
                 "stun-server listening over TCP on %s",
-                ", ".join(f"{a}:{p}" for a, p in self._listeners),
+                ", ".join(format_endpoint(a, p) for a, p in self._listeners),
             )
         next_log = time.monotonic() + self.log_interval if self.log_interval > 0 else None
         last_logged: dict[str, int] = {}
@@ -708,7 +709,7 @@ def serve(
         log_interval=log_interval,
         tcp_port=tcp_port,
     ) as server:
-        previous: dict[int, Any] = {}
+        previous: dict[signal.Signals, Any] = {}
         if threading.current_thread() is threading.main_thread():
             handlers = {
                 signal.SIGTERM: lambda _signum, _frame: server.stop(),

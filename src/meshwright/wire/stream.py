@@ -24,6 +24,7 @@ import selectors
 import socket
 import ssl
 from collections.abc import Callable
+from typing import Self
 
 from .frames import FrameDecoder, FrameError
 
@@ -131,8 +132,8 @@ class FramedStream:
     def receive(
         self,
         budget: int,
-        on_data: Callable[[FramedStream, int], object],
-        on_frames: Callable[[FramedStream, Frames], bool],
+        on_data: Callable[[Self, int], object],
+        on_frames: Callable[[Self, Frames], bool],
     ) -> tuple[str, Exception | None] | None:
         """Read until OpenSSL has nothing more, or ``budget`` reads (the next wake-up goes on).
 

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from itertools import combinations, pairwise
 from typing import Any
 
+from meshwright.wire.endpoint import format_endpoint
+
 __all__ = [
     "ADDRESS_AND_PORT_DEPENDENT",
     "ADDRESS_DEPENDENT",
@@ -211,11 +213,6 @@ def _address_dict(address: Address | None) -> dict[str, Any] | None:
     return None if address is None else {"ip": address[0], "port": address[1]}
 
 
-def format_address(address: Address) -> str:
-    ip, port = address
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
 # --- classification ---------------------------------------------------------------------------
 
 
@@ -348,9 +345,8 @@ def _classify_mapping(bindings: Sequence[Binding], no_nat: bool) -> tuple[str, s
     servers = list(by_server)
 
     def show(server: Address) -> str:
-        return (
-            f"{relay_of[server]} {format_address(server)} saw {format_address(by_server[server])}"
-        )
+        mapped = format_endpoint(*by_server[server])
+        return f"{relay_of[server]} {format_endpoint(*server)} saw {mapped}"
 
     address_pairs = [(a, b) for a, b in combinations(servers, 2) if a[0] != b[0]]
     port_pairs = [(a, b) for a, b in combinations(servers, 2) if a[0] == b[0] and a[1] != b[1]]
@@ -382,7 +378,7 @@ def _classify_mapping(bindings: Sequence[Binding], no_nat: bool) -> tuple[str, s
             True,
         )
     if address_pairs:
-        mapped = format_address(by_server[servers[0]])
+        mapped = format_endpoint(*by_server[servers[0]])
         addresses = len({server[0] for server in servers})
         return (
             ENDPOINT_INDEPENDENT,
@@ -403,7 +399,7 @@ def _classify_mapping(bindings: Sequence[Binding], no_nat: bool) -> tuple[str, s
 
 def _filter_result(binding: Binding, change_ip: bool) -> tuple[bool | None, str]:
     """(True: the changed response got in, False: nothing came, None: inconclusive, why)."""
-    server = format_address(binding.server)
+    server = format_endpoint(*binding.server)
     if binding.outcome == TIMEOUT:
         return False, f"{binding.relay} {server}: no response"
     if not binding.answered:
@@ -414,10 +410,10 @@ def _filter_result(binding: Binding, change_ip: bool) -> tuple[bool | None, str]
         ip_ok = (source[0] != binding.server[0]) == change_ip
         if not ip_ok or source[1] == binding.server[1]:
             return None, (
-                f"{binding.relay} {server}: answered from {format_address(source)}, "
+                f"{binding.relay} {server}: answered from {format_endpoint(*source)}, "
                 "ignoring CHANGE-REQUEST"
             )
-        return True, f"{binding.relay} {server}: answered from {format_address(source)}"
+        return True, f"{binding.relay} {server}: answered from {format_endpoint(*source)}"
     return True, f"{binding.relay} {server}: answered"
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshwright.wire import stun
+from meshwright.wire.endpoint import format_endpoint
 
 from .classify import (
     FAILED,
@@ -30,7 +31,6 @@ from .classify import (
     NatReport,
     Observations,
     classify,
-    format_address,
     same_address,
 )
 
@@ -404,13 +404,14 @@ def _local_towards(
 def _tcp_check(relay: StunRelay, port: int, timeout: float) -> tuple[bool, list[str]]:
     errors: list[str] = []
     for host in relay.addresses:
+        target = format_endpoint(host, port)
         try:
             with socket.create_connection((host, port), timeout=timeout):
                 return True, errors
         except TimeoutError:
-            errors.append(f"{relay.name} {host}:{port}/tcp: timed out after {timeout:g} s")
+            errors.append(f"{relay.name} {target}/tcp: timed out after {timeout:g} s")
         except OSError as error:
-            errors.append(f"{relay.name} {host}:{port}/tcp: {_describe(error)}")
+            errors.append(f"{relay.name} {target}/tcp: {_describe(error)}")
     return False, errors
 
 
@@ -560,8 +561,8 @@ def _udp_rounds(
             continue
         if other[0] == first.server[0] or other[1] == first.server[1]:
             skipped.append(
-                f"{relay.name}: OTHER-ADDRESS {format_address(other)} does not differ from "
-                f"{format_address(first.server)} in both address and port"
+                f"{relay.name}: OTHER-ADDRESS {format_endpoint(*other)} does not differ from "
+                f"{format_endpoint(*first.server)} in both address and port"
             )
         else:
             candidates.append((relay.name, first.server, other))
@@ -570,7 +571,7 @@ def _udp_rounds(
     for name, server, other in candidates:
         if other[0] in target_ips or (server[0], other[1]) in targets:
             skipped.append(
-                f"{name}: OTHER-ADDRESS {format_address(other)} is where another relay's "
+                f"{name}: OTHER-ADDRESS {format_endpoint(*other)} is where another relay's "
                 "filtering tests go, which would open the filter under test"
             )
         else:
@@ -607,7 +608,7 @@ def _udp_rounds(
 
     for item in probes:
         if item.outcome != OK:
-            errors.append(f"{item.relay} {format_address(item.server)}: {item.binding().error}")
+            errors.append(f"{item.relay} {format_endpoint(*item.server)}: {item.binding().error}")
     first_probe = next(iter(primary.values()), probes[0] if probes else None)
     local = first_probe.local if first_probe else None
     if local is None and not ipaddress.ip_address(bind_address).is_unspecified:

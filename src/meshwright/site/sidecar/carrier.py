@@ -43,7 +43,6 @@ it runs on Debian's python3.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import hashlib
@@ -54,12 +53,12 @@ import signal
 import socket
 import ssl
 import struct
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+from meshwright.wire.endpoint import format_endpoint
 from meshwright.wire.frames import (
     KEEPALIVE,
     KEEPALIVE_INTERVAL,
@@ -72,7 +71,7 @@ from meshwright.wire.stream import PEER_CLOSED, FramedStream, Frames, tune
 
 from .config import Config, PeerSpec, SidecarConfigError, TlsRelay, load_config
 
-__all__ = ["Config", "PeerSpec", "Sidecar", "SidecarConfigError", "TlsRelay", "load_config", "main"]
+__all__ = ["Config", "PeerSpec", "Sidecar", "SidecarConfigError", "TlsRelay", "load_config"]
 
 MIN_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
@@ -249,7 +248,8 @@ class Sidecar:
         except OSError as exc:
             sock.close()
             self.counters["bind_errors"] += 1
-            self.log(f"sidecar: peer {spec.name}: cannot bind {self.host}:{spec.port}: {exc}")
+            where = format_endpoint(self.host, spec.port)
+            self.log(f"sidecar: peer {spec.name}: cannot bind {where}: {exc}")
             return
         peer = _Peer(spec, sock)
         self.selector.register(sock, _READ, peer)
@@ -477,7 +477,8 @@ class Sidecar:
         now = self.clock()
         link.last_received = link.last_keepalive = now
         self.counters["connects"] += 1
-        self.log(f"sidecar: connected to {link.spec.name} ({link.spec.address}:{link.spec.port})")
+        relay = format_endpoint(link.spec.address, link.spec.port)
+        self.log(f"sidecar: connected to {link.spec.name} ({relay})")
         # Its answer proves the relay took our certificate (TLS 1.3 tells the client only later).
         self._queue(link, KEEPALIVE)
         if link.state == _OPEN:
@@ -548,29 +549,3 @@ class Sidecar:
         link.state = _IDLE
         link.events = 0
         link.out = bytearray()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="meshwright sidecar",
-        description="carry WireGuard datagrams to the relays over TLS, for a UDP-blocked site",
-    )
-    parser.add_argument("--config", type=Path, default=Path("/etc/meshwright/sidecar.json"))
-    args = parser.parse_args(argv)
-
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
-    try:
-        load_config(args.config)
-    except (OSError, SidecarConfigError) as exc:
-        log(f"sidecar: {args.config}: {exc}")
-        return 2
-    sidecar = Sidecar(args.config, log=log)
-    sidecar.install_signals()
-    sidecar.serve_forever()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,11 +3,13 @@ but reading the file. Errors name the entry and the value."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meshwright.wire.endpoint import EndpointError, parse_endpoint
 from meshwright.wire.frames import normalize_fingerprint
 
 
@@ -112,3 +114,127 @@ def load_config(path: Path) -> Config:
     except ValueError as exc:
         raise SidecarConfigError(f"not JSON: {exc}") from None
     return parse_config(data)
+
+
+# --- traversal (UDP sites): the punch peers the sidecar upgrades ------------------------------
+
+
+@dataclass(frozen=True)
+class StunRelayPeer:
+    """A relay's WG-STUN service, reached inside WireGuard at its overlay address."""
+
+    name: str
+    overlay_address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class PunchPeer:
+    name: str
+    public_key: str
+    overlay_address: str
+    relay_endpoint: tuple[str, int]
+
+
+@dataclass(frozen=True)
+class TraversalConfig:
+    site: str
+    public_key: str
+    interface: str
+    listen_port: int
+    overlay_address: str
+    control_port: int
+    public_addresses: tuple[str, ...]
+    relays: tuple[StunRelayPeer, ...]
+    peers: tuple[PunchPeer, ...]
+    state_file: Path
+
+
+def _address(value: object, where: str) -> str:
+    text = _text(value, where)
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise SidecarConfigError(f"{where}: {text!r} is not an IP address") from None
+
+
+def _list(value: object, where: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise SidecarConfigError(f"{where}: not a list")
+    return value
+
+
+def _object(value: object, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise SidecarConfigError(f"{where}: not an object")
+    return value
+
+
+def parse_traversal(data: Any) -> TraversalConfig:
+    """The ``traversal`` part of the sidecar's configuration."""
+    data = _object(data, "traversal")
+    relays = []
+    for position, entry in enumerate(_list(data.get("relays", []), "traversal.relays")):
+        where = f"traversal.relays[{position}]"
+        entry = _object(entry, where)
+        relays.append(
+            StunRelayPeer(
+                _text(entry.get("name"), f"{where}.name"),
+                _address(entry.get("overlay_address"), f"{where}.overlay_address"),
+                _port(entry.get("port", 3480), f"{where}.port"),
+            )
+        )
+    peers = []
+    seen: set[str] = set()
+    for position, entry in enumerate(_list(data.get("peers", []), "traversal.peers")):
+        where = f"traversal.peers[{position}]"
+        entry = _object(entry, where)
+        name = _text(entry.get("name"), f"{where}.name")
+        if name in seen:
+            raise SidecarConfigError(f"{where}: peer {name!r} appears twice")
+        seen.add(name)
+        relay = _text(entry.get("relay_endpoint"), f"{where}.relay_endpoint")
+        try:
+            endpoint = parse_endpoint(relay)
+        except EndpointError as exc:
+            raise SidecarConfigError(f"{where}.relay_endpoint: {exc}") from None
+        peers.append(
+            PunchPeer(
+                name,
+                _text(entry.get("public_key"), f"{where}.public_key"),
+                _address(entry.get("overlay_address"), f"{where}.overlay_address"),
+                (endpoint.host, endpoint.port),
+            )
+        )
+    return TraversalConfig(
+        site=_text(data.get("site"), "traversal.site"),
+        public_key=_text(data.get("public_key"), "traversal.public_key"),
+        interface=_text(data.get("interface", "mesh0"), "traversal.interface"),
+        listen_port=_port(data.get("listen_port", 51820), "traversal.listen_port"),
+        overlay_address=_address(data.get("overlay_address"), "traversal.overlay_address"),
+        control_port=_port(data.get("control_port", 51821), "traversal.control_port"),
+        public_addresses=tuple(
+            _address(a, "traversal.public_addresses")
+            for a in _list(data.get("public_addresses", []), "traversal.public_addresses")
+        ),
+        relays=tuple(relays),
+        peers=tuple(peers),
+        state_file=Path(
+            _text(
+                data.get("state_file", "/run/meshwright-sidecar/state.json"),
+                "traversal.state_file",
+            )
+        ),
+    )
+
+
+def load_sidecar_file(path: Path) -> tuple[Config | None, TraversalConfig | None]:
+    """Both parts of the file: the TLS carrier's (UDP-blocked sites) and traversal's."""
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise SidecarConfigError(f"not JSON: {exc}") from None
+    data = _object(data, "the configuration")
+    carrier = parse_config(data) if data.get("peers") or data.get("relays") else None
+    traversal = parse_traversal(data["traversal"]) if data.get("traversal") else None
+    return carrier, traversal

@@ -1,0 +1,515 @@
+"""From an Ansible inventory to the planner, and from the plan to files and facts.
+
+Every decision the ``mesh_plan`` and ``mesh_validate`` action plugins would otherwise make lives
+here, where plain unit tests reach it: which host variables and facts the planner reads (the
+plugins gather only the names in :data:`SITE_VARS`, :data:`RELAY_VARS`), a site's endpoint from
+its NAT facts, this run's facts or the state file for hosts outside ``--limit``, the operator's
+``mesh_endpoint`` override, the mesh-wide settings (which every site must agree on), the
+sidecar configurations of UDP-blocked sites, and the state file's layout. No I/O: the plugins
+read and write the files, as text.
+
+- :func:`validate_inventory`: every problem the inventory alone shows (no facts needed), for
+  the static check that runs before any host is touched.
+- :func:`plan_inventory`: the plan from inventory and facts, with the new state and the facts
+  the playbooks use.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ..wire.endpoint import format_endpoint
+from .build import check
+from .model import DEFAULT_LISTEN_PORT, PlanError
+from .output import Plan, format_table
+from .parse import read_mesh
+from .relays import RelayAllocation
+from .validate import check_mesh
+
+__all__ = [
+    "MESH_VARS",
+    "RELAY_VARS",
+    "SITE_VARS",
+    "STATE_VERSION",
+    "Inventory",
+    "InventoryPlan",
+    "PlanError",
+    "RelayState",
+    "SiteState",
+    "State",
+    "StateError",
+    "endpoint_from_nat",
+    "plan_inventory",
+    "previous_allocations",
+    "read_state",
+    "validate_inventory",
+]
+
+# The variables (and facts) of a site host the planner reads.
+SITE_VARS = (
+    "mesh_overlay_address",
+    "mesh_lan_prefixes",
+    "mesh_listen_port",
+    "mesh_endpoint",  # an operator's override of the endpoint the NAT facts give
+    "mesh_policy",
+    "mesh_required",
+    "mesh_overlay_network",
+    "mesh_link_kinds",
+    "mesh_keepalive",
+    "mesh_wg_public_key",  # fact of wg_keypair
+    "mesh_nat",  # fact of nat_probe
+    "sidecar_certificate",  # fact of the sidecar role (UDP-blocked sites)
+)
+# The variables (and facts) of a relay host the planner reads.
+RELAY_VARS = (
+    "relay_public_addresses",
+    "relay_first_port",
+    "relay_last_port",
+    "relay_tls_port",
+    "mesh_overlay_address",
+    "mesh_listen_port",
+    "mesh_wg_public_key",  # fact of wg_keypair
+    "relay_tls_fingerprint",  # fact of the relay role
+)
+# Settings of the whole mesh, as every site's variables hold them (group_vars/all).
+MESH_VARS = ("mesh_overlay_network", "mesh_link_kinds", "mesh_keepalive")
+
+# The relay service's TLS port (relay_tls_port) when a relay's inventory does not say.
+DEFAULT_RELAY_TLS_PORT = 443
+STATE_VERSION = 1
+
+_FACT_FIELDS = ("public_key", "nat_class")  # what only this run's facts (or the state) give
+_UNSET = object()
+
+HostVars = Mapping[str, Mapping[str, Any]]
+
+
+# --- the state file -------------------------------------------------------------------------
+
+
+class StateError(ValueError):
+    """The state file cannot be read; the message says where and why."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiteState:
+    """What the last run learned of a site: facts a later run outside ``--limit`` reuses."""
+
+    public_key: str | None = None
+    nat_class: str | None = None
+    endpoint: str | None = None
+    certificate: str | None = None  # a UDP-blocked site's sidecar certificate (PEM, public)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "public_key": self.public_key,
+            "nat_class": self.nat_class,
+            "endpoint": self.endpoint,
+        }
+        if self.certificate is not None:
+            out["certificate"] = self.certificate
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class RelayState:
+    """What the last run learned of a relay."""
+
+    public_key: str | None = None
+    tls_fingerprint: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"public_key": self.public_key}
+        if self.tls_fingerprint is not None:
+            out["tls_fingerprint"] = self.tls_fingerprint
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class State:
+    """``.meshwright/state.json``: public data only (keys, NAT classes, certificates)."""
+
+    sites: Mapping[str, SiteState] = field(default_factory=dict)
+    relays: Mapping[str, RelayState] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        """Sorted keys, two-space indents: the same state gives the same bytes."""
+        data = {
+            "version": STATE_VERSION,
+            "sites": {name: s.to_dict() for name, s in self.sites.items()},
+            "relays": {name: r.to_dict() for name, r in self.relays.items()},
+        }
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def read_state(text: str | None) -> State:
+    """The state file's text (None: no file yet); :class:`StateError` when it is not one."""
+    if text is None:
+        return State()
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise StateError(f"not valid JSON ({exc})") from None
+    if not isinstance(data, Mapping):
+        raise StateError(f"not a JSON object but {type(data).__name__}")
+    version = data.get("version")
+    if version != STATE_VERSION:
+        raise StateError(
+            f"version {version!r} is not {STATE_VERSION}, the one this meshwright reads"
+            " (a newer meshwright wrote it, or it was edited)"
+        )
+    unknown = sorted(set(data) - {"version", "sites", "relays"}, key=str)
+    if unknown:
+        raise StateError(f"unknown key(s) {', '.join(map(repr, unknown))}")
+    return State(
+        sites={n: SiteState(**e) for n, e in _entries(data, "sites", _SITE_STATE).items()},
+        relays={n: RelayState(**e) for n, e in _entries(data, "relays", _RELAY_STATE).items()},
+    )
+
+
+_SITE_STATE = frozenset(f.name for f in fields(SiteState))
+_RELAY_STATE = frozenset(f.name for f in fields(RelayState))
+
+
+def _entries(
+    data: Mapping[str, Any], what: str, known: frozenset[str]
+) -> dict[str, dict[str, str | None]]:
+    section = data.get(what, {})
+    if not isinstance(section, Mapping):
+        raise StateError(f"{what} is not a mapping of name to entry")
+    out: dict[str, dict[str, str | None]] = {}
+    for name, entry in section.items():
+        where = f"{what[:-1]} {name}"
+        if not isinstance(entry, Mapping):
+            raise StateError(f"{where}: {entry!r} is not a mapping")
+        for key, value in entry.items():
+            if key not in known:
+                raise StateError(f"{where}: unknown key {key!r}")
+            if value is not None and not isinstance(value, str):
+                raise StateError(f"{where}: {key} {value!r} is not a string")
+        out[str(name)] = dict(entry)
+    return out
+
+
+def previous_allocations(plan_text: str | None) -> list[dict[str, Any]]:
+    """The allocations of the previous plan file; a broken file is rewritten, not trusted."""
+    if plan_text is None:
+        return []
+    try:
+        allocations = json.loads(plan_text).get("allocations", [])
+    except (ValueError, AttributeError):
+        return []
+    if not isinstance(allocations, list):
+        return []
+    return [dict(a) for a in allocations if isinstance(a, Mapping)]
+
+
+# --- from host variables to the planner's input -----------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Inventory:
+    """What the plugins gather: each site's and relay's variables (the names in
+    :data:`SITE_VARS` and :data:`RELAY_VARS` that are defined), by host name; the task's
+    options, which win over the variables; and the groups' names, for messages."""
+
+    sites: HostVars
+    relays: HostVars = field(default_factory=dict)
+    overlay_network: str | None = None
+    link_kinds: Sequence[str] | None = None
+    sites_group: str = "mesh_sites"
+    relays_group: str = "mesh_relays"
+
+
+def endpoint_from_nat(nat: Mapping[str, Any], listen_port: object) -> str | None:
+    """Where peers reach a site's WireGuard port unsolicited, from its NAT facts, if anywhere."""
+    addresses = nat.get("public_addresses")
+    if nat.get("nat_class") != "open" or not addresses:
+        return None
+    # Behind a NAT the WireGuard port is reachable on the same public port only when the NAT
+    # keeps ports (a full cone that preserves ports); otherwise the sidecar must learn it.
+    if nat.get("behind_nat") and not nat.get("port_preservation"):
+        return None
+    port = _number(listen_port)
+    if not isinstance(port, int):  # the planner reports the listen port
+        return None
+    return format_endpoint(str(addresses[0]), port)
+
+
+def _number(value: object) -> object:
+    """A whole number given as text (``-e mesh_keepalive=30``) as an int; else as it is, for
+    the planner to report."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return value
+
+
+def _listed(value: object) -> object:
+    """A list as a list; anything else as it is, for the planner to report (never a string
+    split into characters)."""
+    return list(value) if isinstance(value, list | tuple) else value
+
+
+@dataclass(slots=True)
+class _Input:
+    """The planner's input dict, with the problems found on the way and the (site, field)
+    pairs the planner must not report again."""
+
+    mesh: dict[str, Any]
+    problems: list[str]
+    skip: set[tuple[str, str]]
+    sites: dict[str, dict[str, Any]]  # name -> the site's dict, as the planner reads it
+
+
+def _settings(inventory: Inventory, problems: list[str]) -> dict[str, Any]:
+    """The mesh-wide settings: the task's options, else the sites' variables, which agree."""
+    names = sorted(inventory.sites)
+    values: dict[str, Any] = {}
+    for var in MESH_VARS:
+        first = inventory.sites[names[0]].get(var, _UNSET) if names else _UNSET
+        for name in names[1:]:
+            value = inventory.sites[name].get(var, _UNSET)
+            if value != first:
+                problems.append(
+                    f"site {name}: {var} {_shown(value)} differs from {_shown(first)}"
+                    f" (site {names[0]}): set it once for every site (group_vars/all)"
+                )
+        values[var] = first
+    out: dict[str, Any] = {}
+    overlay = inventory.overlay_network or values["mesh_overlay_network"]
+    if overlay is _UNSET:
+        problems.append(
+            "mesh_overlay_network is not set: give every site the overlay's prefix, such as"
+            " 10.99.0.0/24 (group_vars/all)"
+        )
+        overlay = ""
+    out["overlay_network"] = overlay
+    kinds = inventory.link_kinds or values["mesh_link_kinds"]
+    if kinds is _UNSET:
+        # With relays, relayed pairs get a relay (UDP, or TLS for a UDP-blocked site).
+        kinds = ["direct", "relay", "relay-tcp"] if inventory.relays else ["direct"]
+    out["link_kinds"] = _listed(kinds)
+    if values["mesh_keepalive"] is not _UNSET:
+        out["keepalive"] = _number(values["mesh_keepalive"])
+    return out
+
+
+def _shown(value: object) -> str:
+    return "(not set)" if value is _UNSET else repr(value)
+
+
+def _site(
+    name: str, host: Mapping[str, Any], saved: SiteState, facts: bool, found: _Input
+) -> dict[str, Any]:
+    """One site as the planner reads it. ``facts``: this run's facts (or the state file)
+    give its key and NAT class; without, those are left out (static validation)."""
+    port = _number(host.get("mesh_listen_port", DEFAULT_LISTEN_PORT))
+    site: dict[str, Any] = {"name": name, "listen_port": port}
+    if "mesh_overlay_address" in host:
+        # An address with its prefix length (10.99.0.1/24) is fine: the planner wants the address.
+        site["overlay_address"] = str(host["mesh_overlay_address"]).split("/")[0]
+    else:
+        found.problems.append(f"site {name}: mesh_overlay_address is not set")
+        found.skip.add((name, "overlay_address"))
+        site["overlay_address"] = ""
+    for var, key in (
+        ("mesh_lan_prefixes", "lan_prefixes"),
+        ("mesh_policy", "policy"),
+        ("mesh_required", "required"),
+    ):
+        if var in host:
+            site[key] = _listed(host[var])
+    nat = host.get("mesh_nat")
+    if facts:
+        site["public_key"] = host.get("mesh_wg_public_key") or saved.public_key
+        if isinstance(nat, Mapping) and nat:  # this run probed it
+            site["nat_class"] = nat.get("nat_class")
+            site["endpoint"] = endpoint_from_nat(nat, port)
+            # Only this run's measurements: they choose the relay of a new relayed pair, and an
+            # existing pair keeps its relay (the previous plan's allocations), so RTTs that vary
+            # from run to run never move a pair or rewrite the state file.
+            site["relay_rtt_ms"] = dict(nat.get("rtt_ms") or {})
+        else:  # outside --limit: what the last run learned
+            site["nat_class"] = saved.nat_class
+            site["endpoint"] = saved.endpoint
+    else:
+        found.skip.update((name, key) for key in _FACT_FIELDS)
+    if "mesh_endpoint" in host:  # an operator's override wins, even null (no endpoint)
+        site["endpoint"] = host["mesh_endpoint"]
+    return site
+
+
+def _relay(name: str, host: Mapping[str, Any], saved: RelayState) -> dict[str, Any]:
+    """A relay: its addresses and allocation ports, and its WireGuard key and overlay address
+    when it has them. The ports' defaults are the planner's (one place)."""
+    addresses = host.get("relay_public_addresses", [])
+    relay: dict[str, Any] = {
+        "name": name,
+        "addresses": [addresses] if isinstance(addresses, str) else _listed(addresses),
+        "public_key": host.get("mesh_wg_public_key") or saved.public_key,
+        "listen_port": _number(host.get("mesh_listen_port", DEFAULT_LISTEN_PORT)),
+    }
+    if host.get("mesh_overlay_address"):
+        relay["overlay_address"] = str(host["mesh_overlay_address"])
+    for var, key in (("relay_first_port", "first_port"), ("relay_last_port", "last_port")):
+        if var in host:
+            relay[key] = _number(host[var])
+    return relay
+
+
+def _mesh_input(inventory: Inventory, state: State, facts: bool) -> _Input:
+    found = _Input(mesh={}, problems=[], skip=set(), sites={})
+    if not inventory.sites:
+        found.problems.append(
+            f"the {inventory.sites_group} inventory group is empty: nothing to plan"
+        )
+    settings = _settings(inventory, found.problems)
+    if settings["overlay_network"] == "":
+        found.skip.add(("", "overlay_network"))
+    for name, host in inventory.sites.items():
+        saved = state.sites.get(name, SiteState())
+        found.sites[name] = _site(name, host, saved, facts, found)
+    relays = [
+        _relay(name, host, state.relays.get(name, RelayState()))
+        for name, host in inventory.relays.items()
+    ]
+    found.mesh = {**settings, "sites": list(found.sites.values()), "relays": relays}
+    return found
+
+
+def validate_inventory(inventory: Inventory) -> list[str]:
+    """Every problem the inventory alone shows, naming hosts and values; [] when none.
+
+    The planner's own validation, without what needs facts (keys, NAT classes, and so
+    reachability): those are checked by :func:`plan_inventory`, when the facts exist.
+    """
+    found = _mesh_input(inventory, State(), facts=False)
+    mesh, shape, skip = read_mesh(found.mesh)
+    more, _ = check_mesh(mesh, skip | frozenset(found.skip))
+    return [*found.problems, *shape, *more]
+
+
+# --- the plan, and what the playbooks get from it ---------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class InventoryPlan:
+    """One planning run: the plan and its file's text, the new state and its text, and the
+    facts the playbooks use."""
+
+    plan: Plan
+    plan_json: str
+    state: State
+    state_json: str
+    sidecars: dict[str, dict[str, Any]]  # UDP-blocked site -> its sidecar's peers and relays
+    tls_sites: dict[str, str]  # UDP-blocked site -> its certificate (PEM), pinned by relays
+
+    @property
+    def table(self) -> list[str]:
+        return format_table(self.plan).splitlines()
+
+    def facts(self) -> dict[str, Any]:
+        """``mesh_plan`` (the plan file's data), ``mesh_tls_sites`` and ``mesh_sidecars``."""
+        return {
+            "mesh_plan": json.loads(self.plan_json),  # one serialisation, shared with the file
+            "mesh_tls_sites": dict(self.tls_sites),
+            "mesh_sidecars": self.sidecars,
+        }
+
+
+def plan_inventory(
+    inventory: Inventory, state: State, previous_plan: str | None = None
+) -> InventoryPlan:
+    """Plan the mesh from inventory and facts; :class:`PlanError` names every problem.
+
+    ``state``: the last run's (:func:`read_state`), for hosts this run has no facts of.
+    ``previous_plan``: the last plan file's text, whose relay allocations are kept while valid.
+    """
+    found = _mesh_input(inventory, state, facts=True)
+    found.mesh["previous_allocations"] = previous_allocations(previous_plan)
+    mesh, shape, skip = read_mesh(found.mesh)
+    more, plan = check(mesh, skip | frozenset(found.skip))
+    problems = [*found.problems, *shape, *more]
+    if problems or plan is None:
+        raise PlanError(problems)
+    # TLS for UDP-blocked sites: public certificates and fingerprints only (every private key
+    # stays on its node), from this run's facts or, outside --limit, the state file.
+    certificates = {
+        name: cert
+        for name, host in inventory.sites.items()
+        if (cert := host.get("sidecar_certificate") or _saved_site(state, name).certificate)
+    }
+    fingerprints = {
+        name: fp
+        for name, host in inventory.relays.items()
+        if (fp := host.get("relay_tls_fingerprint") or _saved_relay(state, name).tls_fingerprint)
+    }
+    new_state = State(
+        sites={
+            name: SiteState(
+                public_key=site.get("public_key"),
+                nat_class=site.get("nat_class"),
+                endpoint=site.get("endpoint"),
+                certificate=certificates.get(name),
+            )
+            for name, site in found.sites.items()
+        },
+        relays={
+            relay["name"]: RelayState(
+                public_key=relay["public_key"], tls_fingerprint=fingerprints.get(relay["name"])
+            )
+            for relay in found.mesh["relays"]
+        },
+    )
+    blocked = [name for name, site in found.sites.items() if site.get("nat_class") == "blocked"]
+    tls_ports = {
+        name: _number(host.get("relay_tls_port", DEFAULT_RELAY_TLS_PORT))
+        for name, host in inventory.relays.items()
+    }
+    return InventoryPlan(
+        plan=plan,
+        plan_json=plan.to_json(),
+        state=new_state,
+        state_json=new_state.to_json(),
+        sidecars=sidecar_configs(plan.allocations.values(), blocked, tls_ports, fingerprints),
+        tls_sites=certificates,
+    )
+
+
+def _saved_site(state: State, name: str) -> SiteState:
+    return state.sites.get(name, SiteState())
+
+
+def _saved_relay(state: State, name: str) -> RelayState:
+    return state.relays.get(name, RelayState())
+
+
+def sidecar_configs(
+    allocations: Iterable[RelayAllocation],
+    blocked: Iterable[str],
+    tls_ports: Mapping[str, object],
+    fingerprints: Mapping[str, str],
+) -> dict[str, dict[str, Any]]:
+    """For every UDP-blocked site with relayed pairs: its peers (the other site, the relay, its
+    own side's port) and the relays it reaches over TLS (address, TLS port, pinned
+    fingerprint)."""
+    udp_blocked = set(blocked)
+    configs: dict[str, dict[str, Any]] = {}
+    for allocation in allocations:
+        for side, site in enumerate((allocation.a, allocation.b)):
+            if site not in udp_blocked:
+                continue
+            other = allocation.b if side == 0 else allocation.a
+            config = configs.setdefault(site, {"peers": [], "relays": {}})
+            config["peers"].append(
+                {"name": other, "relay": allocation.relay, "port": allocation.ports[side]}
+            )
+            config["relays"][allocation.relay] = {
+                "address": allocation.address,
+                "port": tls_ports.get(allocation.relay, DEFAULT_RELAY_TLS_PORT),
+                "fingerprint": fingerprints.get(allocation.relay, ""),
+            }
+    return configs

@@ -1,0 +1,359 @@
+"""The traversal daemon: the I/O around :class:`~.traversal.Traversal`.
+
+One thread, one ``selectors`` loop. It owns:
+
+* the control socket, UDP on this site's overlay address (``control_port``): messages to and
+  from other sites' sidecars, inside WireGuard;
+* the probe socket (:class:`~.rawudp.ProbeSocket`): probes from and to WireGuard's listen port;
+* the WG-STUN client socket, also on the overlay address: every :data:`STUN_INTERVAL` it asks
+  each relay where that relay sees WireGuard's socket (:mod:`meshwright.relay.wgstun`);
+* WireGuard itself, through :class:`WireGuardControl`: every :data:`SAMPLE_INTERVAL` each punch
+  peer's counters, and endpoint changes when the core decides them;
+* the mute table (:class:`NftMuter`): nftables rules that give relayed datagrams of a peer on a
+  direct path the direct endpoint as their source, before WireGuard sees them;
+* the state file, rewritten atomically every second while something changes, which
+  ``meshwright sidecar status`` prints.
+
+Nothing here decides anything: every decision is the core's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from meshwright.wire import stun
+from meshwright.wire.endpoint import format_endpoint
+
+from .config import TraversalConfig
+from .rawudp import ProbeSocket
+from .traversal import (
+    Action,
+    Log,
+    Mute,
+    PeerConfig,
+    SendControl,
+    SendProbe,
+    SetEndpoint,
+    Traversal,
+    Unmute,
+)
+
+__all__ = ["NftMuter", "TraversalDaemon", "WireGuardControl"]
+
+Address = tuple[str, int]
+SAMPLE_INTERVAL = 0.25
+STUN_INTERVAL = 25.0  # libtelio re-polls WG-STUN every 25 s; mappings live longer than that
+STATE_INTERVAL = 1.0
+LOOP_INTERVAL = 0.02
+IP_FREEBIND = 15
+MUTE_TABLE = "meshwright_sidecar"
+
+
+class WireGuardControl(Protocol):
+    def sample(self) -> Mapping[str, tuple[Address | None, int, int]]:
+        """Public key -> (endpoint, bytes received, bytes sent) of every peer."""
+
+    def set_endpoint(self, public_key: str, endpoint: Address) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NftMuter:
+    """The mute rules, one nftables table replaced whole at each change (changes are rare)."""
+
+    def __init__(self, listen_port: int, run: Callable[[str], None] | None = None) -> None:
+        self.listen_port = listen_port
+        self.rules: dict[str, tuple[Address, Address]] = {}
+        self._run = run or self._nft
+
+    @staticmethod
+    def _nft(script: str) -> None:
+        subprocess.run(["nft", "-f", "-"], input=script.encode(), check=True, capture_output=True)
+
+    def render(self) -> str:
+        lines = [
+            f"table ip {MUTE_TABLE}",
+            f"delete table ip {MUTE_TABLE}",
+            f"table ip {MUTE_TABLE} {{",
+            "\tchain relayed {",
+            # Before conntrack (raw priority), so the rewritten datagram joins the direct flow.
+            "\t\ttype filter hook prerouting priority raw; policy accept;",
+        ]
+        for peer, ((relay_ip, relay_port), (direct_ip, direct_port)) in sorted(self.rules.items()):
+            lines.append(
+                f"\t\tip saddr {relay_ip} udp sport {relay_port} udp dport {self.listen_port}"
+                f" ip saddr set {direct_ip} udp sport set {direct_port}"
+                f' comment "{peer}"'
+            )
+        lines += ["\t}", "}", ""]
+        return "\n".join(lines)
+
+    def mute(self, peer: str, relay: Address, direct: Address) -> None:
+        if self.rules.get(peer) != (relay, direct):
+            self.rules[peer] = (relay, direct)
+            self._run(self.render())
+
+    def unmute(self, peer: str) -> None:
+        if self.rules.pop(peer, None) is not None:
+            self._run(self.render())
+
+    def clear(self) -> None:
+        self.rules.clear()
+        self._run(self.render())
+
+
+def local_addresses(excluded: Iterable[str]) -> list[str]:
+    """This host's global IPv4 addresses, but on the excluded interfaces (WireGuard's)."""
+    out = subprocess.run(
+        ["ip", "-j", "-4", "address", "show"], check=True, capture_output=True, text=True
+    ).stdout
+    skip = set(excluded) | {"lo"}
+    found = []
+    for link in json.loads(out or "[]"):
+        if link.get("ifname") in skip:
+            continue
+        for info in link.get("addr_info", []):
+            address = info.get("local")
+            if address and not ipaddress.ip_address(address).is_loopback:
+                found.append(address)
+    return found
+
+
+class TraversalDaemon:
+    def __init__(
+        self,
+        config: TraversalConfig,
+        wireguard: WireGuardControl,
+        *,
+        probes: ProbeSocket | None = None,
+        muter: NftMuter | None = None,
+        log: Callable[[str], None] = print,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        addresses: Callable[[], list[str]] | None = None,
+    ) -> None:
+        self.config = config
+        self.wireguard = wireguard
+        self.log = log
+        self.clock = clock
+        self.wall = wall
+        self.counters: Counter[str] = Counter()
+        self.core = Traversal(
+            config.site,
+            config.public_key,
+            [
+                PeerConfig(p.name, p.public_key, p.overlay_address, p.relay_endpoint)
+                for p in config.peers
+            ],
+            os.urandom,
+        )
+        self.probes = probes or ProbeSocket(config.listen_port)
+        self.muter = muter or NftMuter(config.listen_port)
+        self._addresses = addresses or (lambda: local_addresses([config.interface]))
+        self.selector = selectors.DefaultSelector()
+        self.control = self._overlay_socket(config.control_port)
+        self.stun_socket = self._overlay_socket(0)
+        self.selector.register(self.control, selectors.EVENT_READ, "control")
+        self.selector.register(self.probes, selectors.EVENT_READ, "probe")
+        self.selector.register(self.stun_socket, selectors.EVENT_READ, "stun")
+        self.mapped: dict[str, Address] = {}  # relay -> WireGuard socket as it sees it
+        self._stun_pending: dict[bytes, str] = {}
+        self._stopping = False
+        self._state_text = ""
+
+    def _overlay_socket(self, port: int) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)  # before WireGuard's address exists
+        sock.bind((self.config.overlay_address, port))
+        sock.setblocking(False)
+        return sock
+
+    def stop(self, *_: object) -> None:
+        self._stopping = True
+
+    # --- actions --------------------------------------------------------------------------
+
+    def carry_out(self, actions: Iterable[Action]) -> None:
+        overlay = {p.name: p.overlay_address for p in self.config.peers}
+        for action in actions:
+            try:
+                if isinstance(action, SendControl):
+                    destination = (overlay[action.peer], self.config.control_port)
+                    self.control.sendto(action.data, destination)
+                elif isinstance(action, SendProbe):
+                    self.probes.send(action.destination, action.data)
+                elif isinstance(action, SetEndpoint):
+                    self.wireguard.set_endpoint(action.public_key, action.endpoint)
+                elif isinstance(action, Mute):
+                    self.muter.mute(action.peer, action.relay, action.direct)
+                elif isinstance(action, Unmute):
+                    self.muter.unmute(action.peer)
+                elif isinstance(action, Log):
+                    self.log(f"sidecar: {action.peer}: {action.text}")
+            except (OSError, subprocess.CalledProcessError, RuntimeError) as exc:
+                self.counters[f"{type(action).__name__.lower()}_errors"] += 1
+                self.log(f"sidecar: {type(action).__name__} failed: {exc}")
+
+    # --- candidates -----------------------------------------------------------------------
+
+    def refresh_candidates(self) -> None:
+        port = self.config.listen_port
+        candidates: set[Address] = set()
+        with contextlib.suppress(OSError, subprocess.CalledProcessError, ValueError):
+            candidates |= {(a, port) for a in self._addresses() if a != self.config.overlay_address}
+        candidates |= {(a, port) for a in self.config.public_addresses}
+        candidates |= set(self.mapped.values())
+        self.core.set_candidates(candidates)
+
+    def ask_relays(self) -> None:
+        for relay in self.config.relays:
+            request = stun.binding_request(software="meshwright sidecar")
+            self._stun_pending[request[8:20]] = relay.name
+            with contextlib.suppress(OSError):
+                self.stun_socket.sendto(request, (relay.overlay_address, relay.port))
+        if len(self._stun_pending) > 64:
+            self._stun_pending = dict(list(self._stun_pending.items())[-16:])
+
+    def _on_stun(self) -> None:
+        try:
+            datagram, _ = self.stun_socket.recvfrom(2048)
+            message = stun.decode(datagram)
+        except (OSError, stun.StunError):
+            self.counters["dropped_stun"] += 1
+            return
+        relay = self._stun_pending.pop(message.transaction_id, None)
+        mapped = message.xor_mapped_address()
+        if relay is None or mapped is None:
+            self.counters["dropped_stun"] += 1
+            return
+        if self.mapped.get(relay) != mapped:
+            self.mapped[relay] = mapped
+            self.log(f"sidecar: {relay} sees WireGuard at {format_endpoint(*mapped)}")
+            self.refresh_candidates()
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def sample(self, now: float) -> None:
+        try:
+            peers = self.wireguard.sample()
+        except (OSError, RuntimeError) as exc:
+            self.counters["sample_errors"] += 1
+            self.log(f"sidecar: cannot read WireGuard: {exc}")
+            return
+        names = {p.public_key: p.name for p in self.config.peers}
+        for key, (_, rx, tx) in peers.items():
+            if key in names:
+                self.carry_out(self.core.on_counters(names[key], rx, tx, now))
+
+    def write_state(self, now: float) -> None:
+        state = self.core.status(now)
+        state["mapped"] = {r: format_endpoint(*m) for r, m in sorted(self.mapped.items())}
+        state["daemon_counters"] = dict(sorted(self.counters.items()))
+        text = json.dumps(state, indent=2, sort_keys=True) + "\n"
+        if text == self._state_text:
+            return
+        self._state_text = text
+        path = self.config.state_file
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_suffix(".tmp")
+            temporary.write_text(text)
+            temporary.replace(path)
+
+    def serve_forever(self) -> None:
+        self.muter.clear()
+        self.refresh_candidates()
+        self.ask_relays()
+        # Every punch peer starts on its relay: whatever a previous run left is undone.
+        self.carry_out(self.core.configure([]))
+        self.carry_out(
+            self.core.configure(
+                [
+                    PeerConfig(p.name, p.public_key, p.overlay_address, p.relay_endpoint)
+                    for p in self.config.peers
+                ]
+            )
+        )
+        self.log(
+            f"sidecar: traversal for {len(self.config.peers)} punch peers on port "
+            f"{self.config.listen_port}"
+        )
+        now = self.clock()
+        next_sample, next_stun, next_state = now, now + STUN_INTERVAL, now
+        # The first offer waits for the relays' answers (or at most half a second).
+        settle = now + 0.5
+        while not self._stopping:
+            for key, _ in self.selector.select(LOOP_INTERVAL):
+                if key.data == "control":
+                    self._drain_control()
+                elif key.data == "probe":
+                    self._drain_probes()
+                elif key.data == "stun":
+                    self._on_stun()
+            now = self.clock()
+            if now >= settle or len(self.mapped) == len(self.config.relays):
+                self.carry_out(self.core.tick(now, self.wall()))
+            if now >= next_sample:
+                self.sample(now)
+                next_sample = now + SAMPLE_INTERVAL
+            if now >= next_stun:
+                self.refresh_candidates()
+                self.ask_relays()
+                next_stun = now + STUN_INTERVAL
+            if now >= next_state:
+                self.write_state(now)
+                next_state = now + STATE_INTERVAL
+
+    def _drain_control(self) -> None:
+        for _ in range(64):
+            try:
+                datagram, source = self.control.recvfrom(4096)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.counters["control_errors"] += 1
+                return
+            self.carry_out(self.core.on_control(source[0], datagram, self.clock(), self.wall()))
+
+    def _drain_probes(self) -> None:
+        for _ in range(256):
+            try:
+                received = self.probes.receive()
+            except OSError:
+                self.counters["probe_errors"] += 1
+                return
+            if received is None:
+                return
+            source, payload = received
+            self.carry_out(self.core.on_probe(source, payload, self.clock()))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, subprocess.CalledProcessError):
+            self.muter.clear()
+        self.selector.close()
+        self.control.close()
+        self.stun_socket.close()
+        self.probes.close()
+        self.wireguard.close()
+
+
+def install_signals(daemon: TraversalDaemon) -> None:
+    signal.signal(signal.SIGTERM, daemon.stop)
+    signal.signal(signal.SIGINT, daemon.stop)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data

@@ -1,0 +1,610 @@
+"""The traversal sidecar's decisions, pure: when to try a direct path, when it is proven, when
+to fall back. No sockets, no clock, no files: the daemon feeds it control messages, probes,
+WireGuard's counters and the time, and carries out the actions it returns (the shape of
+:mod:`meshwright.relay.forward` under :mod:`meshwright.relay.server`).
+
+One :class:`Traversal` per site; one :class:`PeerLink` per peer the plan marks ``punch``. A
+punch peer starts on its relay allocation, so it is never unconnected, and the sidecar upgrades
+it (docs/sidecar.md has the design, its timers and why):
+
+1. **Offer.** The *controlling* side of the pair (the smaller WireGuard public key, so both
+   sides agree without talking) sends an offer through the tunnel: a fresh session id and
+   probe key, its candidates, and a wall-clock moment ``start_at`` shortly ahead. The other
+   side answers with its candidates. Both start probing at ``start_at``, so that each side's
+   first probe leaves before the other's arrives (no conntrack clash, see the brief).
+2. **Probe.** From the WireGuard port, every :data:`PROBE_INTERVAL`, each side pings every
+   candidate of the other; each authentic ping is answered by a pong to wherever it came from,
+   carrying that observed address. A pong validates a path only if it comes from exactly the
+   candidate that was pinged, for a sequence number that was sent there and not yet answered.
+3. **Nominate and switch.** The controlling side picks the best validated candidate (a private,
+   same-LAN address over a public one) and tells the other side which of its own addresses
+   to use (the one the pong observed); the other side accepts only an address from which it
+   received an authentic ping in this session. Each side first *mutes* its relay allocation
+   (relayed datagrams still in flight get the direct endpoint as their source, so WireGuard's
+   roaming cannot pull the endpoint back to the relay), then sets WireGuard's endpoint.
+4. **Watch.** On a direct path, WireGuard's counters tell when this side sends data and hears
+   nothing (:data:`SUSPECT_AFTER`); then it pings the direct endpoint every
+   :data:`CHECK_INTERVAL`, and with no pong for :data:`DEAD_AFTER` it falls back: relay
+   endpoint, relay unmuted, a ``fallback`` message to the peer.
+5. **Back off.** A failed attempt or a fallback waits :data:`BACKOFF_MIN` seconds, doubling up to
+   :data:`BACKOFF_MAX` (beyond NAT UDP timeouts, so an unanswered retry never keeps a stale
+   conntrack entry alive); a direct path that holds :data:`STABLE_AFTER` resets it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshwright.wire.endpoint import format_endpoint
+
+from .messages import (
+    KEY_SIZE,
+    MAX_CANDIDATES,
+    PING,
+    PONG,
+    SESSION_SIZE,
+    Control,
+    MessageError,
+    Probe,
+    decode_control,
+    decode_probe,
+    encode_control,
+    encode_probe,
+    probe_session,
+)
+
+__all__ = [
+    "Action",
+    "Mute",
+    "PeerConfig",
+    "PeerLink",
+    "SendControl",
+    "SendProbe",
+    "SetEndpoint",
+    "Traversal",
+    "Unmute",
+]
+
+Address = tuple[str, int]
+
+# Timers, in seconds (docs/sidecar.md says why each has its value).
+START_DELAY = 0.3  # offer -> agreed start: the offer's and answer's trip through the relay
+OFFER_TIMEOUT = 2.0  # an offer with no answer this long fails the attempt
+PROBE_INTERVAL = 0.1  # pings to every candidate while an attempt runs
+ATTEMPT_TIME = 3.0  # an attempt that validates nothing this long after its start fails
+NOMINATE_GRACE = 0.15  # after a public path validates, wait this long for a private one
+SUSPECT_AFTER = 1.0  # data sent on a direct path with nothing received this long: check it
+CHECK_INTERVAL = 0.25  # pings to the direct endpoint while it is suspect
+DEAD_AFTER = 1.25  # a suspect path with no pong this long is dead: fall back
+STABLE_AFTER = 60.0  # a direct path that held this long forgets earlier failures
+BACKOFF_MIN, BACKOFF_MAX = 2.0, 128.0
+KEEPALIVE_BYTES = 32  # a WireGuard keepalive: a transport header and tag, no payload
+MAX_PONGS_PER_SECOND = 50  # per peer: an attacker replaying pings cannot make us a reflector
+PING_WINDOW = 1024  # a ping this far behind the newest one of its session counts as a replay
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """A punch peer, as the plan gives it."""
+
+    name: str
+    public_key: str
+    overlay_address: str
+    relay_endpoint: Address  # this side's relay allocation port: WireGuard's relayed endpoint
+
+
+@dataclass(frozen=True)
+class SendControl:
+    peer: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class SendProbe:
+    destination: Address
+    data: bytes
+
+
+@dataclass(frozen=True)
+class SetEndpoint:
+    peer: str
+    public_key: str
+    endpoint: Address
+
+
+@dataclass(frozen=True)
+class Mute:
+    """Give datagrams from ``relay`` the source ``direct`` before WireGuard sees them."""
+
+    peer: str
+    relay: Address
+    direct: Address
+
+
+@dataclass(frozen=True)
+class Unmute:
+    peer: str
+
+
+@dataclass(frozen=True)
+class Log:
+    peer: str
+    text: str
+
+
+Action = SendControl | SendProbe | SetEndpoint | Mute | Unmute | Log
+
+
+LAN_NETWORKS = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        *("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16"),
+        *("fc00::/7", "fe80::/10"),
+    )
+)
+
+
+def is_private(address: Address) -> bool:
+    """A candidate on a LAN (RFC 1918, ULA, link-local, CGNAT space): preferred when it works.
+    Not ``ip.is_private``: that also counts the documentation ranges the lab uses as public."""
+    ip = ipaddress.ip_address(address[0])
+    return any(ip.version == net.version and ip in net for net in LAN_NETWORKS)
+
+
+def _rank(address: Address) -> tuple[int, str, int]:
+    return (0 if is_private(address) else 1, address[0], address[1])
+
+
+@dataclass
+class PeerLink:
+    """One punch peer's state: path, endpoint, the attempt in progress, backoff, liveness."""
+
+    config: PeerConfig
+    controlling: bool
+    path: str = "relay"  # relay | direct
+    endpoint: Address | None = None
+    phase: str = "idle"  # idle | offered | probing
+    session: bytes | None = None
+    key: bytes | None = None
+    remote_candidates: tuple[Address, ...] = ()
+    start: float = 0.0  # monotonic time probing starts
+    deadline: float = 0.0
+    next_ping: float = 0.0
+    seq: int = 0
+    outstanding: dict[int, tuple[Address, float]] = field(default_factory=dict)
+    validated: dict[Address, tuple[float, Address]] = field(default_factory=dict)  # rtt, observed
+    first_validated: float | None = None
+    ping_sources: set[Address] = field(default_factory=set)
+    ping_seqs: set[int] = field(default_factory=set)  # the peer's pings answered, this session
+    next_attempt: float = 0.0
+    failures: int = 0
+    direct_since: float | None = None
+    last_proof: float | None = None
+    rtt: float | None = None
+    rx: int | None = None
+    tx: int | None = None
+    unanswered_since: float | None = None
+    unanswered_bytes: int = 0
+    suspect_since: float | None = None
+    pong_budget: float = MAX_PONGS_PER_SECOND
+    pong_budget_at: float = 0.0
+    counters: Counter[str] = field(default_factory=Counter)
+
+    def status(self, now: float) -> dict[str, Any]:
+        def age(t: float | None) -> float | None:
+            return None if t is None else round(now - t, 3)
+
+        return {
+            "peer": self.config.name,
+            "path": self.path,
+            "endpoint": None if self.endpoint is None else format_endpoint(*self.endpoint),
+            "relay_endpoint": format_endpoint(*self.config.relay_endpoint),
+            "rtt_ms": None if self.rtt is None else round(self.rtt * 1000, 2),
+            "last_proof_age_s": age(self.last_proof),
+            "direct_for_s": age(self.direct_since),
+            "phase": self.phase,
+            "controlling": self.controlling,
+            "attempts": self.counters["attempts"],
+            "upgrades": self.counters["upgrades"],
+            "fallbacks": self.counters["fallbacks"],
+            "failures": self.failures,
+            "next_attempt_in_s": (
+                round(max(0.0, self.next_attempt - now), 3)
+                if self.path == "relay" and self.phase == "idle" and self.controlling
+                else None
+            ),
+            "suspect": self.suspect_since is not None,
+        }
+
+
+def backoff(failures: int) -> float:
+    return min(BACKOFF_MAX, BACKOFF_MIN * 2 ** max(0, failures - 1)) if failures else 0.0
+
+
+class Traversal:
+    """Every punch peer of one site. ``random`` gives fresh random bytes (``os.urandom``)."""
+
+    def __init__(
+        self,
+        name: str,
+        public_key: str,
+        peers: Sequence[PeerConfig],
+        random: Callable[[int], bytes],
+    ) -> None:
+        self.name = name
+        self.public_key = public_key
+        self._random = random
+        self.candidates: tuple[Address, ...] = ()
+        self.links: dict[str, PeerLink] = {}
+        self.counters: Counter[str] = Counter()
+        self.configure(peers)
+
+    # --- configuration --------------------------------------------------------------------
+
+    def configure(self, peers: Sequence[PeerConfig]) -> list[Action]:
+        """Apply a new peer list: new peers start on their relay, removed ones are dropped,
+        a peer whose relay allocation moved goes back to it."""
+        actions: list[Action] = []
+        wanted = {p.name: p for p in peers}
+        for name in list(self.links):
+            if name not in wanted:
+                actions.append(Unmute(name))
+                del self.links[name]
+        for name, config in wanted.items():
+            old = self.links.get(name)
+            if old is not None and old.config == config:
+                continue
+            link = PeerLink(config, controlling=self.public_key < config.public_key)
+            self.links[name] = link
+            actions += self._to_relay(link, "configured")
+            if old is not None and old.path == "direct" and old.session is not None:
+                # The peer still sends to us directly: tell it, so both start over on relays.
+                message = Control("fallback", self.name, old.session)
+                actions.append(SendControl(name, encode_control(message)))
+        return actions
+
+    def set_candidates(self, candidates: Iterable[Address]) -> None:
+        """This site's own candidates: LAN addresses, relay-observed mappings, public ones.
+        At most what an offer may carry, public ones kept first (they reach other sites)."""
+        kept = sorted(set(candidates), key=lambda c: (is_private(c), _rank(c)))[:MAX_CANDIDATES]
+        self.candidates = tuple(sorted(kept, key=_rank))
+
+    # --- time -----------------------------------------------------------------------------
+
+    def tick(self, now: float, wall: float) -> list[Action]:
+        actions: list[Action] = []
+        for link in self.links.values():
+            actions += self._tick_link(link, now, wall)
+        return actions
+
+    def _tick_link(self, link: PeerLink, now: float, wall: float) -> list[Action]:
+        if link.phase == "idle" and link.path == "relay":
+            if link.controlling and self.candidates and now >= link.next_attempt:
+                return self._offer(link, now, wall)
+            return []
+        if link.phase == "offered":
+            return self._fail(link, now, "no answer") if now >= link.deadline else []
+        if link.phase == "probing":
+            return self._probe_round(link, now)
+        if link.path == "direct":
+            return self._watch(link, now)
+        return []
+
+    def _offer(self, link: PeerLink, now: float, wall: float) -> list[Action]:
+        self._new_session(link)
+        link.phase = "offered"
+        link.deadline = now + OFFER_TIMEOUT
+        link.start = now + START_DELAY
+        link.counters["attempts"] += 1
+        assert link.session is not None and link.key is not None
+        offer = Control(
+            "offer", self.name, link.session, link.key, self.candidates, wall + START_DELAY
+        )
+        return [SendControl(link.config.name, encode_control(offer))]
+
+    def _new_session(self, link: PeerLink) -> None:
+        link.session = self._random(SESSION_SIZE)
+        link.key = self._random(KEY_SIZE)
+        link.outstanding.clear()
+        link.validated.clear()
+        link.ping_sources.clear()
+        link.ping_seqs.clear()
+        link.first_validated = None
+        link.seq = 0
+
+    def _begin_probing(self, link: PeerLink, now: float) -> None:
+        link.phase = "probing"
+        link.deadline = link.start + ATTEMPT_TIME
+        link.next_ping = link.start
+
+    def _probe_round(self, link: PeerLink, now: float) -> list[Action]:
+        actions: list[Action] = []
+        if link.controlling and link.validated:
+            assert link.first_validated is not None
+            best = min(link.validated, key=_rank)
+            if is_private(best) or now >= link.first_validated + NOMINATE_GRACE:
+                return self._nominate(link, best, now)
+        if now >= link.deadline:
+            return self._fail(link, now, "no path validated")
+        if now >= link.next_ping:
+            # A peer's LAN address may be ours too (two LANs, one numbering): that ping
+            # would reach this very socket and "validate" a path to ourselves.
+            targets = [c for c in link.remote_candidates if c not in self.candidates]
+            actions += self._pings(link, targets, now)
+            link.next_ping = now + PROBE_INTERVAL
+        return actions
+
+    def _pings(self, link: PeerLink, targets: Iterable[Address], now: float) -> list[Action]:
+        assert link.session is not None and link.key is not None
+        actions: list[Action] = []
+        for target in targets:
+            link.seq = (link.seq + 1) & 0xFFFFFFFF
+            link.outstanding[link.seq] = (target, now)
+            probe = Probe(PING, link.session, link.seq)
+            actions.append(SendProbe(target, encode_probe(probe, link.key)))
+            link.counters["pings"] += 1
+        # Only recent pings can be answered; older ones are forgotten (bounded memory).
+        for seq in [s for s, (_, sent) in link.outstanding.items() if now - sent > ATTEMPT_TIME]:
+            del link.outstanding[seq]
+        return actions
+
+    def _nominate(self, link: PeerLink, best: Address, now: float) -> list[Action]:
+        rtt, observed = link.validated[best]
+        assert link.session is not None
+        message = Control("nominate", self.name, link.session, use=observed)
+        actions: list[Action] = [SendControl(link.config.name, encode_control(message))]
+        return actions + self._to_direct(link, best, rtt, now)
+
+    def _to_direct(self, link: PeerLink, endpoint: Address, rtt: float, now: float) -> list[Action]:
+        link.phase = "idle"
+        link.path = "direct"
+        link.endpoint = endpoint
+        link.rtt = rtt
+        link.direct_since = link.last_proof = now
+        link.unanswered_since = link.suspect_since = None
+        link.unanswered_bytes = 0
+        link.counters["upgrades"] += 1
+        relay = link.config.relay_endpoint
+        return [
+            Mute(link.config.name, relay, endpoint),
+            SetEndpoint(link.config.name, link.config.public_key, endpoint),
+            Log(link.config.name, f"direct via {format_endpoint(*endpoint)}"),
+        ]
+
+    def _to_relay(self, link: PeerLink, why: str) -> list[Action]:
+        link.path = "relay"
+        link.phase = "idle"
+        link.endpoint = link.config.relay_endpoint
+        link.direct_since = None
+        link.suspect_since = link.unanswered_since = None
+        return [
+            Unmute(link.config.name),
+            SetEndpoint(link.config.name, link.config.public_key, link.config.relay_endpoint),
+            Log(link.config.name, f"relay ({why})"),
+        ]
+
+    def _fail(self, link: PeerLink, now: float, why: str) -> list[Action]:
+        link.phase = "idle"
+        link.failures += 1
+        link.next_attempt = now + backoff(link.failures)
+        link.counters["failed_attempts"] += 1
+        wait = backoff(link.failures)
+        return [Log(link.config.name, f"attempt failed ({why}); next in {wait:.0f} s")]
+
+    def _watch(self, link: PeerLink, now: float) -> list[Action]:
+        assert link.direct_since is not None
+        if now - link.direct_since >= STABLE_AFTER:
+            link.failures = 0
+        if link.suspect_since is None:
+            return []
+        if now - link.suspect_since >= DEAD_AFTER:
+            return self._fall_back(link, now, "direct path silent")
+        if now >= link.next_ping and link.endpoint is not None:
+            link.next_ping = now + CHECK_INTERVAL
+            return self._pings(link, [link.endpoint], now)
+        return []
+
+    def _fall_back(self, link: PeerLink, now: float, why: str) -> list[Action]:
+        link.counters["fallbacks"] += 1
+        link.failures += 1
+        link.next_attempt = now + backoff(link.failures)
+        # The message goes through WireGuard: after the switch, or it takes the dead path.
+        actions = self._to_relay(link, why)
+        if link.session is not None:
+            message = Control("fallback", self.name, link.session)
+            actions.append(SendControl(link.config.name, encode_control(message)))
+        return actions
+
+    # --- WireGuard's counters -------------------------------------------------------------
+
+    def on_counters(self, peer: str, rx: int, tx: int, now: float) -> list[Action]:
+        """The peer's transfer counters (bytes received and sent), sampled by the daemon."""
+        link = self.links.get(peer)
+        if link is None:
+            return []
+        previous_rx, previous_tx = link.rx, link.tx
+        link.rx, link.tx = rx, tx
+        if link.path != "direct" or previous_rx is None or previous_tx is None:
+            return []
+        if rx != previous_rx:
+            link.last_proof = now
+            link.unanswered_since = link.suspect_since = None
+            link.unanswered_bytes = 0
+            return []
+        # Keepalives alone prove nothing missing (WireGuard does not answer them): only data
+        # sent and not answered makes a path suspect.
+        if tx - previous_tx > KEEPALIVE_BYTES:
+            link.unanswered_bytes += tx - previous_tx
+            if link.unanswered_since is None:
+                link.unanswered_since = now
+        if (
+            link.suspect_since is None
+            and link.unanswered_since is not None
+            and link.unanswered_bytes > 2 * KEEPALIVE_BYTES
+            and now - link.unanswered_since >= SUSPECT_AFTER
+        ):
+            link.suspect_since = now
+            link.next_ping = now
+            link.counters["suspicions"] += 1
+            return self._watch(link, now)
+        return []
+
+    # --- control messages -----------------------------------------------------------------
+
+    def on_control(self, source: str, datagram: bytes, now: float, wall: float) -> list[Action]:
+        """A control message from overlay address ``source`` (WireGuard authenticated it)."""
+        try:
+            message = decode_control(datagram)
+        except MessageError:
+            self.counters["dropped_control_malformed"] += 1
+            return []
+        link = self.links.get(message.sender)
+        if link is None or link.config.overlay_address != source:
+            self.counters["dropped_control_stranger"] += 1
+            return []
+        handler = {
+            "offer": self._on_offer,
+            "answer": self._on_answer,
+            "nominate": self._on_nominate,
+            "fallback": self._on_fallback,
+        }[message.type]
+        return handler(link, message, now, wall)
+
+    def _on_offer(self, link: PeerLink, message: Control, now: float, wall: float) -> list[Action]:
+        if link.controlling:
+            self.counters["dropped_control_unexpected"] += 1
+            return []
+        actions: list[Action] = []
+        if link.path == "direct":
+            # The controlling side offers only from its relay: follow it there, then upgrade.
+            actions += self._to_relay(link, "peer offered anew")
+        link.session, link.key = message.session, message.key
+        link.outstanding.clear()
+        link.validated.clear()
+        link.ping_sources.clear()
+        link.ping_seqs.clear()
+        link.remote_candidates = message.candidates
+        assert message.start_at is not None
+        # Never in the past, never far ahead: a skewed clock costs at most the attempt.
+        link.start = now + min(max(message.start_at - wall, 0.0), OFFER_TIMEOUT)
+        link.counters["attempts"] += 1
+        self._begin_probing(link, now)
+        answer = Control("answer", self.name, message.session, candidates=self.candidates)
+        return [*actions, SendControl(link.config.name, encode_control(answer))]
+
+    def _on_answer(self, link: PeerLink, message: Control, now: float, wall: float) -> list[Action]:
+        if not link.controlling or link.phase != "offered" or message.session != link.session:
+            self.counters["dropped_control_unexpected"] += 1
+            return []
+        link.remote_candidates = message.candidates
+        self._begin_probing(link, now)
+        return []
+
+    def _on_nominate(
+        self, link: PeerLink, message: Control, now: float, wall: float
+    ) -> list[Action]:
+        use = message.use
+        if (
+            link.controlling
+            or message.session != link.session
+            or use is None
+            or use not in link.ping_sources
+        ):
+            # Only an address that proved itself with an authentic ping in this session.
+            self.counters["dropped_control_unexpected"] += 1
+            return []
+        rtt = link.validated[use][0] if use in link.validated else link.rtt or 0.0
+        return self._to_direct(link, use, rtt, now)
+
+    def _on_fallback(
+        self, link: PeerLink, message: Control, now: float, wall: float
+    ) -> list[Action]:
+        if message.session != link.session or link.path != "direct":
+            self.counters["dropped_control_unexpected"] += 1
+            return []
+        link.counters["fallbacks"] += 1
+        link.failures += 1
+        link.next_attempt = now + backoff(link.failures)
+        return self._to_relay(link, "peer fell back")
+
+    # --- probes ---------------------------------------------------------------------------
+
+    def on_probe(self, source: Address, datagram: bytes, now: float) -> list[Action]:
+        """A datagram that reached the WireGuard port and starts with the probe magic."""
+        session = probe_session(datagram)
+        link = next(
+            (k for k in self.links.values() if session is not None and k.session == session),
+            None,
+        )
+        if link is None or link.key is None:
+            self.counters["dropped_probe_unknown"] += 1
+            return []
+        try:
+            probe = decode_probe(datagram, link.key)
+        except MessageError:
+            self.counters["dropped_probe_forged"] += 1
+            return []
+        if probe.kind == PING:
+            return self._on_ping(link, probe, source, now)
+        return self._on_pong(link, probe, source, now)
+
+    def _on_ping(self, link: PeerLink, probe: Probe, source: Address, now: float) -> list[Action]:
+        # Every ping has a fresh sequence number: one seen before (from anywhere) is a replay,
+        # and answering it would make us a reflector towards whatever address it came from.
+        newest = max(link.ping_seqs, default=0)
+        if probe.seq in link.ping_seqs or probe.seq <= newest - PING_WINDOW:
+            self.counters["dropped_probe_replay"] += 1
+            return []
+        link.pong_budget = min(
+            MAX_PONGS_PER_SECOND,
+            link.pong_budget + (now - link.pong_budget_at) * MAX_PONGS_PER_SECOND,
+        )
+        link.pong_budget_at = now
+        if link.pong_budget < 1:
+            self.counters["dropped_probe_rate"] += 1
+            return []
+        link.pong_budget -= 1
+        link.ping_seqs.add(probe.seq)
+        if len(link.ping_seqs) > 2 * PING_WINDOW:
+            newest = max(link.ping_seqs)
+            link.ping_seqs = {s for s in link.ping_seqs if s > newest - PING_WINDOW}
+        link.ping_sources.add(source)
+        assert link.key is not None
+        pong = Probe(PONG, probe.session, probe.seq, source)
+        link.counters["pongs"] += 1
+        return [SendProbe(source, encode_probe(pong, link.key))]
+
+    def _on_pong(self, link: PeerLink, probe: Probe, source: Address, now: float) -> list[Action]:
+        sent = link.outstanding.get(probe.seq)
+        if sent is None or sent[0] != source or probe.observed is None:
+            # A replayed pong, or one from somewhere we did not ping: it proves nothing (and
+            # does not use up the sequence number, so a copy cannot beat the genuine pong).
+            self.counters["dropped_probe_unexpected"] += 1
+            return []
+        del link.outstanding[probe.seq]
+        rtt = now - sent[1]
+        if link.path == "direct" and source == link.endpoint:
+            link.last_proof = now
+            link.rtt = rtt
+            link.suspect_since = link.unanswered_since = None
+            link.unanswered_bytes = 0
+            return []
+        if link.phase == "probing":
+            if link.first_validated is None:
+                link.first_validated = now
+            link.validated[source] = (rtt, probe.observed)
+        return []
+
+    # --- status ---------------------------------------------------------------------------
+
+    def status(self, now: float) -> dict[str, Any]:
+        return {
+            "site": self.name,
+            "candidates": [format_endpoint(*c) for c in self.candidates],
+            "peers": {name: link.status(now) for name, link in sorted(self.links.items())},
+            "counters": dict(sorted(self.counters.items())),
+        }

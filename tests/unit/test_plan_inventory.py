@@ -1,0 +1,451 @@
+"""meshwright.plan.inventory: the decisions between Ansible's inventory and the planner.
+
+Endpoint reachability from NAT facts, this run's facts or the state file, the operator's
+override, the mesh-wide settings, relay port ranges, sidecar configurations, the state file's
+layout, every site's mesh prefixes, and the static validation; errors word for word.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from meshwright.plan import DEFAULT_RELAY_FIRST_PORT, DEFAULT_RELAY_LAST_PORT, PlanError
+from meshwright.plan.inventory import (
+    Inventory,
+    RelayState,
+    SiteState,
+    State,
+    StateError,
+    endpoint_from_nat,
+    plan_inventory,
+    previous_allocations,
+    read_state,
+    validate_inventory,
+)
+from meshwright.plan.synthetic import public_key
+
+OVERLAY = "10.99.0.0/24"
+
+
+def nat(nat_class: str, address: str = "198.51.100.20", **kw: Any) -> dict[str, Any]:
+    """A mesh_nat fact as nat_probe sets it (the part the planner reads)."""
+    return {
+        "nat_class": nat_class,
+        "public_addresses": [address],
+        "behind_nat": False,
+        "port_preservation": False,
+        "rtt_ms": {"relay1": 5.0},
+        **kw,
+    }
+
+
+def site(number: int, nat_class: str | None = "easy", **kw: Any) -> dict[str, Any]:
+    """A site host's variables: inventory, and the facts of this run unless nat_class is None."""
+    host: dict[str, Any] = {
+        "mesh_overlay_network": OVERLAY,
+        "mesh_overlay_address": f"10.99.0.{number}",
+        "mesh_lan_prefixes": [f"10.10.{number}.0/24"],
+    }
+    if nat_class is not None:
+        host["mesh_wg_public_key"] = public_key(f"site{number}")
+        host["mesh_nat"] = nat(nat_class, f"198.51.100.{20 + number}")
+    host.update(kw)
+    return host
+
+
+def relay(**kw: Any) -> dict[str, Any]:
+    return {
+        "relay_public_addresses": ["203.0.113.10"],
+        "mesh_wg_public_key": public_key("relay1"),
+        "mesh_overlay_address": "10.99.0.250",
+        "relay_tls_fingerprint": "sha256:aa",
+        **kw,
+    }
+
+
+def inventory(sites: dict[str, dict[str, Any]], relays: dict[str, Any] | None = None, **kw: Any):
+    return Inventory(sites=sites, relays=relays or {}, **kw)
+
+
+def planned(sites, relays=None, state: State | None = None, previous: str | None = None, **kw):
+    return plan_inventory(inventory(sites, relays, **kw), state or State(), previous)
+
+
+def site_plan(result, name: str) -> dict[str, Any]:
+    return result.facts()["mesh_plan"]["sites"][name]
+
+
+def peer(result, a: str, b: str) -> dict[str, Any]:
+    (found,) = [p for p in site_plan(result, a)["peers"] if p["name"] == b]
+    return found
+
+
+# --- a site's endpoint, from its NAT facts -----------------------------------------------------
+
+
+def test_an_open_site_is_reached_on_its_public_address_and_listen_port():
+    assert endpoint_from_nat(nat("open"), 51821) == "198.51.100.20:51821"
+
+
+def test_an_ipv6_endpoint_is_written_in_brackets():
+    assert endpoint_from_nat(nat("open", "2001:db8::20"), 51820) == "[2001:db8::20]:51820"
+
+
+@pytest.mark.parametrize(
+    "facts",
+    [
+        nat("easy"),
+        nat("hard"),
+        nat("blocked"),
+        nat("open", public_addresses=[]),
+        # behind a full cone that does not keep ports: the public port is not the listen port
+        nat("open", behind_nat=True, port_preservation=False),
+    ],
+    ids=["easy", "hard", "blocked", "no address", "cone without port preservation"],
+)
+def test_no_endpoint_unless_open_and_the_port_is_known(facts):
+    assert endpoint_from_nat(facts, 51820) is None
+
+
+def test_a_full_cone_that_keeps_ports_is_reached_on_the_listen_port():
+    facts = nat("open", behind_nat=True, port_preservation=True)
+    assert endpoint_from_nat(facts, "51820") == "198.51.100.20:51820"
+
+
+def test_the_operator_overrides_the_endpoint_even_with_none():
+    sites = {
+        "a": site(1, "easy"),
+        "b": site(2, "open", mesh_endpoint="203.0.113.99:51999"),
+        "c": site(3, "open"),
+    }
+    result = planned(sites)
+    assert peer(result, "a", "b")["endpoint"] == "203.0.113.99:51999"  # not its NAT facts'
+    assert peer(result, "a", "c")["endpoint"] == "198.51.100.23:51820"  # from its NAT facts
+    assert result.state.sites["b"].endpoint == "203.0.113.99:51999"
+    # null: b is open, yet not reachable unsolicited (planned as easy): a reaches it through c
+    sites["b"]["mesh_endpoint"] = None
+    result = planned(sites)
+    assert result.state.sites["b"].endpoint is None
+    assert [p["name"] for p in site_plan(result, "a")["peers"]] == ["c"]
+
+
+# --- this run's facts, or the state file (hosts outside --limit) ---------------------------------
+
+
+def test_a_site_without_facts_this_run_keeps_what_the_state_file_says():
+    state = State(
+        sites={
+            "b": SiteState(
+                public_key=public_key("site2"), nat_class="open", endpoint="198.51.100.22:51820"
+            )
+        }
+    )
+    result = planned({"a": site(1, "easy"), "b": site(2, None)}, state=state)
+    assert peer(result, "a", "b")["endpoint"] == "198.51.100.22:51820"
+    assert peer(result, "a", "b")["public_key"] == public_key("site2")
+    assert result.state.sites["b"] == state.sites["b"]
+
+
+def test_fresh_facts_win_over_the_state_file():
+    state = State(sites={"a": SiteState(public_key=public_key("old"), nat_class="hard")})
+    result = planned({"a": site(1, "open"), "b": site(2, "easy")}, state=state)
+    assert result.state.sites["a"] == SiteState(
+        public_key=public_key("site1"), nat_class="open", endpoint="198.51.100.21:51820"
+    )
+
+
+def test_no_facts_and_no_state_is_an_error_naming_the_site():
+    with pytest.raises(PlanError) as raised:
+        planned({"a": site(1, "open"), "b": site(2, None)})
+    assert raised.value.problems == (
+        "site b: no public key (the keys step has not run on it)",
+        "site b: no NAT facts (nat_class is unknown: the probe has not run on it)",
+    )
+
+
+# --- mesh-wide settings -----------------------------------------------------------------------
+
+
+def test_mesh_settings_must_agree_across_sites():
+    sites = {"a": site(1, "open"), "b": site(2, "easy", mesh_overlay_network="10.98.0.0/24")}
+    del sites["a"]["mesh_overlay_network"]
+    sites["b"]["mesh_keepalive"] = 30
+    with pytest.raises(PlanError) as raised:
+        planned(sites)
+    assert raised.value.problems[:2] == (
+        "site b: mesh_overlay_network '10.98.0.0/24' differs from (not set) (site a): set it"
+        " once for every site (group_vars/all)",
+        "site b: mesh_keepalive 30 differs from (not set) (site a): set it once for every"
+        " site (group_vars/all)",
+    )
+
+
+def test_no_overlay_network_is_one_error_naming_the_variable():
+    sites = {"a": site(1, "open"), "b": site(2, "easy")}
+    for host in sites.values():
+        del host["mesh_overlay_network"]
+    assert validate_inventory(inventory(sites)) == [
+        "mesh_overlay_network is not set: give every site the overlay's prefix, such as"
+        " 10.99.0.0/24 (group_vars/all)"
+    ]
+    # the task's option wins over the variables
+    assert validate_inventory(inventory(sites, overlay_network=OVERLAY)) == []
+
+
+def test_link_kinds_default_to_the_relay_kinds_when_there_are_relays():
+    sites = {"a": site(1, "open"), "b": site(2, "hard"), "c": site(3, "hard")}
+    without = planned(sites)
+    assert json.loads(without.plan_json)["link_kinds"] == ["direct"]
+    assert [p["name"] for p in site_plan(without, "b")["peers"]] == ["a"]  # c through a
+    with_relay = planned(sites, {"relay1": relay()})
+    assert json.loads(with_relay.plan_json)["link_kinds"] == ["direct", "relay", "relay-tcp"]
+    assert peer(with_relay, "b", "c")["mode"] == "relay"
+    only = planned(sites, {"relay1": relay()}, link_kinds=["direct"])
+    assert json.loads(only.plan_json)["link_kinds"] == ["direct"]
+
+
+def test_numbers_given_as_text_are_numbers():
+    sites = {
+        "a": site(1, "open", mesh_keepalive="30", mesh_listen_port="51821"),
+        "b": site(2, "easy", mesh_keepalive="30"),
+    }
+    result = planned(sites)
+    assert peer(result, "b", "a")["keepalive"] == 30
+    assert peer(result, "b", "a")["endpoint"] == "198.51.100.21:51821"
+
+
+def test_an_overlay_address_may_carry_its_prefix_length():
+    result = planned({"a": site(1, "open", mesh_overlay_address="10.99.0.1/24"), "b": site(2)})
+    assert site_plan(result, "a")["overlay_address"] == "10.99.0.1"
+
+
+def test_a_string_is_never_split_into_prefixes():
+    sites = {"a": site(1, "open", mesh_lan_prefixes="10.10.1.0/24"), "b": site(2)}
+    assert validate_inventory(inventory(sites)) == [
+        "site a: lan_prefixes '10.10.1.0/24' is not a list of prefixes"
+    ]
+
+
+# --- relays: port ranges, defined once --------------------------------------------------------
+
+
+def test_a_relays_allocation_ports_come_from_its_inventory():
+    sites = {"a": site(1, "hard"), "b": site(2, "hard")}
+    (allocation,) = planned(sites, {"relay1": relay()}).facts()["mesh_plan"]["allocations"]
+    assert allocation["ports"] == [DEFAULT_RELAY_FIRST_PORT, DEFAULT_RELAY_FIRST_PORT + 1]
+    ranged = relay(relay_first_port=45000, relay_last_port="45099")
+    (allocation,) = planned(sites, {"relay1": ranged}).facts()["mesh_plan"]["allocations"]
+    assert allocation["ports"] == [45000, 45001]
+    assert peer(planned(sites, {"relay1": ranged}), "a", "b")["endpoint"] == "203.0.113.10:45000"
+
+
+def test_the_default_range_is_the_planners():
+    assert (DEFAULT_RELAY_FIRST_PORT, DEFAULT_RELAY_LAST_PORT) == (40000, 59999)
+
+
+def test_a_bad_relay_port_range_names_the_relay_and_the_ports():
+    sites = {"a": site(1, None), "b": site(2, None)}
+    relays = {
+        "relay1": relay(relay_first_port=50000, relay_last_port=40000),
+        "relay2": relay(relay_first_port=0, relay_last_port=70000, mesh_overlay_address=None),
+        "relay3": relay(relay_first_port="many", mesh_overlay_address=None),
+    }
+    assert validate_inventory(inventory(sites, relays)) == [
+        "relay relay3: first port 'many' is not a port number",
+        "relay relay1: allocation ports 50000-40000 hold no port pair (the first must be below"
+        " the last)",
+        "relay relay2: allocation ports 0-70000 are not ports in 1-65535",
+    ]
+
+
+# --- sidecars of UDP-blocked sites --------------------------------------------------------------
+
+
+def test_a_blocked_site_gets_its_sidecar_peers_and_relays():
+    sites = {
+        "a": site(1, "blocked", sidecar_certificate="PEM a"),
+        "b": site(2, "open"),
+        "c": site(3, "hard"),
+    }
+    result = planned(sites, {"relay1": relay(relay_tls_port=8443)})
+    ports = {(x["a"], x["b"]): x["ports"] for x in result.facts()["mesh_plan"]["allocations"]}
+    assert result.sidecars == {
+        "a": {
+            "peers": [
+                {"name": "b", "relay": "relay1", "port": ports[("a", "b")][0]},
+                {"name": "c", "relay": "relay1", "port": ports[("a", "c")][0]},
+            ],
+            "relays": {
+                "relay1": {"address": "203.0.113.10", "port": 8443, "fingerprint": "sha256:aa"}
+            },
+        }
+    }
+    assert result.tls_sites == {"a": "PEM a"}
+    assert peer(result, "a", "b")["endpoint"] == f"127.0.0.1:{ports[('a', 'b')][0]}"
+
+
+def test_certificates_and_fingerprints_outside_the_run_come_from_the_state_file():
+    state = State(
+        sites={
+            "a": SiteState(public_key=public_key("site1"), nat_class="blocked", certificate="PEM")
+        },
+        relays={"relay1": RelayState(public_key=public_key("relay1"), tls_fingerprint="sha256:bb")},
+    )
+    sites = {"a": site(1, None), "b": site(2, "open")}
+    host = relay()
+    del host["relay_tls_fingerprint"]
+    result = planned(sites, {"relay1": host}, state=state)
+    assert result.tls_sites == {"a": "PEM"}
+    assert result.sidecars["a"]["relays"]["relay1"] == {
+        "address": "203.0.113.10",
+        "port": 443,
+        "fingerprint": "sha256:bb",
+    }
+    assert result.state.sites["a"] == state.sites["a"]
+    assert result.state.relays["relay1"] == state.relays["relay1"]
+
+
+# --- every site's mesh prefixes (the firewall's) ----------------------------------------------
+
+
+def test_every_site_gets_the_overlay_and_the_lan_prefixes_of_the_mesh():
+    sites = {
+        "a": site(1, "open", mesh_lan_prefixes=["192.168.1.0/24", "10.10.1.0/24"]),
+        "b": site(2, "easy"),
+        "c": site(3, "easy", mesh_required=False, mesh_policy={"allow_direct": False}),
+    }
+    result = planned(sites)
+    mesh = [OVERLAY, "10.10.1.0/24", "10.10.2.0/24", "192.168.1.0/24"]
+    assert site_plan(result, "a")["mesh_prefixes"] == mesh
+    assert site_plan(result, "b")["mesh_prefixes"] == mesh
+    # c links with no one: alone, it passes only its own LAN
+    assert site_plan(result, "c")["mesh_prefixes"] == [OVERLAY, "10.10.3.0/24"]
+
+
+# --- the state file ---------------------------------------------------------------------------
+
+
+def test_the_state_file_layout_is_stable_and_round_trips():
+    state = State(
+        sites={
+            "b": SiteState(public_key="kb", nat_class="blocked", certificate="PEM"),
+            "a": SiteState(public_key="ka", nat_class="open", endpoint="198.51.100.1:51820"),
+        },
+        relays={"r1": RelayState(public_key="kr"), "r2": RelayState(tls_fingerprint="sha256:x")},
+    )
+    text = state.to_json()
+    assert json.loads(text) == {
+        "version": 1,
+        "sites": {
+            "a": {"public_key": "ka", "nat_class": "open", "endpoint": "198.51.100.1:51820"},
+            "b": {
+                "public_key": "kb",
+                "nat_class": "blocked",
+                "endpoint": None,
+                "certificate": "PEM",
+            },
+        },
+        "relays": {
+            "r1": {"public_key": "kr"},
+            "r2": {"public_key": None, "tls_fingerprint": "sha256:x"},
+        },
+    }
+    assert text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
+    assert read_state(text) == state
+    assert read_state(None) == State()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "{",
+            "not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2"
+            " (char 1))",
+        ),
+        ("[]", "not a JSON object but list"),
+        (
+            '{"version": 2}',
+            "version 2 is not 1, the one this meshwright reads (a newer meshwright"
+            " wrote it, or it was edited)",
+        ),
+        (
+            '{"sites": {}}',
+            "version None is not 1, the one this meshwright reads (a newer"
+            " meshwright wrote it, or it was edited)",
+        ),
+        ('{"version": 1, "hosts": {}}', "unknown key(s) 'hosts'"),
+        ('{"version": 1, "sites": []}', "sites is not a mapping of name to entry"),
+        ('{"version": 1, "sites": {"a": {"key": "x"}}}', "site a: unknown key 'key'"),
+        (
+            '{"version": 1, "relays": {"r": {"public_key": 5}}}',
+            "relay r: public_key 5 is not a string",
+        ),
+    ],
+)
+def test_a_broken_state_file_is_an_error_saying_why(text, message):
+    with pytest.raises(StateError) as raised:
+        read_state(text)
+    assert str(raised.value) == message
+
+
+def test_the_previous_plans_allocations_are_kept_and_a_broken_plan_is_ignored():
+    sites = {"a": site(1, "hard"), "b": site(2, "hard"), "c": site(3, "hard")}
+    relays = {
+        "relay1": relay(),
+        "relay2": relay(
+            relay_public_addresses=["198.51.100.10"], mesh_overlay_address="10.99.0.251"
+        ),
+    }
+    first = planned(sites, relays)
+    # RTTs change: a new run keeps every pair on its relay and ports
+    for host in sites.values():
+        host["mesh_nat"]["rtt_ms"] = {"relay2": 1.0, "relay1": 90.0}
+    again = planned(sites, relays, previous=first.plan_json)
+    assert again.plan_json == first.plan_json
+    assert previous_allocations("not json") == [] and previous_allocations(None) == []
+    assert previous_allocations('{"allocations": 5}') == []
+
+
+# --- static validation (no facts) --------------------------------------------------------------
+
+
+def test_a_valid_inventory_needs_no_facts():
+    sites = {"a": site(1, None), "b": site(2, None, mesh_policy={"hubs": ["a"]})}
+    assert validate_inventory(inventory(sites, {"relay1": relay()})) == []
+
+
+def test_static_validation_names_hosts_and_values():
+    sites = {
+        "a": site(1, None, mesh_lan_prefixes=["10.10.0.0/16"]),
+        "b": site(2, None, mesh_overlay_address="10.98.0.2", mesh_policy={"hubs": ["z"]}),
+        "c": site(3, None, mesh_lan_prefixes=["10.99.0.128/25"], mesh_listen_port=70000),
+        "d": site(1, None, mesh_lan_prefixes=["172.16.0.1/24"]),
+        "e": site(5, None, mesh_endpoint="2001:db8::1:51820"),
+    }
+    del sites["e"]["mesh_overlay_address"]
+    assert validate_inventory(inventory(sites, {"a": relay()})) == [
+        "site e: mesh_overlay_address is not set",
+        "relay a: a site has the same name (WireGuard peers are named uniquely)",
+        "site b: overlay address 10.98.0.2 is outside the overlay network 10.99.0.0/24",
+        "site b: hubs name unknown site(s) z",
+        "site c: LAN prefix 10.99.0.128/25 overlaps the overlay network 10.99.0.0/24",
+        "site c: listen port 70000 is not a port in 1-65535",
+        "site d: LAN prefix '172.16.0.1/24' is not a valid prefix (did you mean 172.16.0.0/24?)",
+        "site e: endpoint '2001:db8::1:51820' is not valid (an IPv6 address needs brackets:"
+        " [ipv6]:port)",
+        "sites a, d: same overlay address 10.99.0.1",
+        "sites a and b: LAN prefixes 10.10.0.0/16 (a) and 10.10.2.0/24 (b) overlap",
+        "sites a and e: LAN prefixes 10.10.0.0/16 (a) and 10.10.5.0/24 (e) overlap",
+    ]
+
+
+def test_an_empty_sites_group_is_an_error_naming_the_group():
+    assert validate_inventory(inventory({}, sites_group="branches")) == [
+        "the branches inventory group is empty: nothing to plan",
+        "mesh_overlay_network is not set: give every site the overlay's prefix, such as"
+        " 10.99.0.0/24 (group_vars/all)",
+    ]
