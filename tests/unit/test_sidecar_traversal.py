@@ -1,0 +1,1019 @@
+"""Tests for meshwright.site.sidecar.traversal: the per-peer state machine, in a simulation.
+
+The harness below is deterministic: a fake clock that advances in steps of the daemon's loop
+interval, two sites (alpha and bravo) whose :class:`Traversal` cores are ticked, fed WireGuard's
+counters every :data:`SAMPLE` seconds and given every probe and control message that reaches
+them, and a tiny network between them:
+
+* each site has a private address on a LAN, behind a NAT with a public address. The NAT maps
+  endpoint-independently (an inside address:port keeps one public port, its own if free) and
+  filters address-and-port-dependently (a packet from outside gets in only if the inside sent
+  to exactly that address:port before, within the conntrack timeouts: 30 s unreplied, 120 s
+  replied). With ``clash`` it behaves like Linux conntrack: an inbound packet that is filtered
+  leaves an unreplied entry, and a later outbound packet to that remote gets a new public port;
+* two sites can share one LAN and one NAT (which hairpins: a packet to its own public address
+  is translated and filtered like one from outside);
+* ``cut`` drops everything between the two sites' public addresses;
+* the relay always delivers, after ``relay_delay``.
+
+WireGuard is modelled by a record per site: its endpoint for the peer (SetEndpoint sets it;
+like WireGuard it also roams to the source of any packet it accepts), the mute (a packet from
+the relay gets the direct endpoint as its source), and rx/tx byte counters. Control messages
+travel as WireGuard data to wherever the sending site's WireGuard endpoint points at the moment
+the daemon sends them (the daemon writes them to a socket on the overlay address).
+"""
+
+from __future__ import annotations
+
+import base64
+import heapq
+import ipaddress
+import itertools
+import json
+import random
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshwright.site.sidecar import traversal
+from meshwright.site.sidecar.messages import (
+    PING,
+    PONG,
+    Control,
+    Probe,
+    decode_control,
+    decode_probe,
+    encode_control,
+    encode_probe,
+)
+from meshwright.site.sidecar.traversal import (
+    Action,
+    Log,
+    Mute,
+    PeerConfig,
+    SendControl,
+    SendProbe,
+    SetEndpoint,
+    Traversal,
+    Unmute,
+    backoff,
+)
+
+Address = tuple[str, int]
+
+T0 = 1000.0  # the monotonic clock at the start of every run
+WALL = 1_764_526_000.0 - T0  # wall clock = monotonic + WALL (+ a site's skew)
+STEP = 0.02  # the daemon's loop interval: cores are ticked this often
+SAMPLE = 0.25  # the daemon samples WireGuard's counters this often
+WG = 51820
+RELAY = "198.51.100.200"
+UNREPLIED_TIMEOUT = 30.0  # nf_conntrack_udp_timeout
+REPLIED_TIMEOUT = 120.0  # nf_conntrack_udp_timeout_stream
+KEEPALIVE = 32
+LAN = ipaddress.ip_network("10.0.0.0/8")  # sites' private addresses
+
+# Base64 WireGuard keys, chosen so that alpha's is the smaller one: alpha is controlling.
+KEY_ALPHA = "AAAA" + "a" * 39 + "="
+KEY_BETA = "zzzz" + "a" * 39 + "="
+
+
+# --- the network ---------------------------------------------------------------------------
+
+
+@dataclass
+class Entry:
+    port: int
+    last: float
+    replied: bool = False
+
+
+class Nat:
+    """Endpoint-independent mapping, address-and-port-dependent filtering, optional clash."""
+
+    def __init__(self, public: str, *, clash: bool = False, hairpin: bool = True) -> None:
+        self.public = public
+        self.clash = clash
+        self.hairpin = hairpin
+        self.entries: dict[tuple[Address, Address], Entry] = {}  # (inside, remote)
+        self.strays: dict[tuple[Address, int], float] = {}  # (remote, public port): unreplied
+        self.ports: dict[Address, int] = {}  # inside -> its public port
+        self.next_port = 61000
+        self.clashes = 0
+
+    def _expire(self, now: float) -> None:
+        for key, entry in list(self.entries.items()):
+            if now - entry.last > (REPLIED_TIMEOUT if entry.replied else UNREPLIED_TIMEOUT):
+                del self.entries[key]
+        for key, last in list(self.strays.items()):
+            if now - last > UNREPLIED_TIMEOUT:
+                del self.strays[key]
+
+    def _fresh_port(self) -> int:
+        self.next_port += 1
+        return self.next_port
+
+    def outbound(self, inside: Address, remote: Address, now: float) -> Address:
+        self._expire(now)
+        entry = self.entries.get((inside, remote))
+        if entry is None:
+            port = self.ports.get(inside)
+            if port is None:
+                taken = set(self.ports.values())
+                port = inside[1] if inside[1] not in taken else self._fresh_port()
+                self.ports[inside] = port
+            if (remote, port) in self.strays:
+                # The reply tuple is the unreplied inbound entry's: Linux picks a new port.
+                port = self._fresh_port()
+                self.clashes += 1
+            entry = self.entries[(inside, remote)] = Entry(port, now)
+        entry.last = now
+        return (self.public, entry.port)
+
+    def inbound(self, remote: Address, port: int, now: float) -> Address | None:
+        self._expire(now)
+        for (inside, peer), entry in self.entries.items():
+            if peer == remote and entry.port == port:
+                entry.last = now
+                entry.replied = True
+                return inside
+        if self.clash:
+            self.strays[(remote, port)] = now  # a retry refreshes it (tailscale#20910)
+        return None
+
+
+@dataclass
+class Site:
+    name: str
+    key: str
+    overlay: str
+    private: Address
+    lan: str
+    nat: Nat
+    relay_endpoint: Address  # its relay allocation for the other site
+    skew: float = 0.0  # its wall clock's error
+    keepalive: float | None = None  # WireGuard's persistent keepalive
+    data_every: float | None = None  # sends data to the peer this often
+    data_size: int = 200
+    core: Traversal = field(init=False)
+    wg_endpoint: Address | None = None
+    muted: Mute | None = None
+    rx: int = 0
+    tx: int = 0
+    last_sent: float = T0
+    next_data: float = T0
+    actions: list[tuple[float, Action]] = field(default_factory=list)
+    probes_in: list[tuple[float, Address, bytes]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Wg:
+    """A WireGuard datagram (data, keepalive, or a control message inside it)."""
+
+    sender: str
+    size: int
+    control: bytes | None = None
+
+
+class Sim:
+    def __init__(
+        self,
+        a: Site,
+        b: Site,
+        *,
+        net_delay: float = 0.02,
+        lan_delay: float = 0.0005,
+        relay_delay: float = 0.02,
+        seed: int = 1,
+    ) -> None:
+        self.a, self.b = a, b
+        self.sites = {a.name: a, b.name: b}
+        self.net_delay, self.lan_delay, self.relay_delay = net_delay, lan_delay, relay_delay
+        self.cut = False
+        self.step = 0
+        self.now = T0
+        self._queue: list[tuple[float, int, Callable[[], None]]] = []
+        self._order = itertools.count()
+        self.delivered: list[tuple[float, str, Address, str]] = []  # time, site, source, kind
+        rng = random.Random(seed)
+        for site in (a, b):
+            peer = self.peer(site)
+            config = PeerConfig(peer.name, peer.key, peer.overlay, site.relay_endpoint)
+            site.core = Traversal(site.name, site.key, [config], rng.randbytes)
+            site.wg_endpoint = site.relay_endpoint
+            # The relay sees where WireGuard's socket is mapped: that is a candidate.
+            mapped = site.nat.outbound(site.private, (RELAY, 3478), self.now)
+            site.core.set_candidates([site.private, mapped])
+
+    # --- plumbing ---
+
+    def peer(self, site: Site) -> Site:
+        return self.b if site is self.a else self.a
+
+    def at(self, when: float, what: Callable[[], None]) -> None:
+        heapq.heappush(self._queue, (when, next(self._order), what))
+
+    def wall(self, site: Site) -> float:
+        return self.now + WALL + site.skew
+
+    def carry_out(self, site: Site, actions: Iterable[Action]) -> None:
+        for action in actions:
+            site.actions.append((self.now, action))
+            if isinstance(action, SendControl):
+                assert action.peer == self.peer(site).name
+                self.send_wg(site, len(action.data) + 32, action.data)
+            elif isinstance(action, SendProbe):
+                self.send_udp(site, action.destination, action.data)
+            elif isinstance(action, SetEndpoint):
+                assert action.public_key == self.peer(site).key
+                site.wg_endpoint = action.endpoint
+            elif isinstance(action, Mute):
+                site.muted = action
+            elif isinstance(action, Unmute):
+                site.muted = None
+
+    def send_wg(self, site: Site, size: int, control: bytes | None = None) -> None:
+        site.tx += size
+        site.last_sent = self.now
+        packet = Wg(site.name, size, control)
+        if site.wg_endpoint == site.relay_endpoint:
+            peer = self.peer(site)
+            self.at(self.now + self.relay_delay, lambda: self.receive_wg(peer, None, packet))
+        else:
+            assert site.wg_endpoint is not None
+            self.send_udp(site, site.wg_endpoint, packet)
+
+    def send_udp(self, site: Site, destination: Address, payload: bytes | Wg) -> None:
+        target = next(
+            (s for s in self.sites.values() if s.lan == site.lan and s.private == destination),
+            None,
+        )
+        if target is not None:
+            source = site.private
+            self.at(self.now + self.lan_delay, lambda: self.arrive(target, source, payload))
+            return
+        if ipaddress.ip_address(destination[0]) in LAN:
+            return  # a private address on no LAN of ours
+        translated = site.nat.outbound(site.private, destination, self.now)
+        self.at(self.now + self.net_delay, lambda: self.inbound(translated, destination, payload))
+
+    def inbound(self, source: Address, destination: Address, payload: bytes | Wg) -> None:
+        publics = {self.a.nat.public, self.b.nat.public}
+        if self.cut and len(publics) == 2 and {source[0], destination[0]} == publics:
+            return
+        for site in self.sites.values():
+            nat = site.nat
+            if nat.public != destination[0]:
+                continue
+            if source[0] == nat.public and not nat.hairpin:
+                return
+            inside = nat.inbound(source, destination[1], self.now)
+            for target in self.sites.values():
+                if target.nat is nat and target.private == inside:
+                    self.arrive(target, source, payload)
+            return
+
+    def arrive(self, site: Site, source: Address, payload: bytes | Wg) -> None:
+        if isinstance(payload, Wg):
+            if payload.sender != site.name:  # a site's own packet is nothing to its WireGuard
+                self.receive_wg(site, source, payload)
+            return
+        site.probes_in.append((self.now, source, payload))
+        self.delivered.append((self.now, site.name, source, "ping" if payload[4] == 1 else "pong"))
+        self.carry_out(site, site.core.on_probe(source, payload, self.now))
+
+    def receive_wg(self, site: Site, source: Address | None, packet: Wg) -> None:
+        if source is None:  # from the relay
+            source = site.relay_endpoint
+        if site.muted is not None and source == site.muted.relay:
+            source = site.muted.direct
+        site.rx += packet.size
+        site.wg_endpoint = source  # roaming: WireGuard follows any authenticated packet
+        if packet.control is not None:
+            sender = self.sites[packet.sender]
+            actions = site.core.on_control(
+                sender.overlay, packet.control, self.now, self.wall(site)
+            )
+            self.carry_out(site, actions)
+
+    # --- time ---
+
+    def run(self, seconds: float) -> None:
+        for _ in range(round(seconds / STEP)):
+            self.now = T0 + self.step * STEP
+            while self._queue and self._queue[0][0] <= self.now + 1e-9:
+                when, _, what = heapq.heappop(self._queue)
+                self.now = max(when, T0)
+                what()
+            self.now = T0 + self.step * STEP
+            for site in (self.a, self.b):
+                if site.data_every is not None and self.now >= site.next_data - 1e-9:
+                    self.send_wg(site, site.data_size)
+                    site.next_data = self.now + site.data_every
+                if site.keepalive is not None and self.now - site.last_sent >= site.keepalive:
+                    self.send_wg(site, KEEPALIVE)
+                self.carry_out(site, site.core.tick(self.now, self.wall(site)))
+            if self.step % round(SAMPLE / STEP) == 0:
+                for site in (self.a, self.b):
+                    peer = self.peer(site).name
+                    self.carry_out(site, site.core.on_counters(peer, site.rx, site.tx, self.now))
+            self.step += 1
+
+    def run_until(self, condition: Callable[[], bool], limit: float) -> float:
+        """Run until ``condition`` holds; the time it first did (fails after ``limit`` s)."""
+        end = self.now + limit
+        while not condition():
+            assert self.now < end, f"not within {limit} s"
+            self.run(STEP)
+        return self.now
+
+    # --- what happened ---
+
+    def direct(self) -> bool:
+        """Both WireGuards point at the other's direct address (not at their relay)."""
+        return all(s.wg_endpoint not in (None, s.relay_endpoint) for s in (self.a, self.b))
+
+    def on_relay(self) -> bool:
+        return all(s.wg_endpoint == s.relay_endpoint for s in (self.a, self.b))
+
+    def paths(self) -> tuple[str, str]:
+        a, b = (s.core.status(self.now)["peers"][self.peer(s).name] for s in (self.a, self.b))
+        return a["path"], b["path"]
+
+
+def easy_pair(
+    *, clash_a: bool = False, clash_b: bool = False, private_a: str = "10.1.0.2", **kw: Any
+) -> Sim:
+    a = Site(
+        "alpha",
+        KEY_ALPHA,
+        "10.200.0.1",
+        (private_a, WG),
+        "alpha-lan",
+        Nat("198.51.100.10", clash=clash_a),
+        (RELAY, 40001),
+    )
+    b = Site(
+        "bravo",
+        KEY_BETA,
+        "10.200.0.2",
+        ("10.2.0.2", WG),
+        "bravo-lan",
+        Nat("203.0.113.20", clash=clash_b),
+        (RELAY, 40002),
+    )
+    return Sim(a, b, **kw)
+
+
+def lan_pair(**kw: Any) -> Sim:
+    nat = Nat("198.51.100.30")
+    a = Site("alpha", KEY_ALPHA, "10.200.0.1", ("10.0.0.2", WG), "home", nat, (RELAY, 40001))
+    b = Site("bravo", KEY_BETA, "10.200.0.2", ("10.0.0.3", WG), "home", nat, (RELAY, 40002))
+    return Sim(a, b, **kw)
+
+
+def actions_of(site: Site, kind: type, since: float = 0.0) -> list[tuple[float, Any]]:
+    return [(t, a) for t, a in site.actions if isinstance(a, kind) and t >= since]
+
+
+def controls(site: Site, since: float = 0.0) -> list[tuple[float, Control]]:
+    return [(t, decode_control(a.data)) for t, a in actions_of(site, SendControl, since)]
+
+
+def counters(site: Site) -> Counter[str]:
+    return Counter(site.core.status(0.0)["counters"])
+
+
+def offer_key(sim: Sim) -> tuple[bytes, bytes]:
+    """The session and probe key of alpha's latest offer (as bravo's sidecar learns them)."""
+    offer = [c for _, c in controls(sim.a) if c.type == "offer"][-1]
+    assert offer.key is not None
+    return offer.session, offer.key
+
+
+def upgraded(sim: Sim, limit: float = 5.0) -> float:
+    return sim.run_until(lambda: sim.direct() and sim.paths() == ("direct", "direct"), limit)
+
+
+# --- scenarios: upgrades -------------------------------------------------------------------
+
+
+def test_two_easy_sites_go_direct_within_a_second() -> None:
+    sim = easy_pair()
+    sim.run(1.0)
+    assert sim.paths() == ("direct", "direct")
+    assert sim.a.wg_endpoint == ("203.0.113.20", WG)
+    assert sim.b.wg_endpoint == ("198.51.100.10", WG)
+    # Each side muted its relay (to the direct endpoint) before it set the endpoint.
+    for site, direct in ((sim.a, ("203.0.113.20", WG)), (sim.b, ("198.51.100.10", WG))):
+        (t_mute, mute), *_ = actions_of(site, Mute)
+        (t_set, set_), *_ = actions_of(site, SetEndpoint)
+        assert mute == Mute(sim.peer(site).name, site.relay_endpoint, direct)
+        assert set_.endpoint == direct
+        assert t_mute <= t_set <= T0 + 1.0
+        assert site.actions.index((t_mute, mute)) < site.actions.index((t_set, set_))
+    # The direct path carries data both ways afterwards, and stays.
+    sim.a.data_every = sim.b.data_every = 0.1
+    rx = (sim.a.rx, sim.b.rx)
+    sim.run(10.0)
+    assert sim.a.rx > rx[0] and sim.b.rx > rx[1]
+    assert sim.direct() and sim.paths() == ("direct", "direct")
+    assert counters(sim.a)["dropped_probe_forged"] == counters(sim.b)["dropped_probe_forged"] == 0
+
+
+def test_both_sides_agree_on_controlling_and_only_it_offers() -> None:
+    sim = easy_pair()
+    sim.cut = True  # every attempt fails: many offers
+    sim.run(120.0)
+    a = sim.a.core.status(sim.now)["peers"]["bravo"]
+    b = sim.b.core.status(sim.now)["peers"]["alpha"]
+    assert a["controlling"] and not b["controlling"]
+    assert {c.type for _, c in controls(sim.a)} == {"offer"}
+    assert {c.type for _, c in controls(sim.b)} == {"answer"}
+    assert len(controls(sim.a)) == len(controls(sim.b)) >= 5
+    assert b["next_attempt_in_s"] is None
+
+
+@settings(max_examples=100, deadline=None)
+@given(keys=st.lists(st.binary(min_size=32, max_size=32), min_size=2, max_size=2, unique=True))
+def test_exactly_one_side_controls_for_any_keys(keys: list[bytes]) -> None:
+    k1, k2 = (base64.b64encode(k).decode() for k in keys)
+    one = Traversal("one", k1, [PeerConfig("two", k2, "10.200.0.2", (RELAY, 1))], bytes)
+    two = Traversal("two", k2, [PeerConfig("one", k1, "10.200.0.1", (RELAY, 2))], bytes)
+    assert one.links["two"].controlling != two.links["one"].controlling
+
+
+def test_a_site_with_no_controlling_peer_never_offers() -> None:
+    core = Traversal(
+        "bravo", KEY_BETA, [PeerConfig("alpha", KEY_ALPHA, "10.200.0.1", (RELAY, 1))], bytes
+    )
+    core.set_candidates([("10.2.0.2", WG), ("203.0.113.20", WG)])
+    sent = [a for t in range(0, 60_000, 20) for a in core.tick(T0 + t / 1000, WALL + T0)]
+    assert sent == []
+
+
+def test_same_lan_pair_upgrades_to_private_addresses() -> None:
+    sim = lan_pair()
+    upgraded(sim, 1.0)
+    assert sim.a.wg_endpoint == ("10.0.0.3", WG)
+    assert sim.b.wg_endpoint == ("10.0.0.2", WG)
+    # The public addresses (through the hairpinning NAT) answered pings too.
+    public = sim.a.nat.public
+    assert any(
+        site == "alpha" and source[0] == public and kind == "pong"
+        for _, site, source, kind in sim.delivered
+    )
+
+
+def test_same_lan_prefers_private_even_when_the_public_pong_comes_first() -> None:
+    """The LAN is slower than the hairpin, within the nomination grace: private still wins."""
+    sim = lan_pair(lan_delay=0.05, net_delay=0.001)
+    upgraded(sim, 1.5)
+    assert sim.a.wg_endpoint == ("10.0.0.3", WG)
+    assert sim.b.wg_endpoint == ("10.0.0.2", WG)
+    first_pong = next(d for d in sim.delivered if d[1] == "alpha" and d[3] == "pong")
+    assert first_pong[2][0] == sim.a.nat.public
+
+
+def test_same_lan_without_private_candidates_uses_the_hairpin() -> None:
+    sim = lan_pair()
+    for site in (sim.a, sim.b):
+        mapped = site.nat.outbound(site.private, (RELAY, 3478), sim.now)
+        site.core.set_candidates([mapped])
+    upgraded(sim, 1.0)
+    assert sim.a.wg_endpoint == (sim.a.nat.public, sim.b.nat.ports[sim.b.private])
+    assert sim.b.wg_endpoint == (sim.a.nat.public, sim.a.nat.ports[sim.a.private])
+
+
+def test_sites_with_the_same_private_address_go_direct_over_public_ones() -> None:
+    """Two homes both numbered 10.2.0.2: a ping to the other's private candidate reaches
+    oneself. That must never validate a path (nor keep a dead one alive)."""
+    sim = easy_pair(private_a="10.2.0.2")
+    upgraded(sim, 1.5)
+    assert sim.a.wg_endpoint == ("203.0.113.20", WG)
+    assert sim.b.wg_endpoint == ("198.51.100.10", WG)
+    sim.a.data_every = sim.b.data_every = 0.1
+    rx = (sim.a.rx, sim.b.rx)
+    sim.run(5.0)
+    assert sim.a.rx > rx[0] and sim.b.rx > rx[1]
+    assert sim.paths() == ("direct", "direct")
+
+
+def test_ipv6_sites_behind_stateful_firewalls_go_direct() -> None:
+    """No NAT, only a firewall that lets in what answers something sent: the same model with
+    the public address equal to the inside one."""
+    a = Site(
+        "alpha",
+        KEY_ALPHA,
+        "10.200.0.1",
+        ("2001:db8:a::2", WG),
+        "alpha-lan",
+        Nat("2001:db8:a::2"),
+        (RELAY, 40001),
+    )
+    b = Site(
+        "bravo",
+        KEY_BETA,
+        "10.200.0.2",
+        ("2001:db8:b::2", WG),
+        "bravo-lan",
+        Nat("2001:db8:b::2"),
+        (RELAY, 40002),
+    )
+    sim = Sim(a, b)
+    upgraded(sim, 1.0)
+    assert sim.a.wg_endpoint == ("2001:db8:b::2", WG)
+    assert sim.b.wg_endpoint == ("2001:db8:a::2", WG)
+
+
+def test_a_site_with_many_addresses_still_offers_what_its_peer_accepts() -> None:
+    """An offer carries at most 16 candidates: a host with many LAN addresses must not send
+    one its peer refuses (every attempt would then end with no answer)."""
+    sim = easy_pair()
+    lan = [(f"10.1.{i}.2", WG) for i in range(30)]
+    mapped = ("198.51.100.10", WG)
+    sim.a.core.set_candidates([*lan, mapped, ("fd00::2", WG)])
+    upgraded(sim, 1.0)
+    (offer,) = [c for _, c in controls(sim.a) if c.type == "offer"]
+    assert len(offer.candidates) == 16 and mapped in offer.candidates
+    assert sim.b.wg_endpoint == mapped
+
+
+def test_skewed_wall_clock_costs_at_most_the_attempt() -> None:
+    sim = easy_pair()
+    sim.b.skew = 30.0  # bravo believes the start is long past: it starts at once
+    assert upgraded(sim, 3.3) < T0 + 1.0
+    sim = easy_pair()
+    sim.b.skew = -30.0  # bravo believes the start is far ahead: it waits OFFER_TIMEOUT at most
+    assert upgraded(sim, 3.3) < T0 + 2.5
+
+
+# --- the conntrack clash and the backoff ---------------------------------------------------
+
+
+def test_backoff_function() -> None:
+    assert [backoff(n) for n in range(11)] == [0, 2, 4, 8, 16, 32, 64, 128, 128, 128, 128]
+
+
+def _failures_and_offers(site: Site) -> tuple[list[float], list[float]]:
+    failed = [t for t, a in actions_of(site, Log) if a.text.startswith("attempt failed")]
+    offers = [t for t, c in controls(site) if c.type == "offer"]
+    return failed, offers
+
+
+def test_backoff_doubles_to_128_s_while_no_path_exists() -> None:
+    sim = easy_pair()
+    sim.cut = True
+    sim.run(700.0)
+    failed, offers = _failures_and_offers(sim.a)
+    waits = [round(o - f, 1) for f, o in zip(failed, offers[1:], strict=False)]
+    assert waits[:9] == [2, 4, 8, 16, 32, 64, 128, 128, 128]
+    assert sim.on_relay() and sim.paths() == ("relay", "relay")
+    # Nothing unvalidated ever touched the working (relayed) path.
+    for site in (sim.a, sim.b):
+        assert actions_of(site, SetEndpoint) == actions_of(site, Mute) == []
+        assert site.wg_endpoint == site.relay_endpoint
+
+
+def test_conntrack_clash_backs_off_until_the_stale_entries_expire() -> None:
+    """The first attempt's answer is late (a congested relay), so bravo's pings reach alpha's
+    Linux NAT before alpha has sent any: alpha's pings then leave from a new port, which
+    bravo's NAT filters, and every retry within 30 s refreshes both stale entries. Only a
+    retry after a wait longer than the unreplied timeout finds them gone."""
+    sim = easy_pair(clash_a=True, clash_b=True, relay_delay=0.25)
+    sim.run(1.0)
+    sim.relay_delay = 0.02
+    assert sim.a.nat.clashes == 1
+    when = upgraded(sim, 200.0)
+    failed, offers = _failures_and_offers(sim.a)
+    assert len(failed) == 5 and len(offers) == 6
+    waits = [round(o - f, 1) for f, o in zip(failed, offers[1:], strict=False)]
+    assert waits == [2, 4, 8, 16, 32]
+    # Direct only after the first retry that waited out the unreplied timeout, then at once.
+    assert offers[-1] - failed[-1] > UNREPLIED_TIMEOUT
+    assert offers[-2] - failed[-2] < UNREPLIED_TIMEOUT
+    assert offers[-1] < when < offers[-1] + 1.0
+    assert sim.a.wg_endpoint == ("203.0.113.20", WG)
+    assert sim.b.wg_endpoint == ("198.51.100.10", WG)
+    for site in (sim.a, sim.b):
+        assert actions_of(site, SetEndpoint)[0][0] > offers[-1]
+
+
+def test_clash_on_one_side_is_survived_by_following_the_observed_port() -> None:
+    """The same clash, but bravo's NAT filters nothing (endpoint-independent filtering): the
+    ping from alpha's new port gets in, and the nomination names the port that arrived."""
+    sim = easy_pair(clash_a=True, relay_delay=0.25)
+    sim.b.nat.inbound = _open_inbound(sim.b.nat)  # type: ignore[method-assign]
+    upgraded(sim, 2.0)
+    assert sim.a.nat.clashes == 1
+    port = sim.a.nat.entries[(sim.a.private, ("203.0.113.20", WG))].port
+    assert port != WG
+    assert sim.b.wg_endpoint == ("198.51.100.10", port)
+
+
+def _open_inbound(nat: Nat) -> Callable[[Address, int, float], Address | None]:
+    """A NAT that lets in anything to a mapped port (endpoint-independent filtering)."""
+
+    def inbound(remote: Address, port: int, now: float) -> Address | None:
+        for inside, mapped in nat.ports.items():
+            if mapped == port:
+                return inside
+        return None
+
+    return inbound
+
+
+# --- watching a direct path: fallback and keepalives ---------------------------------------
+
+
+def _fell_back(site: Site, since: float) -> float:
+    """When ``site`` went back to its relay after ``since`` (Unmute, then SetEndpoint)."""
+    unmute = actions_of(site, Unmute, since)
+    relay = [
+        t for t, a in actions_of(site, SetEndpoint, since) if a.endpoint == site.relay_endpoint
+    ]
+    assert unmute and relay, f"{site.name} did not fall back"
+    assert unmute[0][0] <= relay[0]
+    return relay[0]
+
+
+@pytest.mark.parametrize(
+    "senders", [("alpha", "bravo"), ("alpha",), ("bravo",)], ids=["both", "alpha", "bravo"]
+)
+def test_cut_direct_path_falls_back_within_3_s_and_upgrades_after_healing(
+    senders: tuple[str, ...],
+) -> None:
+    sim = easy_pair()
+    upgraded(sim, 1.0)
+    for name in senders:
+        sim.sites[name].data_every = 0.05
+    sim.run(10.0)
+    assert sim.paths() == ("direct", "direct")
+    cut = sim.now
+    sim.cut = True
+    sim.run(3.0)
+    assert sim.on_relay() and sim.paths() == ("relay", "relay")
+    back = {site.name: _fell_back(site, cut) - cut for site in (sim.a, sim.b)}
+    assert all(0.5 < t <= 3.0 for t in back.values()), back
+    # Whoever noticed first told the other, and the message got there (through the relay).
+    first = min((sim.a, sim.b), key=lambda s: back[s.name])
+    fallbacks = [c for _, c in controls(first, cut) if c.type == "fallback"]
+    assert len(fallbacks) == 1
+    # Data flows again, through the relay.
+    rx = {s.name: s.rx for s in (sim.a, sim.b)}
+    sim.run(1.0)
+    for name in senders:
+        assert sim.peer(sim.sites[name]).rx > rx[sim.peer(sim.sites[name]).name]
+    # Healed: upgraded again after the first backoff (2 s after the fallback).
+    sim.cut = False
+    healed = sim.now
+    when = upgraded(sim, 5.0)
+    assert when - healed < 3.0
+    assert sim.a.wg_endpoint == ("203.0.113.20", WG)
+    assert sim.b.wg_endpoint == ("198.51.100.10", WG)
+
+
+def test_path_that_stays_cut_is_retried_with_backoff_and_never_flaps() -> None:
+    sim = easy_pair()
+    upgraded(sim, 1.0)
+    sim.a.data_every = sim.b.data_every = 0.05
+    sim.run(5.0)
+    sim.cut = True
+    sim.run(200.0)
+    assert sim.on_relay()
+    # One fallback each, then only failed attempts (no SetEndpoint to a direct address).
+    for site in (sim.a, sim.b):
+        sets = [a.endpoint for _, a in actions_of(site, SetEndpoint)]
+        assert sets.count(site.relay_endpoint) >= 1
+        assert len(sets) <= 3, sets  # direct, relay (and at most a repeat of relay)
+
+
+@pytest.mark.parametrize("bravo_keepalive", [25.0, None], ids=["both", "alpha-only"])
+def test_keepalives_alone_never_make_a_path_suspect(bravo_keepalive: float | None) -> None:
+    sim = easy_pair()
+    sim.a.keepalive, sim.b.keepalive = 25.0, bravo_keepalive
+    upgraded(sim, 1.0)
+    sim.run(5.0)
+    start = sim.now
+    rx = sim.b.rx
+    sim.run(600.0)
+    for site in (sim.a, sim.b):
+        probes = actions_of(site, SendProbe, start)
+        assert probes == [], f"{site.name}: {len(probes) / 10} probes a minute"
+        assert site.core.status(sim.now)["peers"][sim.peer(site).name]["suspect"] is False
+    assert sim.direct() and sim.paths() == ("direct", "direct")
+    assert sim.b.rx - rx >= 20 * KEEPALIVE  # alpha's keepalives did flow, on the direct path
+
+
+def test_idle_direct_path_with_occasional_answered_data_sends_no_probes() -> None:
+    sim = easy_pair()
+    sim.a.keepalive = sim.b.keepalive = 25.0
+    upgraded(sim, 1.0)
+    sim.run(5.0)
+    start = sim.now
+    for _ in range(20):  # a request and its answer every 30 s
+        sim.send_wg(sim.a, 300)
+        sim.run(0.1)
+        sim.send_wg(sim.b, 1200)
+        sim.run(29.9)
+    assert actions_of(sim.a, SendProbe, start) == actions_of(sim.b, SendProbe, start) == []
+
+
+def test_suspect_path_that_answers_pings_stays_direct() -> None:
+    """Data sent and nothing heard, but the path itself is fine: the check pings prove it."""
+    sim = easy_pair()
+    upgraded(sim, 1.0)
+    sim.run(1.0)
+    start = sim.now
+    for _ in range(40):  # alpha streams data; bravo never answers (one-way UDP)
+        sim.a.tx += 500
+        sim.b.rx += 500
+        sim.run(0.1)
+    assert sim.paths() == ("direct", "direct")
+    assert actions_of(sim.a, SendProbe, start)  # it did check
+    assert actions_of(sim.a, Unmute, start) == []
+
+
+def test_direct_path_held_60_s_forgets_earlier_failures() -> None:
+    sim = easy_pair()
+    upgraded(sim, 1.0)
+    sim.a.data_every = sim.b.data_every = 0.1
+    for _ in range(2):  # two fallbacks in a row: the next wait would be 4 s
+        sim.cut = True
+        sim.run(3.0)
+        sim.cut = False
+        upgraded(sim, 10.0)
+    assert sim.a.core.status(sim.now)["peers"]["bravo"]["failures"] == 2
+    sim.run(61.0)
+    assert sim.a.core.status(sim.now)["peers"]["bravo"]["failures"] == 0
+    cut = sim.now
+    sim.cut = True
+    sim.run(3.0)
+    fell = _fell_back(sim.a, cut)
+    sim.cut = False
+    sim.run(3.0)
+    offer = next(t for t, c in controls(sim.a, cut) if c.type == "offer")
+    assert offer - fell == pytest.approx(2.0, abs=STEP * 1.5)
+
+
+# --- forgeries, replays, strangers -----------------------------------------------------------
+
+
+def probing_pair() -> Sim:
+    """A pair whose attempt has started (offer and answer exchanged) but validated nothing:
+    bravo's pings are cut, alpha's go nowhere yet."""
+    sim = easy_pair()
+    sim.cut = True
+    sim.run(0.35)
+    return sim
+
+
+def endpoints(sim: Sim) -> tuple[Address | None, Address | None]:
+    return sim.a.wg_endpoint, sim.b.wg_endpoint
+
+
+def test_probe_with_wrong_key_is_dropped_and_counted() -> None:
+    sim = probing_pair()
+    session, key = offer_key(sim)
+    forged = encode_probe(Probe(PING, session, 1), bytes(32))
+    before = endpoints(sim)
+    assert sim.b.core.on_probe(("198.51.100.10", WG), forged, sim.now) == []
+    assert counters(sim.b)["dropped_probe_forged"] == 1
+    unknown = encode_probe(Probe(PING, bytes(8), 1), key)
+    assert sim.b.core.on_probe(("198.51.100.10", WG), unknown, sim.now) == []
+    assert sim.b.core.on_probe(("198.51.100.10", WG), b"\xffMWP", sim.now) == []
+    assert counters(sim.b)["dropped_probe_unknown"] == 2
+    assert endpoints(sim) == before
+
+
+def _alpha_alone() -> tuple[Traversal, bytes, bytes, list[Action]]:
+    """Alpha's core on its own, in an attempt with bravo (answer given), at its first pings."""
+    rng = random.Random(7)
+    core = Traversal(
+        "alpha",
+        KEY_ALPHA,
+        [PeerConfig("bravo", KEY_BETA, "10.200.0.2", (RELAY, 40001))],
+        rng.randbytes,
+    )
+    core.set_candidates([("10.1.0.2", WG), ("198.51.100.10", WG)])
+    (offer_action,) = core.tick(T0, T0 + WALL)
+    assert isinstance(offer_action, SendControl)
+    offer = decode_control(offer_action.data)
+    assert offer.key is not None
+    answer = Control("answer", "bravo", offer.session, candidates=(("203.0.113.20", WG),))
+    assert core.on_control("10.200.0.2", encode_control(answer), T0 + 0.05, T0 + WALL) == []
+    pings = core.tick(T0 + 0.3, T0 + 0.3 + WALL)
+    return core, offer.session, offer.key, pings
+
+
+def test_replayed_or_misaddressed_pongs_prove_nothing() -> None:
+    core, session, key, pings = _alpha_alone()
+    (ping,) = [a for a in pings if isinstance(a, SendProbe)]
+    seq = decode_probe(ping.data, key).seq
+    pong = encode_probe(Probe(PONG, session, seq, ("198.51.100.10", WG)), key)
+    bravo = ("203.0.113.20", WG)
+    # A copy from another address first: dropped, and it must not use up the genuine one.
+    assert core.on_probe(("198.51.100.66", WG), pong, T0 + 0.33) == []
+    assert core.counters["dropped_probe_unexpected"] == 1
+    assert core.on_probe(bravo, pong, T0 + 0.34) == []
+    # The same pong again: a replay.
+    assert core.on_probe(bravo, pong, T0 + 0.35) == []
+    assert core.counters["dropped_probe_unexpected"] == 2
+    # A pong for a sequence number never sent.
+    never = encode_probe(Probe(PONG, session, seq + 1000, ("198.51.100.10", WG)), key)
+    assert core.on_probe(bravo, never, T0 + 0.36) == []
+    assert core.counters["dropped_probe_unexpected"] == 3
+    # The genuine pong validated the path: after the grace, alpha nominates it.
+    actions = core.tick(T0 + 0.5, T0 + 0.5 + WALL)
+    sets = [a for a in actions if isinstance(a, SetEndpoint)]
+    assert sets == [SetEndpoint("bravo", KEY_BETA, bravo)]
+    nominate = decode_control(next(a for a in actions if isinstance(a, SendControl)).data)
+    assert nominate.type == "nominate" and nominate.use == ("198.51.100.10", WG)
+
+
+def test_replayed_pings_are_not_answered_from_anywhere() -> None:
+    sim = probing_pair()
+    session, key = offer_key(sim)
+    ping = encode_probe(Probe(PING, session, 77), key)
+    alpha = ("198.51.100.10", WG)
+    (pong,) = sim.b.core.on_probe(alpha, ping, sim.now)
+    assert isinstance(pong, SendProbe) and pong.destination == alpha
+    before = endpoints(sim)
+    for source in (("192.0.2.99", 4444), alpha):
+        assert sim.b.core.on_probe(source, ping, sim.now + 0.01) == []
+    assert counters(sim.b)["dropped_probe_replay"] == 2
+    # And the third address is no address bravo would accept in a nomination.
+    nominate = Control("nominate", "alpha", session, use=("192.0.2.99", 4444))
+    assert sim.b.core.on_control("10.200.0.1", encode_control(nominate), sim.now, 0.0) == []
+    assert endpoints(sim) == before
+
+
+def test_control_from_strangers_and_impostors_changes_nothing() -> None:
+    sim = probing_pair()
+    session, key = offer_key(sim)
+    alpha = ("198.51.100.10", WG)
+    sim.b.core.on_probe(alpha, encode_probe(Probe(PING, session, 5), key), sim.now)
+    before = endpoints(sim)
+    nominate = encode_control(Control("nominate", "alpha", session, use=alpha))
+    offer = encode_control(Control("offer", "alpha", bytes(8), bytes(32), (alpha,), 0.0))
+    fallback = encode_control(Control("fallback", "alpha", session))
+    unknown = encode_control(Control("nominate", "charlie", session, use=alpha))
+    for source, datagram in (
+        ("10.200.0.9", nominate),  # right name, wrong overlay address
+        ("10.200.0.9", offer),
+        ("10.200.0.9", fallback),
+        ("10.200.0.1", unknown),  # a peer this site does not have
+        ("10.200.0.9", unknown),
+    ):
+        assert sim.b.core.on_control(source, datagram, sim.now, sim.now + WALL) == []
+    assert counters(sim.b)["dropped_control_stranger"] == 5
+    for datagram in (b"", b"{}", b"\xff" * 40, encode_probe(Probe(PING, session, 1), key)):
+        assert sim.b.core.on_control("10.200.0.1", datagram, sim.now, sim.now + WALL) == []
+    assert counters(sim.b)["dropped_control_malformed"] == 4
+    assert endpoints(sim) == before
+    assert sim.paths() == ("relay", "relay")
+
+
+def test_nominations_bravo_must_refuse() -> None:
+    sim = probing_pair()
+    session, key = offer_key(sim)
+    alpha = ("198.51.100.10", WG)
+    sim.b.core.on_probe(alpha, encode_probe(Probe(PING, session, 5), key), sim.now)
+    before = endpoints(sim)
+    for message in (
+        Control("nominate", "alpha", session, use=("198.51.100.10", 61999)),  # never pinged
+        Control("nominate", "alpha", session, use=("10.1.0.2", WG)),  # never pinged
+        Control("nominate", "alpha", bytes(8), use=alpha),  # another session
+    ):
+        assert sim.b.core.on_control("10.200.0.1", encode_control(message), sim.now, 0.0) == []
+    assert counters(sim.b)["dropped_control_unexpected"] == 3
+    assert endpoints(sim) == before
+    # The one that is right is accepted.
+    ok = Control("nominate", "alpha", session, use=alpha)
+    actions = sim.b.core.on_control("10.200.0.1", encode_control(ok), sim.now, 0.0)
+    assert SetEndpoint("alpha", KEY_ALPHA, alpha) in actions
+
+
+def test_messages_out_of_turn_are_dropped_and_counted() -> None:
+    sim = probing_pair()
+    session, _ = offer_key(sim)
+    alpha, bravo = sim.a.core, sim.b.core
+    # Bravo offers to its controlling peer, or alpha answers: each side refuses the other's role.
+    offer = Control("offer", "bravo", bytes(8), bytes(32), (("203.0.113.20", WG),), 0.0)
+    assert alpha.on_control("10.200.0.2", encode_control(offer), sim.now, 0.0) == []
+    answer = Control("answer", "alpha", session, candidates=(("198.51.100.10", WG),))
+    assert bravo.on_control("10.200.0.1", encode_control(answer), sim.now, 0.0) == []
+    # An answer for another session, or when no offer is out.
+    stale = Control("answer", "bravo", bytes(8), candidates=())
+    assert alpha.on_control("10.200.0.2", encode_control(stale), sim.now, 0.0) == []
+    again = Control("answer", "bravo", session, candidates=())
+    assert alpha.on_control("10.200.0.2", encode_control(again), sim.now, 0.0) == []
+    # A fallback while on the relay anyway, and a nomination sent to the controlling side.
+    fallback = Control("fallback", "bravo", session)
+    assert alpha.on_control("10.200.0.2", encode_control(fallback), sim.now, 0.0) == []
+    nominate = Control("nominate", "bravo", session, use=("198.51.100.10", WG))
+    assert alpha.on_control("10.200.0.2", encode_control(nominate), sim.now, 0.0) == []
+    assert counters(sim.a)["dropped_control_unexpected"] == 5
+    assert counters(sim.b)["dropped_control_unexpected"] == 1
+    assert sim.paths() == ("relay", "relay")
+
+
+def test_pongs_are_rate_limited_per_peer() -> None:
+    sim = probing_pair()
+    session, key = offer_key(sim)
+    alpha = ("198.51.100.10", WG)
+    now = sim.now
+
+    def answered(first: int, count: int, when: float) -> int:
+        pongs = 0
+        for seq in range(first, first + count):
+            ping = encode_probe(Probe(PING, session, seq), key)
+            pongs += len(sim.b.core.on_probe(alpha, ping, when))
+        return pongs
+
+    assert answered(1000, 80, now) == traversal.MAX_PONGS_PER_SECOND
+    assert counters(sim.b)["dropped_probe_rate"] == 80 - traversal.MAX_PONGS_PER_SECOND
+    assert answered(2000, 80, now + 0.2) == traversal.MAX_PONGS_PER_SECOND // 5
+    assert answered(3000, 80, now + 10.0) == traversal.MAX_PONGS_PER_SECOND  # never more
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("side", ["alpha", "bravo"])
+def test_moved_relay_puts_the_peer_back_on_it_and_the_pair_upgrades_again(side: str) -> None:
+    sim = easy_pair()
+    upgraded(sim, 1.0)
+    sim.a.data_every = sim.b.data_every = 0.1
+    sim.run(2.0)
+    site = sim.sites[side]
+    peer = sim.peer(site)
+    moved = (RELAY, 40100 + len(side))
+    site.relay_endpoint = moved
+    before = sim.now
+    actions = site.core.configure([PeerConfig(peer.name, peer.key, peer.overlay, moved)])
+    assert Unmute(peer.name) in actions
+    assert SetEndpoint(peer.name, peer.key, moved) in actions
+    sim.carry_out(site, actions)
+    assert site.wg_endpoint == moved and site.muted is None
+    assert site.core.status(sim.now)["peers"][peer.name]["path"] == "relay"
+    # Both sides end up direct again, and agree about it.
+    when = upgraded(sim, 5.0)
+    assert when - before < 4.0
+    sim.run(5.0)
+    assert sim.paths() == ("direct", "direct") and sim.direct()
+
+
+def test_configure_adds_and_removes_peers_and_repeats_nothing() -> None:
+    config = PeerConfig("bravo", KEY_BETA, "10.200.0.2", (RELAY, 40001))
+    core = Traversal("alpha", KEY_ALPHA, [config], bytes)
+    assert core.configure([config]) == []  # unchanged: nothing to do
+    charlie = PeerConfig("charlie", "B" * 43 + "=", "10.200.0.3", (RELAY, 40003))
+    actions = core.configure([config, charlie])
+    assert [a for a in actions if not isinstance(a, Log)] == [
+        Unmute("charlie"),
+        SetEndpoint("charlie", charlie.public_key, (RELAY, 40003)),
+    ]
+    assert [a for a in core.configure([charlie]) if not isinstance(a, Log)] == [Unmute("bravo")]
+    assert set(core.links) == {"charlie"}
+    assert core.configure([]) == [Unmute("charlie")]
+    assert core.links == {}
+
+
+def test_status_is_json_and_says_what_happened() -> None:
+    sim = easy_pair()
+    upgraded(sim, 1.0)
+    status = sim.a.core.status(sim.now)
+    text = json.dumps(status)
+    assert json.loads(text) == status
+    peer = status["peers"]["bravo"]
+    assert peer["path"] == "direct" and peer["endpoint"] == "203.0.113.20:51820"
+    assert peer["relay_endpoint"] == "198.51.100.200:40001"
+    assert peer["upgrades"] == peer["attempts"] == 1
+    assert peer["rtt_ms"] == pytest.approx(40.0, abs=STEP * 1000 + 1)
+
+
+# --- robustness ------------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(datagram=st.binary(max_size=120), source=st.sampled_from(["10.200.0.1", "10.200.0.9"]))
+def test_any_datagram_is_dropped_or_handled_never_raises(datagram: bytes, source: str) -> None:
+    sim = _shared_probing_pair()
+    session, _ = offer_key(sim)
+    for data in (datagram, b"\xffMWP" + datagram, b"\xffMWP\x01\x00" + session + datagram):
+        sim.b.core.on_probe(("192.0.2.7", 9), data, sim.now)
+        sim.b.core.on_control(source, data, sim.now, sim.now + WALL)
+
+
+_SHARED: list[Sim] = []
+
+
+def _shared_probing_pair() -> Sim:
+    if not _SHARED:
+        _SHARED.append(probing_pair())
+    return _SHARED[0]
