@@ -238,7 +238,7 @@ def check_no_delayer(rows: list[dict[str, Any]]) -> int:
     if not facing:
         raise BenchError("`lab status` lists no internet-facing host")
     for host in facing:
-        rules = podman_exec(host, "iptables", "-t", "mangle", "-S", "POSTROUTING")
+        rules = podman_exec(host, "iptables", "-t", "raw", "-S", "PREROUTING")
         if "NFQUEUE" in rules:
             raise BenchError(f"{host} still delays its WAN traffic (NFQUEUE): latency is not 0")
     return len(facing)

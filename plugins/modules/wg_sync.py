@@ -59,7 +59,9 @@ options:
     description:
       - The peers, each a dict with C(name), C(public_key), C(endpoint) (null or C(host:port),
         C([v6]:port) for IPv6), C(allowed_ips) (list of prefixes) and C(keepalive) (null, 0
-        or seconds). Other keys (such as the planner's C(mode)) are ignored.
+        or seconds). A peer whose C(mode) is C(punch) gets its endpoint only when it is new
+        (its relay allocation); after that the site's sidecar decides it (relayed or direct),
+        and a run leaves it alone. Other keys are ignored.
     type: list
     elements: dict
     required: true

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -88,6 +89,10 @@ def user_repository(root: Path, lab_inventory: Path, tarball: Path) -> Path:
     (repo / "inventory/group_vars/all.yml").write_text(
         "---\nmesh_preshared_keys: true\nmesh_preshared_key_secret: user-repo-test-secret\n"
     )
+    # A policy, as users write them: easy1 uses no relay, so its pair with the UDP-blocked
+    # site goes through the open site (a multi-hop path, routed by both).
+    (repo / "inventory/host_vars").mkdir()
+    (repo / "inventory/host_vars/easy1.yml").write_text("---\nmesh_policy:\n  allow_relay: false\n")
     return repo
 
 
@@ -160,4 +165,22 @@ def test_installed_collection_converges_a_lab_from_a_user_repository(
     with ThreadPoolExecutor(len(pairs)) as pool:
         failures = [f for f in pool.map(reaches, pairs) if f]
     assert failures == []
+
+    # The multi-hop pair: packets from blocked's LAN to easy1's pass public's overlay address.
+    plan = json.loads((repo / "inventory/.meshwright/plan.json").read_text())
+    (pair,) = [p for p in plan["pairs"] if {p["a"], p["b"]} == {"blocked", "easy1"}]
+    assert pair["mode"] == "via public", pair
+    transit = plan["sites"]["public"]["overlay_address"]
+    source = inventory["lan_hosts"]["hosts"]["blocked-lan1"]["ansible_host"]
+    target = lans["easy1"].rsplit(".", 1)[0] + ".10"
+    hops = ""
+    for _ in range(3):  # ICMP time-exceeded is rate limited (about 1/s): paced retries
+        hops = podman.run(
+            ["exec", source, "traceroute", "-n", "-q", "3", "-w", "2", "-m", "6", target],
+            check=False,
+        )
+        if transit in hops:
+            break
+        time.sleep(2)
+    assert transit in hops, hops
     assert os.path.exists(repo / "collections/ansible_collections/meshwright/mesh/roles/node")

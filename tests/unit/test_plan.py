@@ -54,10 +54,10 @@ WANTED = {
     ("open", "blocked"): "relay-tcp",
     ("open*", "open*"): "punch",
     ("open*", "easy"): "punch",
-    ("open*", "hard"): "punch",
+    ("open*", "hard"): "relay",  # birthday punching: a later issue
     ("open*", "blocked"): "relay-tcp",
     ("easy", "easy"): "punch",
-    ("easy", "hard"): "punch",
+    ("easy", "hard"): "relay",  # birthday punching: a later issue
     ("easy", "blocked"): "relay-tcp",
     ("hard", "hard"): "relay",
     ("hard", "blocked"): "relay-tcp",
@@ -196,10 +196,19 @@ def test_open_without_endpoint_is_planned_as_easy():
 
 
 def test_a_punch_link_leaves_the_endpoint_to_the_sidecar_and_keeps_alive():
-    plan = build_plan(mesh(site("a", "easy", 1), site("b", "hard", 2), kinds={"punch"}))
+    plan = build_plan(mesh(site("a", "easy", 1), site("b", "easy", 2), kinds={"punch"}, relays=()))
     for x, y in (("a", "b"), ("b", "a")):
         peer = _peer(plan, x, y)
         assert (peer.endpoint, peer.keepalive) == (None, 25)
+
+
+def test_a_punch_pair_starts_on_its_relay_allocation():
+    plan = build_plan(mesh(site("a", "easy", 1), site("b", "easy", 2), kinds={"punch"}))
+    (allocation,) = plan.allocations.values()
+    assert _peer(plan, "a", "b").mode == "punch"
+    assert _peer(plan, "a", "b").endpoint == f"198.51.100.10:{allocation.ports[0]}"
+    assert _peer(plan, "b", "a").endpoint == f"198.51.100.10:{allocation.ports[1]}"
+    assert _peer(plan, "a", "b").keepalive == _peer(plan, "b", "a").keepalive == 25
 
 
 def test_a_relayed_pair_holds_its_own_side_of_the_relay_allocation():

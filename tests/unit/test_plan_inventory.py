@@ -201,7 +201,12 @@ def test_link_kinds_default_to_the_relay_kinds_when_there_are_relays():
     assert json.loads(without.plan_json)["link_kinds"] == ["direct"]
     assert [p["name"] for p in site_plan(without, "b")["peers"]] == ["a"]  # c through a
     with_relay = planned(sites, {"relay1": relay()})
-    assert json.loads(with_relay.plan_json)["link_kinds"] == ["direct", "relay", "relay-tcp"]
+    assert json.loads(with_relay.plan_json)["link_kinds"] == [
+        "direct",
+        "punch",
+        "relay",
+        "relay-tcp",
+    ]
     assert peer(with_relay, "b", "c")["mode"] == "relay"
     only = planned(sites, {"relay1": relay()}, link_kinds=["direct"])
     assert json.loads(only.plan_json)["link_kinds"] == ["direct"]

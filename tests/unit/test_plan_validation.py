@@ -259,11 +259,11 @@ def test_unreachable_because_of_policies_and_hubs():
     )
     assert found == (
         "site p: no path reaches it: its links to hub, o2 need direct, which its policy forbids"
-        " (allow_direct: false); its link to r needs punch, which is not available (link kinds:"
-        " direct) and its policy forbids (allow_direct: false); its link to s needs direct, which"
+        " (allow_direct: false); its link to r needs relay, which is not available (link kinds:"
+        " direct); its link to s needs direct, which"
         " its policy forbids (allow_direct: false) and is refused by that site's hubs",
         "site q: no path reaches it: its links to hub, o2 are not in its hubs (p); its link"
-        " to r needs punch, which is not available (link kinds: direct) and is not in its hubs"
+        " to r needs relay, which is not available (link kinds: direct) and is not in its hubs"
         " (p); its link to s is not in its hubs (p) and is refused by that site's hubs",
         "site t: no path reaches it: its links to hub, o2, r are not in its hubs (s); its link"
         " to s is refused by that site's hubs",

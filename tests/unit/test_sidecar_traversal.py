@@ -52,6 +52,7 @@ from meshwright.site.sidecar.messages import (
     encode_probe,
 )
 from meshwright.site.sidecar.traversal import (
+    OFFER_TIMEOUT,
     Action,
     Log,
     Mute,
@@ -545,8 +546,8 @@ def test_a_site_with_many_addresses_still_offers_what_its_peer_accepts() -> None
 
 def test_skewed_wall_clock_costs_at_most_the_attempt() -> None:
     sim = easy_pair()
-    sim.b.skew = 30.0  # bravo believes the start is long past: it starts at once
-    assert upgraded(sim, 3.3) < T0 + 1.0
+    sim.b.skew = 30.0  # bravo believes the start is long past: it moves it, alpha waits
+    assert upgraded(sim, 3.3) < T0 + OFFER_TIMEOUT + 1.0
     sim = easy_pair()
     sim.b.skew = -30.0  # bravo believes the start is far ahead: it waits OFFER_TIMEOUT at most
     assert upgraded(sim, 3.3) < T0 + 2.5
@@ -580,11 +581,12 @@ def test_backoff_doubles_to_128_s_while_no_path_exists() -> None:
 
 
 def test_conntrack_clash_backs_off_until_the_stale_entries_expire() -> None:
-    """The first attempt's answer is late (a congested relay), so bravo's pings reach alpha's
+    """The first attempt's offer and answer are late (a congested relay: later than the
+    start, which bravo moves, and the answer later than that), so bravo's pings reach alpha's
     Linux NAT before alpha has sent any: alpha's pings then leave from a new port, which
     bravo's NAT filters, and every retry within 30 s refreshes both stale entries. Only a
     retry after a wait longer than the unreplied timeout finds them gone."""
-    sim = easy_pair(clash_a=True, clash_b=True, relay_delay=0.25)
+    sim = easy_pair(clash_a=True, clash_b=True, relay_delay=0.35)
     sim.run(1.0)
     sim.relay_delay = 0.02
     assert sim.a.nat.clashes == 1
@@ -606,7 +608,7 @@ def test_conntrack_clash_backs_off_until_the_stale_entries_expire() -> None:
 def test_clash_on_one_side_is_survived_by_following_the_observed_port() -> None:
     """The same clash, but bravo's NAT filters nothing (endpoint-independent filtering): the
     ping from alpha's new port gets in, and the nomination names the port that arrived."""
-    sim = easy_pair(clash_a=True, relay_delay=0.25)
+    sim = easy_pair(clash_a=True, relay_delay=0.35)
     sim.b.nat.inbound = _open_inbound(sim.b.nat)  # type: ignore[method-assign]
     upgraded(sim, 2.0)
     assert sim.a.nat.clashes == 1

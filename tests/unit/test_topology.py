@@ -36,6 +36,7 @@ def test_default_topology_has_every_nat_kind_and_two_relays():
         "blocked": "udp-blocked",
         "cone": "fullcone",
         "cgn": "cgnat",
+        "easy3": "eim",  # behind easy1's NAT: the same-LAN pair
     }
     assert [len(r.addresses) for r in top.relays] == [2, 1]
     assert all(s.lan_hosts == 1 for s in top.sites)
@@ -48,7 +49,7 @@ def test_default_lab_hosts_roles_and_public_space():
     assert roles["easy1-lan1"] == "lan-host" and roles["easy1-nat"] == "router"
     assert "public-nat" not in roles  # a public site has no NAT router
     assert roles["cgn-nat"] == roles["cgn-cgnat"] == "router"  # two NAT layers
-    assert len(lab.hosts) == 26
+    assert len(lab.hosts) == 28  # easy3 and its LAN host share easy1's NAT
     # Every address on the internet segment is in the lab's public space; nothing else is.
     for host in lab.hosts:
         for iface in host.interfaces:

@@ -411,3 +411,21 @@ def test_render_shows_public_state_by_peer_name():
         "peer b (its key is not made yet)\n"
     )
     assert f"peer (not desired) {PUBLIC['a']}" in wgstate.render(live, {})
+
+
+def test_a_punch_peers_endpoint_is_set_only_when_the_peer_is_new() -> None:
+    from meshwright.site import wgstate as ws
+    from meshwright.wire.endpoint import parse_endpoint
+
+    key = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg="
+    relay = {"name": "b", "public_key": key, "endpoint": "198.51.100.10:40001", "mode": "punch"}
+    (wanted,) = ws._peers([relay], None, None).values()
+    assert wanted.endpoint_initial_only
+    assert ws._endpoint_change(wanted, None) == parse_endpoint("198.51.100.10:40001")
+    # The sidecar moved it to a direct path: a run leaves it there.
+    assert ws._endpoint_change(wanted, parse_endpoint("203.0.113.22:51820")) is None
+    plain = {**relay, "mode": "relay"}
+    (wanted,) = ws._peers([plain], None, None).values()
+    assert ws._endpoint_change(wanted, parse_endpoint("203.0.113.22:51820")) == parse_endpoint(
+        "198.51.100.10:40001"
+    )

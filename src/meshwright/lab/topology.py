@@ -684,6 +684,10 @@ def _nat_rules(kind: str, public: str) -> list[str]:
 def _shaping(shape: LinkShape) -> list[str]:
     # The kernel here has no netem: loss is the `statistic` match, latency and jitter an
     # NFQUEUE that labtool's delayer holds packets in (fail-open, so it never blackholes).
+    # The delay is on what arrives, before conntrack (raw PREROUTING): a packet's flight then
+    # ends after the receiving NAT has mapped and confirmed anything it sent meanwhile, as on
+    # the internet. Delaying on egress instead holds each packet before its own NAT mapping
+    # exists, so two sides' simultaneous first packets could never cross in flight.
     rules = []
     if shape.loss_pct > 0:
         rules.append(
@@ -691,9 +695,7 @@ def _shaping(shape: LinkShape) -> list[str]:
             f"--probability {shape.loss_pct / 100:.4f} -j DROP"
         )
     if shape.latency_ms > 0:
-        rules.append(
-            "iptables -t mangle -A POSTROUTING -o wan -j NFQUEUE --queue-num 0 --queue-bypass"
-        )
+        rules.append("iptables -t raw -A PREROUTING -i wan -j NFQUEUE --queue-num 0 --queue-bypass")
         rules.append(
             "systemd-run --quiet --unit=mw-netdelay -p Restart=always "
             f"python3 /usr/local/lib/meshwright/labtool.py delay --queue 0 "

@@ -68,7 +68,8 @@ def check(mesh: Mesh, skip: Skip = frozenset()) -> tuple[list[str], Plan | None]
 def _allocations(
     mesh: Mesh, graph: LinkGraph, routings: Sequence[Routing]
 ) -> dict[tuple[str, str], RelayAllocation]:
-    """A relay allocation for every pair that the routing links with a relay kind."""
+    """A relay allocation for every pair that the routing links with a relay kind, and for
+    every punch pair: it starts on the relay (connect first) and the sidecar upgrades it."""
     nodes = graph.nodes
     relayed = []
     for routing in routings:
@@ -78,7 +79,8 @@ def _allocations(
             for d in range(s + 1, len(local)):
                 if row[d] == d:
                     kind = graph.link(i, local[d])
-                    if kind in RELAY_KINDS:
+                    # A punch pair starts on a relay when the mesh has one.
+                    if kind in RELAY_KINDS or (kind == "punch" and mesh.relays):
                         a, b = sorted((nodes[i].name, nodes[local[d]].name))
                         relayed.append((a, b, kind))
     if not relayed:

@@ -78,6 +78,7 @@ RELAY_VARS = (
 MESH_VARS = ("mesh_overlay_network", "mesh_link_kinds", "mesh_keepalive")
 
 # The relay service's TLS port (relay_tls_port) when a relay's inventory does not say.
+DEFAULT_WGSTUN_PORT = 3480
 DEFAULT_RELAY_TLS_PORT = 443
 STATE_VERSION = 1
 
@@ -289,8 +290,9 @@ def _settings(inventory: Inventory, problems: list[str]) -> dict[str, Any]:
     out["overlay_network"] = overlay
     kinds = inventory.link_kinds or values["mesh_link_kinds"]
     if kinds is _UNSET:
-        # With relays, relayed pairs get a relay (UDP, or TLS for a UDP-blocked site).
-        kinds = ["direct", "relay", "relay-tcp"] if inventory.relays else ["direct"]
+        # With relays, relayed pairs get a relay (UDP, or TLS for a UDP-blocked site), and
+        # pairs of endpoint-independent NATs are punched by the sidecar, starting relayed.
+        kinds = ["direct", "punch", "relay", "relay-tcp"] if inventory.relays else ["direct"]
     out["link_kinds"] = _listed(kinds)
     if values["mesh_keepalive"] is not _UNSET:
         out["keepalive"] = _number(values["mesh_keepalive"])
@@ -469,12 +471,25 @@ def plan_inventory(
         name: _number(host.get("relay_tls_port", DEFAULT_RELAY_TLS_PORT))
         for name, host in inventory.relays.items()
     }
+    plan_json = plan.to_json()
+    sidecars = sidecar_configs(plan.allocations.values(), blocked, tls_ports, fingerprints)
+    wgstun_ports = {
+        name: _number(host.get("relay_wgstun_port", DEFAULT_WGSTUN_PORT))
+        for name, host in inventory.relays.items()
+        if host.get("relay_wgstun", True)
+    }
+    keys = {name: site.get("public_key") for name, site in found.sites.items()}
+    for name, traversal in traversal_configs(json.loads(plan_json), wgstun_ports, keys).items():
+        # This run's NAT facts: the site's public addresses are candidates too.
+        nat = inventory.sites[name].get("mesh_nat")
+        public = list(nat.get("public_addresses") or []) if isinstance(nat, Mapping) else []
+        sidecars.setdefault(name, {})["traversal"] = {**traversal, "public_addresses": public}
     return InventoryPlan(
         plan=plan,
-        plan_json=plan.to_json(),
+        plan_json=plan_json,
         state=new_state,
         state_json=new_state.to_json(),
-        sidecars=sidecar_configs(plan.allocations.values(), blocked, tls_ports, fingerprints),
+        sidecars=sidecars,
         tls_sites=certificates,
     )
 
@@ -485,6 +500,43 @@ def _saved_site(state: State, name: str) -> SiteState:
 
 def _saved_relay(state: State, name: str) -> RelayState:
     return state.relays.get(name, RelayState())
+
+
+def traversal_configs(
+    plan: Mapping[str, Any], wgstun_ports: Mapping[str, object], keys: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """For every site with punch peers, what its sidecar's traversal needs: its own key,
+    overlay address and listen port; each punch peer's key, overlay address and relay
+    endpoint (where the pair starts, and falls back to); the relays whose WG-STUN service
+    tells where they see its WireGuard socket (their overlay addresses)."""
+    sites = plan.get("sites", {})
+    relays = [
+        {"name": name, "overlay_address": relay["overlay_address"], "port": wgstun_ports[name]}
+        for name, relay in sorted(plan.get("relays", {}).items())
+        if name in wgstun_ports and relay.get("overlay_address")
+    ]
+    configs: dict[str, dict[str, Any]] = {}
+    for name, site in sorted(sites.items()):
+        peers = [
+            {
+                "name": peer["name"],
+                "public_key": peer["public_key"],
+                "overlay_address": sites[peer["name"]]["overlay_address"],
+                "relay_endpoint": peer["endpoint"],
+            }
+            for peer in site.get("peers", [])
+            if peer.get("mode") == "punch" and peer.get("endpoint") and peer["name"] in sites
+        ]
+        if peers:
+            configs[name] = {
+                "site": name,
+                "public_key": keys.get(name),
+                "overlay_address": site["overlay_address"],
+                "listen_port": site["listen_port"],
+                "peers": peers,
+                "relays": relays,
+            }
+    return configs
 
 
 def sidecar_configs(

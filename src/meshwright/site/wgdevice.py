@@ -1,7 +1,7 @@
 """The running WireGuard interface: read it, and apply :mod:`meshwright.site.wgstate`'s changes
 live, without ever recreating the interface.
 
-Through wireguard-tools: ``WireguardDevice.get(ifname)`` picks wireguard-go's UAPI socket
+Through wireguard-tools: its UAPI device for wireguard-go's socket
 (``/var/run/wireguard/<ifname>.sock``) or, without one, kernel WireGuard over generic netlink
 (pyroute2). wireguard-go's state is read with the library's ``get_config``. The rest is our own,
 kept small (docs/architecture.md, "Where we keep our own code", says why):
@@ -31,10 +31,10 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
-from wireguard_tools import WireguardDevice, WireguardKey
-from wireguard_tools.wireguard_netlink import WireguardNetlinkDevice
+from wireguard_tools.wireguard_device import WireguardDevice
+from wireguard_tools.wireguard_key import WireguardKey
 from wireguard_tools.wireguard_uapi import WireguardUAPIDevice
 
 from meshwright.site.keys import parse_key
@@ -90,6 +90,18 @@ def run_command(argv: Sequence[str]) -> str:
     return done.stdout
 
 
+def _device(name: str) -> WireguardDevice:
+    """wireguard-go's UAPI socket when it has one, else the kernel's netlink. The library's
+    ``WireguardDevice.get`` does the same, but imports pyroute2 (a third of a second) even
+    for wireguard-go, which the sidecar would pay at every start."""
+    try:
+        return WireguardUAPIDevice(name)
+    except FileNotFoundError:
+        from wireguard_tools.wireguard_netlink import WireguardNetlinkDevice
+
+        return WireguardNetlinkDevice(name)
+
+
 class LiveInterface:
     """One running WireGuard interface, kernel or wireguard-go."""
 
@@ -98,7 +110,9 @@ class LiveInterface:
         self.device = device
         self.run = run
         # pyroute2's WireGuard socket, for kernel WireGuard; None for wireguard-go.
-        self.netlink: Any = device.wg if isinstance(device, WireguardNetlinkDevice) else None
+        self.netlink: Any = (
+            None if isinstance(device, WireguardUAPIDevice) else cast(Any, device).wg
+        )
 
     @classmethod
     def open(cls, name: str, run: Runner = run_command) -> LiveInterface:
@@ -108,7 +122,7 @@ class LiveInterface:
         except DeviceError:
             raise InterfaceMissing(f"{name} does not exist") from None
         try:
-            device = WireguardDevice.get(name)
+            device = _device(name)
         except OSError as exc:  # a stale socket of a wireguard-go that is gone
             raise DeviceError(f"{name}: cannot reach wireguard-go: {exc}") from None
         if isinstance(device, WireguardUAPIDevice):

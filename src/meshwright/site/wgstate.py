@@ -128,6 +128,9 @@ class WantedPeer:
     keepalive: int = 0
     preshared_key: WireguardKey | None = field(default=None, repr=False)
     preshared_key_file: str | None = None
+    # A punch peer's endpoint is the sidecar's once the peer exists (relayed or direct):
+    # the wanted endpoint (its relay allocation) is only where a new peer starts.
+    endpoint_initial_only: bool = False
 
     @property
     def preshared_digest(self) -> str | None:
@@ -379,6 +382,7 @@ def _peers(
             endpoint=endpoint,
             endpoint_addresses=addresses,
             keepalive=keepalive,
+            endpoint_initial_only=peer.get("mode") == "punch",
         )
     return wanted
 
@@ -465,8 +469,11 @@ def _peer_change(peer: WantedPeer, current: PeerState | None) -> SetPeer | None:
 
 
 def _endpoint_change(peer: WantedPeer, running: Endpoint | None) -> Endpoint | None:
-    """The endpoint to set, None to leave it (none wanted, or the running one is wanted)."""
+    """The endpoint to set, None to leave it (none wanted, or the running one is wanted, or
+    the sidecar owns it)."""
     if peer.endpoint is None or running in peer.endpoint_addresses:
+        return None
+    if peer.endpoint_initial_only and running is not None:
         return None
     if peer.endpoint_addresses:
         return peer.endpoint_addresses[0]

@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         sidecar = Sidecar(args.config, log=log)
         thread = threading.Thread(target=sidecar.serve_forever, name="carrier", daemon=True)
         thread.start()
-    daemon = TraversalDaemon(traversal, LiveWireGuard(traversal.interface), log=log)
+    daemon = TraversalDaemon(
+        traversal, LiveWireGuard(traversal.interface), log=log, config_path=args.config
+    )
     install_signals(daemon)
     try:
         daemon.serve_forever()

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 from meshwright.wire import stun
 from meshwright.wire.endpoint import format_endpoint
 
-from .config import TraversalConfig
+from .config import SidecarConfigError, TraversalConfig, load_sidecar_file
 from .rawudp import ProbeSocket
 from .traversal import (
     Action,
@@ -143,6 +143,7 @@ class TraversalDaemon:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         addresses: Callable[[], list[str]] | None = None,
+        config_path: Path | None = None,
     ) -> None:
         self.config = config
         self.wireguard = wireguard
@@ -171,6 +172,8 @@ class TraversalDaemon:
         self.mapped: dict[str, Address] = {}  # relay -> WireGuard socket as it sees it
         self._stun_pending: dict[bytes, str] = {}
         self._stopping = False
+        self._reload = False
+        self.config_path = config_path
         self._state_text = ""
 
     def _overlay_socket(self, port: int) -> socket.socket:
@@ -182,6 +185,34 @@ class TraversalDaemon:
 
     def stop(self, *_: object) -> None:
         self._stopping = True
+
+    def request_reload(self, *_: object) -> None:
+        self._reload = True
+
+    def reload(self) -> None:
+        """Re-read the configuration: unchanged peers keep their path and state."""
+        if self.config_path is None:
+            return
+        try:
+            _, config = load_sidecar_file(self.config_path)
+        except (OSError, SidecarConfigError) as exc:
+            self.counters["config_errors"] += 1
+            self.log(f"sidecar: keeping the current configuration: {exc}")
+            return
+        if config is None or config.overlay_address != self.config.overlay_address:
+            self.log("sidecar: the site's traversal settings changed: restart to apply them")
+            return
+        self.config = config
+        self.carry_out(self.core.configure(self._peer_configs()))
+        self.refresh_candidates()
+        self.ask_relays()
+        self.log(f"sidecar: reloaded, {len(config.peers)} punch peers")
+
+    def _peer_configs(self) -> list[PeerConfig]:
+        return [
+            PeerConfig(p.name, p.public_key, p.overlay_address, p.relay_endpoint)
+            for p in self.config.peers
+        ]
 
     # --- actions --------------------------------------------------------------------------
 
@@ -278,14 +309,7 @@ class TraversalDaemon:
         self.ask_relays()
         # Every punch peer starts on its relay: whatever a previous run left is undone.
         self.carry_out(self.core.configure([]))
-        self.carry_out(
-            self.core.configure(
-                [
-                    PeerConfig(p.name, p.public_key, p.overlay_address, p.relay_endpoint)
-                    for p in self.config.peers
-                ]
-            )
-        )
+        self.carry_out(self.core.configure(self._peer_configs()))
         self.log(
             f"sidecar: traversal for {len(self.config.peers)} punch peers on port "
             f"{self.config.listen_port}"
@@ -295,7 +319,11 @@ class TraversalDaemon:
         # The first offer waits for the relays' answers (or at most half a second).
         settle = now + 0.5
         while not self._stopping:
-            for key, _ in self.selector.select(LOOP_INTERVAL):
+            if self._reload:
+                self._reload = False
+                self.reload()
+            wait = min(LOOP_INTERVAL, max(0.0, self.core.next_wakeup(self.clock()) - self.clock()))
+            for key, _ in self.selector.select(wait):
                 if key.data == "control":
                     self._drain_control()
                 elif key.data == "probe":
@@ -352,6 +380,7 @@ class TraversalDaemon:
 def install_signals(daemon: TraversalDaemon) -> None:
     signal.signal(signal.SIGTERM, daemon.stop)
     signal.signal(signal.SIGINT, daemon.stop)
+    signal.signal(signal.SIGHUP, daemon.request_reload)
 
 
 def read_state(path: Path) -> dict[str, Any]:

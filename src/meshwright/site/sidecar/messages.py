@@ -87,7 +87,7 @@ class Control:
     session: bytes
     key: bytes | None = None  # offer only
     candidates: tuple[Address, ...] = field(default_factory=tuple)  # offer and answer
-    start_at: float | None = None  # offer only: wall-clock time both sides start probing
+    start_at: float | None = None  # offer and answer: the wall-clock time both start probing
     use: Address | None = None  # nominate only: the endpoint the receiver uses for the sender
 
 
@@ -199,7 +199,8 @@ def decode_control(datagram: bytes) -> Control:
             raise MessageError("candidates: not a list of at most 16")
         candidates = tuple(_address(c, "candidate") for c in raw)
     start_at = None
-    if kind == "offer":
+    # Required in an offer; an answer repeats it, or moves it later when the offer came late.
+    if kind == "offer" or (kind == "answer" and "start_at" in data):
         start_at = data.get("start_at")
         if isinstance(start_at, bool) or not isinstance(start_at, int | float):
             raise MessageError("start_at: not a time")

@@ -73,6 +73,7 @@ Address = tuple[str, int]
 
 # Timers, in seconds (docs/sidecar.md says why each has its value).
 START_DELAY = 0.3  # offer -> agreed start: the offer's and answer's trip through the relay
+MIN_LEAD = 0.1  # an offer arriving closer than this to its start moves the start
 OFFER_TIMEOUT = 2.0  # an offer with no answer this long fails the attempt
 PROBE_INTERVAL = 0.1  # pings to every candidate while an attempt runs
 ATTEMPT_TIME = 3.0  # an attempt that validates nothing this long after its start fails
@@ -211,6 +212,8 @@ class PeerLink:
             "attempts": self.counters["attempts"],
             "upgrades": self.counters["upgrades"],
             "fallbacks": self.counters["fallbacks"],
+            "pings_sent": self.counters["pings"],
+            "pongs_sent": self.counters["pongs"],
             "failures": self.failures,
             "next_attempt_in_s": (
                 round(max(0.0, self.next_attempt - now), 3)
@@ -275,6 +278,22 @@ class Traversal:
 
     # --- time -----------------------------------------------------------------------------
 
+    def next_wakeup(self, now: float) -> float:
+        """When :meth:`tick` next has something to do (the daemon sleeps until then, so that
+        the first probes leave at the agreed moment, not up to a loop interval late)."""
+        times = [now + 1.0]
+        for link in self.links.values():
+            if link.phase == "probing":
+                times.append(max(link.next_ping, link.start))
+                times.append(link.deadline)
+            elif link.phase == "offered":
+                times.append(link.deadline)
+            elif link.path == "direct" and link.suspect_since is not None:
+                times.append(link.next_ping)
+            elif link.controlling:
+                times.append(link.next_attempt)
+        return min(times)
+
     def tick(self, now: float, wall: float) -> list[Action]:
         actions: list[Action] = []
         for link in self.links.values():
@@ -287,7 +306,7 @@ class Traversal:
                 return self._offer(link, now, wall)
             return []
         if link.phase == "offered":
-            return self._fail(link, now, "no answer") if now >= link.deadline else []
+            return self._no_answer(link, now) if now >= link.deadline else []
         if link.phase == "probing":
             return self._probe_round(link, now)
         if link.path == "direct":
@@ -386,6 +405,14 @@ class Traversal:
             SetEndpoint(link.config.name, link.config.public_key, link.config.relay_endpoint),
             Log(link.config.name, f"relay ({why})"),
         ]
+
+    def _no_answer(self, link: PeerLink, now: float) -> list[Action]:
+        # The peer's sidecar is not there (starting, restarting): nothing was sent to the
+        # peer's address, so no conntrack entry is at stake. Ask again soon, no backoff.
+        link.phase = "idle"
+        link.next_attempt = now + BACKOFF_MIN
+        link.counters["unanswered_offers"] += 1
+        return [Log(link.config.name, f"offer unanswered; again in {BACKOFF_MIN:.0f} s")]
 
     def _fail(self, link: PeerLink, now: float, why: str) -> list[Action]:
         link.phase = "idle"
@@ -489,11 +516,18 @@ class Traversal:
         link.ping_seqs.clear()
         link.remote_candidates = message.candidates
         assert message.start_at is not None
-        # Never in the past, never far ahead: a skewed clock costs at most the attempt.
-        link.start = now + min(max(message.start_at - wall, 0.0), OFFER_TIMEOUT)
+        # Both sides must send their first probes at the same moment (the conntrack clash):
+        # an offer that came too late for its start moves the start, and the answer says so.
+        # Never far ahead: a skewed clock costs at most the attempt.
+        start_at = message.start_at
+        if start_at - wall < MIN_LEAD:
+            start_at = wall + START_DELAY
+        link.start = now + min(start_at - wall, OFFER_TIMEOUT)
         link.counters["attempts"] += 1
         self._begin_probing(link, now)
-        answer = Control("answer", self.name, message.session, candidates=self.candidates)
+        answer = Control(
+            "answer", self.name, message.session, candidates=self.candidates, start_at=start_at
+        )
         return [*actions, SendControl(link.config.name, encode_control(answer))]
 
     def _on_answer(self, link: PeerLink, message: Control, now: float, wall: float) -> list[Action]:
@@ -501,6 +535,9 @@ class Traversal:
             self.counters["dropped_control_unexpected"] += 1
             return []
         link.remote_candidates = message.candidates
+        if message.start_at is not None:  # later when the offer came late; never earlier
+            moved = now + min(max(message.start_at - wall, 0.0), OFFER_TIMEOUT)
+            link.start = max(link.start, moved)
         self._begin_probing(link, now)
         return []
 

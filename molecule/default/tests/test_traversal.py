@@ -1,0 +1,306 @@
+"""Verify the traversal sidecar on the lab, judged from where packets really went.
+
+Every pair's path: the live WireGuard endpoints on both sides, and the relays' own counters of
+forwarded datagrams while every pair pings (a direct pair adds nothing to its allocation, a
+relayed one does). Then: true direct (every relay stopped, every upgraded pair still answers),
+no packet lost while a pair is upgraded, fallback within 3 s when a direct path is cut on a NAT
+router and back to direct after healing, a conntrack flush, a sidecar restart and a relay
+restart each leave every pair answering, and forged probes and control messages move nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from mesh_lab import INVENTORY, PLAN, SITES, endpoint_of, host, lan_address
+
+NODE = "/opt/meshwright/lib/meshwright-node.pyz"
+SETTLE_S = 60
+HOSTS = INVENTORY["mesh_sites"]["hosts"]
+CLASS = {"none": "open", "fullcone": "open", "eim": "easy", "cgnat": "easy", "edm": "hard"}
+
+
+def nat_class(site: str) -> str:
+    return CLASS.get(HOSTS[site].get("lab_nat") or "none", "blocked")
+
+
+def behind_same_nat(a: str, b: str) -> bool:
+    return HOSTS[a].get("lab_public_address") == HOSTS[b].get("lab_public_address")
+
+
+def expected_path(a: str, b: str) -> str:
+    """The issue's table: what each pair of the default lab must end up on."""
+    ca, cb = nat_class(a), nat_class(b)
+    if "blocked" in (ca, cb):
+        return "relay-tcp"
+    if "open" in (ca, cb):
+        return "direct"
+    if ca == cb == "easy":
+        return "lan" if behind_same_nat(a, b) else "upgraded"
+    return "relay"
+
+
+PAIRS = [(a, b) for a, b in itertools.combinations(SITES, 2)]
+EXPECTED = {pair: expected_path(*pair) for pair in PAIRS}
+UPGRADED = [p for p, path in EXPECTED.items() if path in ("upgraded", "lan")]
+
+
+def sidecar_status(site: str) -> dict:
+    return json.loads(host(site).check_output(f"python3 {NODE} sidecar status --json"))
+
+
+def punch_paths() -> dict[tuple[str, str], str]:
+    """(site, peer) -> the path the site's sidecar has the peer on."""
+    found = {}
+    for site in {s for pair in UPGRADED for s in pair}:
+        for peer, state in sidecar_status(site)["peers"].items():
+            found[(site, peer)] = state["path"]
+    return found
+
+
+def wait_until_direct(pairs, timeout: float = SETTLE_S) -> float:
+    started = time.monotonic()
+    while True:
+        paths = punch_paths()
+        missing = [p for p in pairs for s in (p, p[::-1]) if paths.get(s) != "direct"]
+        if not missing:
+            return time.monotonic() - started
+        assert time.monotonic() - started < timeout, f"not direct after {timeout} s: {missing}"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def settled():
+    wait_until_direct(UPGRADED)
+
+
+def relay_forwarded() -> dict[str, int]:
+    """Allocation (a--b) -> datagrams forwarded so far, from every relay's state file."""
+    counts = {}
+    for relay in INVENTORY["mesh_relays"]["hosts"]:
+        state = json.loads(host(relay).check_output("cat /var/lib/meshwright-relay/state.json"))
+        for name, allocation in state["allocations"].items():
+            counts[name] = allocation["counters"].get("forwarded", 0)
+    return counts
+
+
+def ping_from_lan(source: str, target: str, count: int = 3, interval: float = 0.3) -> int:
+    """Packets lost of ``count`` pings from source's LAN host to target's."""
+    out = (
+        host(f"{source}-lan1")
+        .run(f"ping -c {count} -i {interval} -W 2 -q {lan_address(target)}")
+        .stdout
+    )
+    match = re.search(r"(\d+) received", out)
+    assert match, out
+    return count - int(match.group(1))
+
+
+def ping_all(pairs, count: int = 3) -> dict[tuple[str, str], int]:
+    with ThreadPoolExecutor(8) as pool:
+        losses = pool.map(lambda p: ping_from_lan(*p, count=count), pairs)
+    return dict(zip(pairs, losses, strict=True))
+
+
+def public_endpoint_of(site: str) -> str:
+    return HOSTS[site]["lab_public_address"]
+
+
+def allocation_of(a: str, b: str) -> dict | None:
+    low, high = sorted((a, b))
+    return next((x for x in PLAN["allocations"] if (x["a"], x["b"]) == (low, high)), None)
+
+
+def test_the_lab_has_every_kind_of_pair():
+    assert set(EXPECTED.values()) == {"direct", "upgraded", "lan", "relay", "relay-tcp"}
+
+
+def test_every_pair_is_on_its_expected_path_from_where_packets_went():
+    before = relay_forwarded()
+    losses = ping_all(PAIRS, count=5)
+    time.sleep(1.5)  # the relays save their counters each second
+    after = relay_forwarded()
+    wrong = []
+    for (a, b), path in EXPECTED.items():
+        if losses[(a, b)]:
+            wrong.append(f"{a}-{b}: {losses[(a, b)]} of 5 pings lost")
+        allocation = allocation_of(a, b)
+        name = f"{min(a, b)}--{max(a, b)}"
+        relayed = after.get(name, 0) - before.get(name, 0)
+        ends = {a: endpoint_of(a, b), b: endpoint_of(b, a)}
+        if path in ("upgraded", "lan"):
+            if relayed:
+                wrong.append(f"{a}-{b}: {relayed} datagrams through the relay")
+            for me, other in ((a, b), (b, a)):
+                address = (ends[me] or "").rsplit(":", 1)[0]
+                if path == "upgraded" and address != public_endpoint_of(other):
+                    wrong.append(f"{me} holds {ends[me]} for {other}, not its public address")
+                if path == "lan" and not address.startswith("172.31."):
+                    wrong.append(f"{me} holds {ends[me]} for {other}, not its LAN address")
+        elif path == "relay":
+            assert allocation is not None, (a, b)
+            if relayed <= 0:
+                wrong.append(f"{a}-{b}: nothing went through the relay")
+            for me, port in zip(
+                (allocation["a"], allocation["b"]), allocation["ports"], strict=True
+            ):
+                other = b if me == a else a
+                if ends[me] != f"{allocation['address']}:{port}":
+                    wrong.append(f"{me} holds {ends[me]} for {other}, not its relay allocation")
+        elif path == "relay-tcp":
+            blocked = a if nat_class(a) == "blocked" else b
+            other = b if blocked == a else a
+            if not (ends[blocked] or "").startswith("127.0.0.1:"):
+                wrong.append(f"{blocked} holds {ends[blocked]} for {other}, not its sidecar")
+    assert wrong == []
+
+
+def test_upgraded_pairs_are_truly_direct_with_every_relay_stopped():
+    relays = list(INVENTORY["mesh_relays"]["hosts"])
+    try:
+        for relay in relays:
+            host(relay).check_output("systemctl stop meshwright-relay")
+        losses = ping_all(UPGRADED, count=5)
+        assert {p: n for p, n in losses.items() if n} == {}
+    finally:
+        for relay in relays:
+            host(relay).check_output("systemctl start meshwright-relay")
+
+
+def restart_sidecars(*sites: str) -> None:
+    for site in sites:
+        host(site).check_output("systemctl restart meshwright-sidecar")
+
+
+def test_no_packet_is_lost_while_a_pair_is_upgraded():
+    # Restarted sidecars put the pair back on its relay at once, then upgrade it again: a
+    # 20-per-second ping across the pair spans both moves.
+    pinger = host("easy1-lan1")
+    log = "/tmp/mw-upgrade-ping.txt"
+    pinger.check_output(
+        f"systemd-run --quiet --unit=mw-upgrade-ping sh -c "
+        f"'ping -i 0.05 -c 200 -W 1 {lan_address('easy2')} > {log} 2>&1'"
+    )
+    time.sleep(1)
+    restart_sidecars("easy1", "easy2")
+    wait_until_direct([("easy1", "easy2")], timeout=20)
+    deadline = time.monotonic() + 20
+    while "packet loss" not in pinger.run(f"cat {log}").stdout:
+        assert time.monotonic() < deadline, pinger.run(f"cat {log}").stdout
+        time.sleep(0.5)
+    summary = pinger.check_output(f"tail -2 {log}")
+    assert " 0% packet loss" in summary, summary
+
+
+def nat_router(site: str) -> str:
+    return f"{site}-nat"
+
+
+def test_a_cut_direct_path_falls_back_within_3_s_and_is_direct_again_when_healed():
+    cut = f"iptables -I FORWARD -s {public_endpoint_of('easy1')} -j DROP"
+    router = host(nat_router("easy2"))
+    pinger = host("easy1-lan1")
+    log = "/tmp/mw-fallback-ping.txt"
+    pinger.check_output(
+        f"systemd-run --quiet --unit=mw-fallback-ping sh -c "
+        f"'ping -D -i 0.05 -c 300 -W 1 {lan_address('easy2')} > {log} 2>&1'"
+    )
+    time.sleep(2)
+    try:
+        router.check_output(cut)
+        started = time.monotonic()
+        deadline = started + 20
+        while (
+            sidecar_status("easy1")["peers"]["easy2"]["path"] != "relay"
+            or sidecar_status("easy2")["peers"]["easy1"]["path"] != "relay"
+        ):
+            assert time.monotonic() < deadline, "no fallback in 20 s"
+            time.sleep(0.2)
+        while "packet loss" not in pinger.run(f"cat {log}").stdout:
+            assert time.monotonic() < started + 30
+            time.sleep(0.5)
+    finally:
+        router.run(cut.replace("-I FORWARD", "-D FORWARD"))
+    out = pinger.check_output(f"cat {log}")
+    received = int(re.search(r"(\d+) received", out).group(1))
+    lost = 300 - received
+    # 20 pings a second: the outage in seconds is lost / 20.
+    print(f"fallback: {lost} of 300 pings lost ({lost / 20:.2f} s of outage)")
+    assert lost / 20 < 3, out[-500:]
+    healed = wait_until_direct([("easy1", "easy2")], timeout=150)
+    print(f"direct again {healed:.1f} s after healing")
+
+
+def every_pair_answers_within(timeout: float) -> float:
+    started = time.monotonic()
+    while True:
+        losses = ping_all(PAIRS, count=1)
+        if not any(losses.values()):
+            return time.monotonic() - started
+        assert time.monotonic() - started < timeout, {p: n for p, n in losses.items() if n}
+
+
+def test_a_conntrack_flush_on_a_nat_router_leaves_every_pair_answering():
+    host(nat_router("easy2")).check_output("conntrack -F")
+    took = every_pair_answers_within(30)
+    print(f"conntrack -F on easy2's NAT: every pair answers again after {took:.1f} s")
+
+
+def test_a_sidecar_restart_leaves_every_pair_answering():
+    restart_sidecars("easy1")
+    took = every_pair_answers_within(30)
+    print(f"sidecar restart: every pair answers again after {took:.1f} s")
+    wait_until_direct([p for p in UPGRADED if "easy1" in p], timeout=30)
+
+
+def test_a_relay_restart_leaves_every_pair_answering():
+    for relay in INVENTORY["mesh_relays"]["hosts"]:
+        host(relay).check_output("systemctl restart meshwright-relay")
+    took = every_pair_answers_within(30)
+    print(f"relay restart: every pair answers again after {took:.1f} s")
+
+
+def test_forged_probes_and_control_messages_change_no_endpoint():
+    before = {(a, b): (endpoint_of(a, b), endpoint_of(b, a)) for a, b in UPGRADED}
+    counters_before = sidecar_status("easy2")["counters"]
+    target = f"{public_endpoint_of('easy2')}"
+    # From a third address (the public site): probes with the magic and random sessions, a
+    # random-key ping for a made-up session, and a control message claiming to be easy1
+    # from public's overlay address.
+    script = (
+        "import os, socket, json\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        f"dst = ({target!r}, 51820)\n"
+        "for _ in range(50):\n"
+        "    s.sendto(b'\\xffMWP' + bytes([1, 0]) + os.urandom(28), dst)\n"
+        "c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "msg = {'v': 1, 'type': 'nominate', 'from': 'easy1', 'session': os.urandom(8).hex(),"
+        " 'use': '198.51.100.99:4444'}\n"
+        f"c.sendto(json.dumps(msg).encode(), ({PLAN['sites']['easy2']['overlay_address']!r},"
+        " 51821))\n"
+    )
+    host("public").check_output(f'python3 -c "{script}"')
+    time.sleep(2)
+    after = {(a, b): (endpoint_of(a, b), endpoint_of(b, a)) for a, b in UPGRADED}
+    assert after == before
+    counters = sidecar_status("easy2")["counters"]
+    dropped = sum(v for k, v in counters.items() if k.startswith("dropped_"))
+    dropped_before = sum(v for k, v in counters_before.items() if k.startswith("dropped_"))
+    assert dropped - dropped_before >= 51, counters
+
+
+def test_an_idle_direct_pair_costs_only_keepalives():
+    # No traffic on easy1-easy2 for 30 s: the sidecars send no probe at all; only
+    # WireGuard's persistent keepalives (every 25 s) hold the NAT mappings open.
+    before = {s: sidecar_status(s)["peers"] for s in ("easy1", "easy2")}
+    time.sleep(30)
+    after = {s: sidecar_status(s)["peers"] for s in ("easy1", "easy2")}
+    for site, other in (("easy1", "easy2"), ("easy2", "easy1")):
+        assert after[site][other]["path"] == "direct"
+        for counter in ("attempts", "pings_sent", "pongs_sent"):
+            assert after[site][other][counter] == before[site][other][counter], counter
