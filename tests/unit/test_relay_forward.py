@@ -509,6 +509,51 @@ def test_responder_roams_and_is_followed_after_its_handshake(keys: tuple[bytes, 
     assert relay.receive(0, A1, transport(0xB8), 14.3) == B2
 
 
+def test_both_sides_moved_meet_through_the_copy_to_the_newest_handshake(
+    keys: tuple[bytes, bytes],
+) -> None:
+    """Both NAT mappings towards the relay changed (a conntrack flush, a new listen port): each
+    side's confirmed address is stale. Once B's confirmed address has been silent longer than a
+    keepalive, A's initiation also goes where B's newest handshake came from; without that
+    copy neither side's handshake would ever reach the other."""
+    key_a, key_b = keys
+    relay = established(keys)  # the last datagrams at about t = 0.3
+    # B, from B2: its initiation goes to A's stale A1 (lost there), and stays pending.
+    assert relay.receive(1, B2, initiation(key_a, 0xB5), 10.0) == A1
+    assert relay.also is None
+    # A, from A2, while B1 has been heard recently: no copy yet.
+    assert relay.receive(0, A2, initiation(key_b, 0xA4), 11.0) == B1
+    assert relay.also is None
+    # B's newest handshake is fresh, B1 silent for more than SILENT_AFTER: a copy to B2.
+    assert relay.receive(1, B2, initiation(key_a, 0xB6), 40.0) == A1
+    assert relay.receive(0, A2, initiation(key_b, 0xA5), 41.0) == B1
+    assert relay.also == B2
+    # B answers from B2, where the copy went: that proves A2.
+    assert relay.receive(1, B2, response(key_a, 0xB7, 0xA5), 41.1) == A2
+    assert relay.also is None
+    assert relay.confirmed == (A2, B1)
+    # B's next initiation reaches A2 and A's answer proves B2.
+    assert relay.receive(1, B2, initiation(key_a, 0xB8), 45.0) == A2
+    assert relay.receive(0, A2, response(key_b, 0xA8, 0xB8), 45.1) == B2
+    assert relay.confirmed == (A2, B2)
+
+
+def test_a_forged_handshake_diverts_nothing_while_the_site_is_heard(
+    keys: tuple[bytes, bytes],
+) -> None:
+    """Anyone can make a valid mac1 (it is keyed by a public key). While B's confirmed address
+    keeps sending (keepalives), a forged initiation from C gets no copy of A's handshakes."""
+    key_a, key_b = keys
+    relay = established(keys)
+    stranger = ("192.0.2.99", 4444)
+    for second in range(10, 100, 20):
+        assert relay.receive(1, B1, transport(0xA1, counter=second), float(second)) == A1
+        assert relay.receive(1, stranger, initiation(key_a, 0xC0 + second), second + 1.0) == A1
+        assert relay.receive(0, A1, initiation(key_b, 0xA0 + second), second + 2.0) == B1
+        assert relay.also is None
+    assert relay.confirmed == (A1, B1)
+
+
 # -- pending state -------------------------------------------------------------------------------
 
 

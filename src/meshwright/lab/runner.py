@@ -278,6 +278,13 @@ def render_inventory(lab: Lab, topology: Topology) -> str:
         if host.role == ROLE_SITE:
             hostvars["mesh_lan_prefixes"] = [str(topology.site(host.name).lan)]
             hostvars["mesh_overlay_address"] = topology.overlay_address(host.name)
+            site = topology.site(host.name)
+            if site.behind is not None:
+                # Behind one NAT, two sites on one port would share its mappings (each
+                # destination maps to whichever was first): a port of its own, as a user
+                # would give it. 51821 is the sidecars' control port.
+                behind = [s.name for s in topology.sites if s.behind == site.behind]
+                hostvars["mesh_listen_port"] = 51830 + behind.index(site.name)
         groups[group_of[host.role]][host.name] = hostvars
     inventory = {
         "all": {

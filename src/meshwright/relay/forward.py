@@ -59,6 +59,13 @@ For a message from side X, Y is the other side:
 * Roaming follows from the same rules: a site's data from a new address is dropped until its next
   handshake from there is answered through the relay (WireGuard starts one itself when it gets no
   answer), which confirms the new address.
+* Both sides moved (a conntrack flush on both NATs, a new listen port): each side's confirmed
+  address is stale and each side's handshakes go there and are lost. So when the other side's
+  confirmed address has sent nothing for :data:`SILENT_AFTER` seconds (longer than WireGuard's
+  persistent keepalive) and it has a fresher pending handshake from elsewhere, an initiation
+  also goes there (:attr:`Allocation.also`: the caller sends the copy). An answer from either
+  address proves the initiator. While a site's confirmed address is heard, a forged handshake
+  gets no copy of anything.
 
 Drop reasons, each counted as ``dropped_<reason>``:
 
@@ -174,11 +181,16 @@ class Limits:
                 raise ValueError(f"Limits.{name} must be a positive finite number, not {value!r}")
 
 
+SILENT_AFTER = 30.0  # seconds: longer than WireGuard's persistent keepalive (25 s here)
+
+
 class _Pending(NamedTuple):
     address: Address  # as received: compared and returned, never inspected
     time: float
     # Where the handshake was forwarded (None: nowhere). Only an answer from there proves it.
     forwarded_to: Address | None
+    # An initiation may also go to a second address (see :attr:`Allocation.also`).
+    also_to: Address | None = None
 
 
 def _mac1_hasher(public_key: bytes) -> hashlib.blake2s:
@@ -245,12 +257,14 @@ class Allocation:
         "_dropped",
         "_forwarded",
         "_forwarded_bytes",
+        "_heard",
         "_mac1",
         "_packet_tokens",
         "_packets_per_second",
         "_pending",
         "_refilled",
         "_seen",
+        "also",
     )
 
     def __init__(
@@ -289,6 +303,18 @@ class Allocation:
         self._dropped: dict[str, int] = dict.fromkeys(_DROPPED, 0)
         self._counters: Counter[str] = Counter(dict.fromkeys((FORWARDED, FORWARDED_BYTES), 0))
         self._counters.update(self._dropped)
+        # Set by receive(): a second destination for the same datagram, or None. A handshake
+        # initiation goes to the other side's confirmed address *and* to where that side's
+        # newest handshake came from, when the two differ and the confirmed one has been
+        # silent for SILENT_AFTER seconds: after both sides' NAT mappings
+        # towards the relay changed (a conntrack flush, a new listen port), each side's
+        # confirmed address is stale, and each side's new one is only pending, so without the
+        # copy neither handshake would ever reach the other. The copy teaches nothing by
+        # itself: only an answer from where it went confirms that address.
+        self.also: Address | None = None
+        # When each side's confirmed address last sent something accepted (None: not since
+        # this allocation began; the first datagram sets both).
+        self._heard: list[float | None] = [None, None]
 
     @property
     def confirmed(self) -> tuple[Address | None, Address | None]:
@@ -329,6 +355,10 @@ class Allocation:
             side, other = 1, 0
         else:
             raise ValueError(f"side must be 0 or 1, not {side!r}")
+        self.also = None
+        heard = self._heard
+        if heard[0] is None:
+            heard[0] = heard[1] = now
         size = len(datagram)
         # The per-packet path: transport data between confirmed addresses.
         # No alignment check: WireGuard pads to 16 bytes only up to the MTU, so a full-size
@@ -337,6 +367,7 @@ class Allocation:
             if source != self._confirmed[side]:
                 self._dropped[_UNCONFIRMED_SOURCE] += 1
                 return None
+            heard[side] = now
             if self._pending[other]:
                 return self._transport_confirming(other, source, datagram, size, now)
             destination = self._confirmed[other]
@@ -414,6 +445,7 @@ class Allocation:
             return None
         if proven:
             self._confirmed[other] = destination
+            self._heard[other] = now
             del pending[index]
         return self._forward(destination, size)
 
@@ -453,6 +485,13 @@ class Allocation:
             return None
         return index
 
+    def _silent(self, side: int, now: float) -> bool:
+        """Nothing from ``side``'s confirmed address for longer than WireGuard's persistent
+        keepalive: the address is probably stale (only then does an initiation get a copy,
+        so a forged handshake can never divert a live site's handshakes)."""
+        heard = self._heard[side]
+        return heard is not None and now - heard > SILENT_AFTER
+
     def _initiation(
         self, side: int, other: int, source: Address, datagram: bytes, now: float
     ) -> Address | None:
@@ -463,18 +502,22 @@ class Allocation:
         if index is None:
             return None
         destination = self._confirmed[other]
+        pending = self._pending[other]
+        _expire(pending, now)
+        newest = next(reversed(pending.values())).address if pending else None
+        also = None
         if destination is None:
             # Bootstrap: the other side is not proven yet, try where it last sent a handshake.
-            pending = self._pending[other]
-            _expire(pending, now)
-            if pending:
-                destination = next(reversed(pending.values())).address
+            destination = newest
+        elif newest is not None and newest != destination and self._silent(other, now):
+            also = newest
         size = len(datagram)
         if destination is not None and not self._take(size, now):
             self._dropped[_RATE_LIMITED] += 1
             return None
         # Remembered even when it goes nowhere: it is the destination of the other side's.
-        self._remember(side, mac1, index, _Pending(source, now, destination))
+        self._remember(side, mac1, index, _Pending(source, now, destination, also))
+        self.also = also
         if destination is None:
             self._dropped[_NO_DESTINATION] += 1
             return None
@@ -495,8 +538,8 @@ class Allocation:
         entry = _live(pending, receiver, now)
         # The initiation was delivered to exactly this address and is answered from it, so the
         # address it came from is the initiator's. An answer from anywhere else proves nothing.
-        answered = (
-            entry is not None and entry.forwarded_to is not None and entry.forwarded_to == source
+        answered = entry is not None and source in (
+            (entry.forwarded_to, entry.also_to) if entry.also_to else (entry.forwarded_to,)
         )
         destination = entry.address if entry is not None and answered else self._confirmed[other]
         size = len(datagram)
@@ -505,6 +548,7 @@ class Allocation:
             return None
         if answered:
             self._confirmed[other] = destination
+            self._heard[other] = now
             del pending[receiver]
         self._remember(side, mac1, index, _Pending(source, now, destination))
         if destination is None:

@@ -189,6 +189,8 @@ class RelayServer:
         destination = opened.allocation.receive(side, source, payload, time.monotonic())
         if destination is not None:
             self._send(opened, 1 - side, payload, destination)
+            if opened.allocation.also is not None:
+                self._send(opened, 1 - side, payload, opened.allocation.also)
 
     def _send(self, opened: _Open, out_side: int, datagram: bytes, destination: Address) -> None:
         if destination[0].startswith("tls:"):
@@ -320,6 +322,8 @@ class RelayServer:
             destination: Address | None = receive(side, source[:2], datagram, time.monotonic())
             if destination is not None:
                 self._send(opened, 1 - side, datagram, destination)
+                if opened.allocation.also is not None:  # an initiation, to a moved site too
+                    self._send(opened, 1 - side, datagram, opened.allocation.also)
 
 
 def _spec_json(spec: tuple[str, tuple[int, int], tuple[str, str]]) -> list[Any]:

@@ -199,8 +199,14 @@ class TraversalDaemon:
             self.counters["config_errors"] += 1
             self.log(f"sidecar: keeping the current configuration: {exc}")
             return
-        if config is None or config.overlay_address != self.config.overlay_address:
-            self.log("sidecar: the site's traversal settings changed: restart to apply them")
+        site_settings = ("site", "public_key", "interface", "listen_port", "overlay_address")
+        if config is None or any(
+            getattr(config, name) != getattr(self.config, name) for name in site_settings
+        ):
+            # Sockets and the probe filter depend on these: stop, and systemd starts the
+            # service again with them (Restart=always); punch peers restart on their relays.
+            self.log("sidecar: this site's own settings changed: restarting")
+            self._stopping = True
             return
         self.config = config
         self.carry_out(self.core.configure(self._peer_configs()))
