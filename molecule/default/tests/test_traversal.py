@@ -20,7 +20,7 @@ import pytest
 from mesh_lab import INVENTORY, PLAN, SITES, endpoint_of, host, lan_address
 
 NODE = "/opt/meshwright/lib/meshwright-node.pyz"
-SETTLE_S = 60
+SETTLE_S = 150
 HOSTS = INVENTORY["mesh_sites"]["hosts"]
 CLASS = {"none": "open", "fullcone": "open", "eim": "easy", "cgnat": "easy", "edm": "hard"}
 
