@@ -83,7 +83,10 @@ class Lab:
         return json.loads(self.sh(site, f"python3 {NODE} sidecar status --json"))
 
     def path(self, site: str, peer: str) -> str:
-        return str(self.status(site)["peers"][peer]["path"])
+        try:
+            return str(self.status(site)["peers"][peer]["path"])
+        except (RuntimeError, ValueError, KeyError):  # restarting: no state file yet
+            return "unknown"
 
     def wait_direct(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout

@@ -53,10 +53,13 @@ from .traversal import (
 __all__ = ["NftMuter", "TraversalDaemon", "WireGuardControl"]
 
 Address = tuple[str, int]
-SAMPLE_INTERVAL = 0.25
+# WireGuard's counters: often while data flows on a direct path (fallback within 3 s), seldom
+# when nothing moves (an idle sidecar costs next to nothing).
+SAMPLE_BUSY = 0.25
+SAMPLE_IDLE = 1.0
 STUN_INTERVAL = 25.0  # libtelio re-polls WG-STUN every 25 s; mappings live longer than that
 STATE_INTERVAL = 1.0
-LOOP_INTERVAL = 0.02
+LOOP_INTERVAL = 0.25  # the longest sleep; the core's next_wakeup makes it shorter
 IP_FREEBIND = 15
 MUTE_TABLE = "meshwright_sidecar"
 
@@ -173,6 +176,7 @@ class TraversalDaemon:
         self._stun_pending: dict[bytes, str] = {}
         self._stopping = False
         self._reload = False
+        self._last_counters: dict[str, tuple[int, int]] = {}
         self.config_path = config_path
         self._state_text = ""
 
@@ -282,17 +286,22 @@ class TraversalDaemon:
 
     # --- the loop -------------------------------------------------------------------------
 
-    def sample(self, now: float) -> None:
+    def sample(self, now: float) -> bool:
+        """Feed the counters to the core; True when a punch peer's counters moved."""
         try:
             peers = self.wireguard.sample()
         except (OSError, RuntimeError) as exc:
             self.counters["sample_errors"] += 1
             self.log(f"sidecar: cannot read WireGuard: {exc}")
-            return
+            return False
         names = {p.public_key: p.name for p in self.config.peers}
+        moved = False
         for key, (_, rx, tx) in peers.items():
             if key in names:
+                moved = moved or self._last_counters.get(key) != (rx, tx)
+                self._last_counters[key] = (rx, tx)
                 self.carry_out(self.core.on_counters(names[key], rx, tx, now))
+        return moved
 
     def write_state(self, now: float) -> None:
         state = self.core.status(now)
@@ -328,7 +337,11 @@ class TraversalDaemon:
             if self._reload:
                 self._reload = False
                 self.reload()
-            wait = min(LOOP_INTERVAL, max(0.0, self.core.next_wakeup(self.clock()) - self.clock()))
+            now = self.clock()
+            wakeup = min(self.core.next_wakeup(now), next_sample, next_state)
+            if now < settle:
+                wakeup = min(wakeup, settle)
+            wait = min(LOOP_INTERVAL, max(0.0, wakeup - now))
             for key, _ in self.selector.select(wait):
                 if key.data == "control":
                     self._drain_control()
@@ -340,8 +353,8 @@ class TraversalDaemon:
             if now >= settle or len(self.mapped) == len(self.config.relays):
                 self.carry_out(self.core.tick(now, self.wall()))
             if now >= next_sample:
-                self.sample(now)
-                next_sample = now + SAMPLE_INTERVAL
+                busy = self.sample(now)
+                next_sample = now + (SAMPLE_BUSY if busy else SAMPLE_IDLE)
             if now >= next_stun:
                 self.refresh_candidates()
                 self.ask_relays()

@@ -74,7 +74,8 @@ Address = tuple[str, int]
 # Timers, in seconds (docs/sidecar.md says why each has its value).
 START_DELAY = 0.3  # offer -> agreed start: the offer's and answer's trip through the relay
 MIN_LEAD = 0.1  # an offer arriving closer than this to its start moves the start
-OFFER_TIMEOUT = 2.0  # an offer with no answer this long fails the attempt
+OFFER_TIMEOUT = 1.0  # an offer with no answer this long is sent again (no backoff)
+OFFER_RETRY = 0.5  # after an unanswered offer: the peer's sidecar is (re)starting
 PROBE_INTERVAL = 0.1  # pings to every candidate while an attempt runs
 ATTEMPT_TIME = 3.0  # an attempt that validates nothing this long after its start fails
 NOMINATE_GRACE = 0.15  # after a public path validates, wait this long for a private one
@@ -290,7 +291,7 @@ class Traversal:
                 times.append(link.deadline)
             elif link.path == "direct" and link.suspect_since is not None:
                 times.append(link.next_ping)
-            elif link.controlling:
+            elif link.path == "relay" and link.controlling and self.candidates:
                 times.append(link.next_attempt)
         return min(times)
 
@@ -410,9 +411,9 @@ class Traversal:
         # The peer's sidecar is not there (starting, restarting): nothing was sent to the
         # peer's address, so no conntrack entry is at stake. Ask again soon, no backoff.
         link.phase = "idle"
-        link.next_attempt = now + BACKOFF_MIN
+        link.next_attempt = now + OFFER_RETRY
         link.counters["unanswered_offers"] += 1
-        return [Log(link.config.name, f"offer unanswered; again in {BACKOFF_MIN:.0f} s")]
+        return [Log(link.config.name, f"offer unanswered; again in {OFFER_RETRY} s")]
 
     def _fail(self, link: PeerLink, now: float, why: str) -> list[Action]:
         link.phase = "idle"
