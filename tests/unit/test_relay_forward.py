@@ -797,3 +797,16 @@ def test_full_mtu_transport_is_forwarded(keys: tuple[bytes, bytes]) -> None:
         datagram = transport(0xA1, counter=size, payload=size + 16)
         assert len(datagram) == size + 32
         assert relay.receive(0, A1, datagram, 1.0) == B1
+
+
+def test_a_sidecars_mapping_keepalive_is_counted_never_forwarded(
+    keys: tuple[bytes, bytes],
+) -> None:
+    from meshwright.relay.forward import KEEPALIVES, MAPPING_KEEPALIVE
+
+    relay = established(keys)
+    assert relay.receive(0, A1, MAPPING_KEEPALIVE, 10.0) is None
+    assert relay.receive(1, ("192.0.2.7", 9), MAPPING_KEEPALIVE, 10.0) is None
+    assert relay.counters[KEEPALIVES] == 2
+    assert relay.counters["dropped_malformed"] == 0
+    assert relay.confirmed == (A1, B1)

@@ -42,6 +42,7 @@ from hypothesis import strategies as st
 
 from meshwright.site.sidecar import traversal
 from meshwright.site.sidecar.messages import (
+    MAGIC,
     PING,
     PONG,
     Control,
@@ -694,6 +695,23 @@ def test_path_that_stays_cut_is_retried_with_backoff_and_never_flaps() -> None:
         assert len(sets) <= 3, sets  # direct, relay (and at most a repeat of relay)
 
 
+def path_probes(site: Site, since: float) -> list[tuple[float, SendProbe]]:
+    """Probes on the direct path (everything but the relay mapping's keepalives)."""
+    return [
+        (t, a)
+        for t, a in actions_of(site, SendProbe, since)
+        if a.destination != site.relay_endpoint
+    ]
+
+
+def relay_keepalives(site: Site, since: float) -> list[tuple[float, SendProbe]]:
+    return [
+        (t, a)
+        for t, a in actions_of(site, SendProbe, since)
+        if a.destination == site.relay_endpoint and a.data == MAGIC
+    ]
+
+
 @pytest.mark.parametrize("bravo_keepalive", [25.0, None], ids=["both", "alpha-only"])
 def test_keepalives_alone_never_make_a_path_suspect(bravo_keepalive: float | None) -> None:
     sim = easy_pair()
@@ -704,8 +722,10 @@ def test_keepalives_alone_never_make_a_path_suspect(bravo_keepalive: float | Non
     rx = sim.b.rx
     sim.run(600.0)
     for site in (sim.a, sim.b):
-        probes = actions_of(site, SendProbe, start)
+        probes = path_probes(site, start)
         assert probes == [], f"{site.name}: {len(probes) / 10} probes a minute"
+        # Only the relay mapping's keepalives: one every 20 s, 3 a minute.
+        assert len(relay_keepalives(site, start)) == 30
         assert site.core.status(sim.now)["peers"][sim.peer(site).name]["suspect"] is False
     assert sim.direct() and sim.paths() == ("direct", "direct")
     assert sim.b.rx - rx >= 20 * KEEPALIVE  # alpha's keepalives did flow, on the direct path
@@ -722,7 +742,7 @@ def test_idle_direct_path_with_occasional_answered_data_sends_no_probes() -> Non
         sim.run(0.1)
         sim.send_wg(sim.b, 1200)
         sim.run(29.9)
-    assert actions_of(sim.a, SendProbe, start) == actions_of(sim.b, SendProbe, start) == []
+    assert path_probes(sim.a, start) == path_probes(sim.b, start) == []
 
 
 def test_suspect_path_that_answers_pings_stays_direct() -> None:

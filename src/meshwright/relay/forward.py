@@ -142,6 +142,10 @@ _TRANSPORT_MIN_SIZE = 32
 _MAC_SIZE = 16
 
 FORWARDED = "forwarded"
+KEEPALIVES = "mapping_keepalives"
+# What a site's sidecar sends to its allocation port while its pair is direct (the probe magic
+# of meshwright.site.sidecar.messages, and nothing else): never forwarded, only counted.
+MAPPING_KEEPALIVE = b"\xffMWP"
 FORWARDED_BYTES = "forwarded_bytes"
 _MALFORMED = "dropped_malformed"
 _BAD_MAC1 = "dropped_bad_mac1"
@@ -400,6 +404,11 @@ class Allocation:
             return self._response(side, other, source, datagram, now)
         if size == _COOKIE_REPLY_SIZE and datagram.startswith(_COOKIE_REPLY):
             return self._cookie_reply(side, other, source, datagram, now)
+        if datagram == MAPPING_KEEPALIVE:
+            # A site's sidecar holds its NAT mapping towards this port open while the pair is
+            # on a direct path, so that falling back finds it as it was: not forwarded.
+            self._counters[KEEPALIVES] += 1
+            return None
         self._dropped[_MALFORMED] += 1
         return None
 

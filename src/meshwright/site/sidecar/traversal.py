@@ -43,6 +43,7 @@ from meshwright.wire.endpoint import format_endpoint
 
 from .messages import (
     KEY_SIZE,
+    MAGIC,
     MAX_CANDIDATES,
     PING,
     PONG,
@@ -84,6 +85,7 @@ CHECK_INTERVAL = 0.2  # pings to the direct endpoint while it is suspect
 DEAD_AFTER = 1.0  # a suspect path with no pong this long is dead: fall back
 STABLE_AFTER = 60.0  # a direct path that held this long forgets earlier failures
 BACKOFF_MIN, BACKOFF_MAX = 2.0, 128.0
+RELAY_KEEPALIVE = 20.0  # while direct: under the 30 s a Linux NAT keeps an unanswered mapping
 KEEPALIVE_BYTES = 32  # a WireGuard keepalive: a transport header and tag, no payload
 MAX_PONGS_PER_SECOND = 50  # per peer: an attacker replaying pings cannot make us a reflector
 PING_WINDOW = 1024  # a ping this far behind the newest one of its session counts as a replay
@@ -192,6 +194,7 @@ class PeerLink:
     unanswered_since: float | None = None
     unanswered_bytes: int = 0
     suspect_since: float | None = None
+    next_relay_keepalive: float = 0.0
     pong_budget: float = MAX_PONGS_PER_SECOND
     pong_budget_at: float = 0.0
     counters: Counter[str] = field(default_factory=Counter)
@@ -291,6 +294,8 @@ class Traversal:
                 times.append(link.deadline)
             elif link.path == "direct" and link.suspect_since is not None:
                 times.append(link.next_ping)
+            elif link.path == "direct":
+                times.append(link.next_relay_keepalive)
             elif link.path == "relay" and link.controlling and self.candidates:
                 times.append(link.next_attempt)
         return min(times)
@@ -428,6 +433,12 @@ class Traversal:
         if now - link.direct_since >= STABLE_AFTER:
             link.failures = 0
         if link.suspect_since is None:
+            if now >= link.next_relay_keepalive:
+                # Keep this side's NAT mapping towards the relay allocation: on fallback the
+                # relay's first datagram then finds it, instead of clashing with its expiry.
+                link.next_relay_keepalive = now + RELAY_KEEPALIVE
+                link.counters["relay_keepalives"] += 1
+                return [SendProbe(link.config.relay_endpoint, MAGIC)]
             return []
         if now - link.suspect_since >= DEAD_AFTER:
             return self._fall_back(link, now, "direct path silent")
