@@ -213,6 +213,26 @@ def test_services_run_hardened_under_their_own_user(node, unit, capabilities):
     assert owner.strip().startswith("meshwri")  # ps cuts long names
 
 
+@pytest.mark.parametrize(
+    ("node", "unit", "capabilities"),
+    [
+        ("easy1", "meshwright-sidecar", "cap_net_admin cap_net_raw"),
+        ("relay1", "meshwright-wgstun", "cap_net_admin"),
+    ],
+)
+def test_root_services_keep_only_the_capabilities_they_need(node, unit, capabilities):
+    # wireguard-go's control socket is root's: these two run as root, with a bounding set of
+    # just what they use (raw sockets for probes, WireGuard and nftables changes).
+    shown = host(node).check_output(
+        f"systemctl show {unit} -p CapabilityBoundingSet -p ProtectSystem -p NoNewPrivileges"
+        " -p ActiveState"
+    )
+    fields = dict(line.split("=", 1) for line in shown.splitlines())
+    assert fields["ActiveState"] == "active"
+    assert fields["CapabilityBoundingSet"] == capabilities
+    assert (fields["ProtectSystem"], fields["NoNewPrivileges"]) == ("strict", "yes")
+
+
 def test_the_relay_firewall_lets_in_only_its_ports():
     rules = host(RELAY).check_output("nft list chain inet meshwright_relay input")
     assert "policy drop;" in rules
@@ -223,7 +243,9 @@ def test_the_relay_firewall_lets_in_only_its_ports():
             ("tcp", "443"),
             ("udp", "40000-59999"),
             ("udp", "51820"),
+            ("udp", "3480"),  # WG-STUN, and only from inside WireGuard:
             ("udp", "7"),  # the lab's echo service, which its NAT tests use
             ("tcp", "7"),
         ]
     ), rules
+    assert re.search(r'iifname "mesh0" udp dport 3480 accept', rules), rules
