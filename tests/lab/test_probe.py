@@ -22,6 +22,7 @@ EXPECTED = {
     "easy1": ("easy", EI, APD),
     "easy2": ("easy", EI, APD),
     "cgn": ("easy", EI, APD),
+    "easy3": ("easy", EI, APD),  # behind easy1's NAT, on a port of its own
     "hard1": ("hard", APD, APD),
     "hard2": ("hard", APD, APD),
     "blocked": ("blocked", "unknown", "unknown"),

@@ -106,6 +106,14 @@ def cleanup(lab, hosts) -> None:
         )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def node_artifact(lab):
+    """The modules import their code from the node artifact: install it, as the collection's
+    playbooks do first."""
+    done = ansible(lab, "tests/lab/playbooks/node.yml")
+    assert done.returncode == 0, done.stdout[-3000:]
+
+
 @pytest.fixture(scope="module")
 def mesh(lab, tmp_path_factory):
     """Keys on public, easy1 and cone; public and easy1 converged with each other."""
