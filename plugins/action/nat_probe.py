@@ -80,6 +80,8 @@ class ActionModule(ActionBase):
                     "nat_probe measures the NAT against the relays' STUN service"
                 )
         result.update(
-            self._execute_module(module_name="nat_probe", module_args=args, task_vars=task_vars)
+            self._execute_module(
+                module_name="meshwright.mesh.nat_probe", module_args=args, task_vars=task_vars
+            )
         )
         return result
