@@ -43,6 +43,7 @@ from .traversal import (
     Log,
     Mute,
     PeerConfig,
+    Remap,
     SendControl,
     SendProbe,
     SetEndpoint,
@@ -179,6 +180,7 @@ class TraversalDaemon:
         self._last_counters: dict[str, tuple[int, int]] = {}
         self.config_path = config_path
         self._state_text = ""
+        self._last_remap = float("-inf")
 
     def _overlay_socket(self, port: int) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -241,6 +243,8 @@ class TraversalDaemon:
                     self.muter.mute(action.peer, action.relay, action.direct)
                 elif isinstance(action, Unmute):
                     self.muter.unmute(action.peer)
+                elif isinstance(action, Remap):
+                    self.remap()
                 elif isinstance(action, Log):
                     self.log(f"sidecar: {action.peer}: {action.text}")
             except (OSError, subprocess.CalledProcessError, RuntimeError) as exc:
@@ -257,6 +261,14 @@ class TraversalDaemon:
         candidates |= {(a, port) for a in self.config.public_addresses}
         candidates |= set(self.mapped.values())
         self.core.set_candidates(candidates)
+
+    def remap(self) -> None:
+        """At most once a second: a fallback of several peers at once asks once."""
+        now = self.clock()
+        if now - self._last_remap >= 1.0:
+            self._last_remap = now
+            self.refresh_candidates()
+            self.ask_relays()
 
     def ask_relays(self) -> None:
         for relay in self.config.relays:
@@ -296,11 +308,11 @@ class TraversalDaemon:
             return False
         names = {p.public_key: p.name for p in self.config.peers}
         moved = False
-        for key, (_, rx, tx) in peers.items():
+        for key, (endpoint, rx, tx) in peers.items():
             if key in names:
                 moved = moved or self._last_counters.get(key) != (rx, tx)
                 self._last_counters[key] = (rx, tx)
-                self.carry_out(self.core.on_counters(names[key], rx, tx, now))
+                self.carry_out(self.core.on_counters(names[key], rx, tx, now, endpoint))
         return moved
 
     def write_state(self, now: float) -> None:
@@ -325,6 +337,7 @@ class TraversalDaemon:
         # Every punch peer starts on its relay: whatever a previous run left is undone.
         self.carry_out(self.core.configure([]))
         self.carry_out(self.core.configure(self._peer_configs()))
+        self.core.start(self.clock())
         self.log(
             f"sidecar: traversal for {len(self.config.peers)} punch peers on port "
             f"{self.config.listen_port}"
@@ -387,6 +400,7 @@ class TraversalDaemon:
             self.carry_out(self.core.on_probe(source, payload, self.clock()))
 
     def close(self) -> None:
+        self.carry_out(self.core.stop())
         with contextlib.suppress(OSError, subprocess.CalledProcessError):
             self.muter.clear()
         self.selector.close()

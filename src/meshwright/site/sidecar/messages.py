@@ -10,6 +10,14 @@ address is the named peer's. They are JSON objects::
     {"v": 1, "type": "answer", "from": "easy2", "session": ..., "candidates": [...]}
     {"v": 1, "type": "nominate", "from": "easy1", "session": ..., "use": "198.51.100.21:51820"}
     {"v": 1, "type": "fallback", "from": "easy1", "session": ...}
+    {"v": 1, "type": "hello", "from": "easy2", "session": "<16 hex: this run of the sidecar>"}
+
+    {"v": 1, "type": "bye", "from": "easy2", "session": "<16 hex: this run of the sidecar>"}
+
+A sidecar says ``hello`` to every punch peer when it starts: it has just put them all back on
+their relays, so the peer follows and (if it controls the pair) offers at once. It says ``bye``
+when it stops: a peer that would start probing alone drops its attempt instead (its pings
+would reach this site's NAT before any of this site's own and leave a conntrack clash behind).
 
 Probes travel outside WireGuard, from and to the WireGuard listen port, so they must
 authenticate themselves: each carries an HMAC-SHA256 (first 16 bytes) keyed by the attempt's
@@ -62,7 +70,7 @@ MAC_SIZE = 16
 SESSION_SIZE = 8
 KEY_SIZE = 32
 CONTROL_VERSION = 1
-CONTROL_TYPES = ("offer", "answer", "nominate", "fallback")
+CONTROL_TYPES = ("offer", "answer", "nominate", "fallback", "hello", "bye")
 MAX_CANDIDATES = 16
 MAX_CONTROL_SIZE = 4096
 _HEAD = struct.Struct(">4sBB8sI")

@@ -26,9 +26,12 @@ it (docs/sidecar.md has the design, its timers and why):
    nothing (:data:`SUSPECT_AFTER`); then it pings the direct endpoint every
    :data:`CHECK_INTERVAL`, and with no pong for :data:`DEAD_AFTER` it falls back: relay
    endpoint, relay unmuted, a ``fallback`` message to the peer.
-5. **Back off.** A failed attempt or a fallback waits :data:`BACKOFF_MIN` seconds, doubling up to
-   :data:`BACKOFF_MAX` (beyond NAT UDP timeouts, so an unanswered retry never keeps a stale
-   conntrack entry alive); a direct path that holds :data:`STABLE_AFTER` resets it.
+5. **Back off.** A failed attempt or a fallback waits :data:`BACKOFF_MIN` seconds, times
+   :data:`BACKOFF_FACTOR` after each further failure, up to :data:`BACKOFF_MAX` (beyond NAT
+   UDP timeouts, so that retries stop keeping a stale conntrack entry alive); a direct path
+   that holds :data:`STABLE_AFTER` resets it.
+6. **Restarts.** A starting sidecar says hello, a stopping one bye (:meth:`Traversal.start`,
+   :meth:`Traversal.stop`), so that both sides of a pair stay in step.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ __all__ = [
     "Mute",
     "PeerConfig",
     "PeerLink",
+    "Remap",
     "SendControl",
     "SendProbe",
     "SetEndpoint",
@@ -83,8 +87,10 @@ NOMINATE_GRACE = 0.15  # after a public path validates, wait this long for a pri
 SUSPECT_AFTER = 0.75  # data sent on a direct path with nothing received this long: check it
 CHECK_INTERVAL = 0.2  # pings to the direct endpoint while it is suspect
 DEAD_AFTER = 1.0  # a suspect path with no pong this long is dead: fall back
+MUTE_GRACE = 2.0  # relayed datagrams still in flight after a switch: far more than a relay trip
 STABLE_AFTER = 60.0  # a direct path that held this long forgets earlier failures
-BACKOFF_MIN, BACKOFF_MAX = 2.0, 128.0
+BACKOFF_MIN, BACKOFF_FACTOR, BACKOFF_MAX = 2.0, 4.0, 128.0
+HELLO_AT = (0.0, 1.0, 3.0)  # after start: a peer's sidecar may be starting too; repeats are ignored
 RELAY_KEEPALIVE = 20.0  # while direct: under the 30 s a Linux NAT keeps an unanswered mapping
 KEEPALIVE_BYTES = 32  # a WireGuard keepalive: a transport header and tag, no payload
 MAX_PONGS_PER_SECOND = 50  # per peer: an attacker replaying pings cannot make us a reflector
@@ -135,12 +141,19 @@ class Unmute:
 
 
 @dataclass(frozen=True)
+class Remap:
+    """Ask the relays again where they see WireGuard's socket: this site's NAT mapping may
+    have moved (a flushed or rebooted NAT, a conntrack clash), and the next offer must say
+    where it is now."""
+
+
+@dataclass(frozen=True)
 class Log:
     peer: str
     text: str
 
 
-Action = SendControl | SendProbe | SetEndpoint | Mute | Unmute | Log
+Action = SendControl | SendProbe | SetEndpoint | Mute | Unmute | Remap | Log
 
 
 LAN_NETWORKS = tuple(
@@ -186,7 +199,10 @@ class PeerLink:
     ping_seqs: set[int] = field(default_factory=set)  # the peer's pings answered, this session
     next_attempt: float = 0.0
     failures: int = 0
+    unanswered: int = 0  # offers in a row that got no answer
     direct_since: float | None = None
+    mute_until: float | None = None
+    failed_session: bytes | None = None  # the session whose path death was counted
     last_proof: float | None = None
     rtt: float | None = None
     rx: int | None = None
@@ -197,6 +213,7 @@ class PeerLink:
     next_relay_keepalive: float = 0.0
     pong_budget: float = MAX_PONGS_PER_SECOND
     pong_budget_at: float = 0.0
+    peer_run: bytes | None = None  # the peer sidecar's run, from its hello
     counters: Counter[str] = field(default_factory=Counter)
 
     def status(self, now: float) -> dict[str, Any]:
@@ -229,7 +246,12 @@ class PeerLink:
 
 
 def backoff(failures: int) -> float:
-    return min(BACKOFF_MAX, BACKOFF_MIN * 2 ** max(0, failures - 1)) if failures else 0.0
+    """2, 8, 32, 128 s: one quick retry (a lost probe, a peer that restarted), then waits that
+    outlast Linux's 30 s unreplied-UDP timeout by the third failure, so a conntrack clash
+    (whose stale entries every retry refreshes) is over within a minute."""
+    if not failures:
+        return 0.0
+    return min(BACKOFF_MAX, BACKOFF_MIN * BACKOFF_FACTOR ** (failures - 1))
 
 
 class Traversal:
@@ -248,7 +270,22 @@ class Traversal:
         self.candidates: tuple[Address, ...] = ()
         self.links: dict[str, PeerLink] = {}
         self.counters: Counter[str] = Counter()
+        self.run = random(SESSION_SIZE)  # this run of the sidecar, named in its hellos
+        self.hellos: list[float] = []
         self.configure(peers)
+
+    def start(self, now: float) -> None:
+        """The daemon started: every punch peer is on its relay here. Say hello to each peer
+        (:data:`HELLO_AT`), so that it follows: a peer still direct would keep sending there
+        and WireGuard would roam to it while this side's state says relay. A controlling
+        peer also offers at once, instead of waiting for its offer to this side to time out."""
+        self.hellos = [now + delay for delay in HELLO_AT]
+
+    def stop(self) -> list[Action]:
+        """The daemon stops: say bye to every peer, so that none probes alone."""
+        self.hellos = []
+        bye = encode_control(Control("bye", self.name, self.run))
+        return [SendControl(name, bye) for name in self.links]
 
     # --- configuration --------------------------------------------------------------------
 
@@ -285,7 +322,7 @@ class Traversal:
     def next_wakeup(self, now: float) -> float:
         """When :meth:`tick` next has something to do (the daemon sleeps until then, so that
         the first probes leave at the agreed moment, not up to a loop interval late)."""
-        times = [now + 1.0]
+        times = [now + 1.0, *self.hellos[:1]]
         for link in self.links.values():
             if link.phase == "probing":
                 times.append(max(link.next_ping, link.start))
@@ -296,12 +333,18 @@ class Traversal:
                 times.append(link.next_ping)
             elif link.path == "direct":
                 times.append(link.next_relay_keepalive)
+                if link.mute_until is not None:
+                    times.append(link.mute_until)
             elif link.path == "relay" and link.controlling and self.candidates:
                 times.append(link.next_attempt)
         return min(times)
 
     def tick(self, now: float, wall: float) -> list[Action]:
         actions: list[Action] = []
+        if self.hellos and now >= self.hellos[0]:
+            del self.hellos[0]
+            hello = encode_control(Control("hello", self.name, self.run))
+            actions += [SendControl(name, hello) for name in self.links]
         for link in self.links.values():
             actions += self._tick_link(link, now, wall)
         return actions
@@ -390,6 +433,7 @@ class Traversal:
         link.endpoint = endpoint
         link.rtt = rtt
         link.direct_since = link.last_proof = now
+        link.mute_until = now + MUTE_GRACE
         link.unanswered_since = link.suspect_since = None
         link.unanswered_bytes = 0
         link.counters["upgrades"] += 1
@@ -404,7 +448,7 @@ class Traversal:
         link.path = "relay"
         link.phase = "idle"
         link.endpoint = link.config.relay_endpoint
-        link.direct_since = None
+        link.direct_since = link.mute_until = None
         link.suspect_since = link.unanswered_since = None
         return [
             Unmute(link.config.name),
@@ -413,12 +457,16 @@ class Traversal:
         ]
 
     def _no_answer(self, link: PeerLink, now: float) -> list[Action]:
-        # The peer's sidecar is not there (starting, restarting): nothing was sent to the
-        # peer's address, so no conntrack entry is at stake. Ask again soon, no backoff.
+        # Most often the peer's sidecar is (re)starting: ask again soon (and its hello brings
+        # the offer forward anyway). But the peer may have answered into a broken relayed
+        # path and be probing alone, which leaves stale conntrack entries on this site's NAT:
+        # so further unanswered offers back off like failed attempts.
         link.phase = "idle"
-        link.next_attempt = now + OFFER_RETRY
+        link.unanswered += 1
+        wait = OFFER_RETRY if link.unanswered == 1 else backoff(link.unanswered - 1)
+        link.next_attempt = now + wait
         link.counters["unanswered_offers"] += 1
-        return [Log(link.config.name, f"offer unanswered; again in {OFFER_RETRY} s")]
+        return [Log(link.config.name, f"offer unanswered; again in {wait:g} s")]
 
     def _fail(self, link: PeerLink, now: float, why: str) -> list[Action]:
         link.phase = "idle"
@@ -426,12 +474,17 @@ class Traversal:
         link.next_attempt = now + backoff(link.failures)
         link.counters["failed_attempts"] += 1
         wait = backoff(link.failures)
-        return [Log(link.config.name, f"attempt failed ({why}); next in {wait:.0f} s")]
+        return [Remap(), Log(link.config.name, f"attempt failed ({why}); next in {wait:.0f} s")]
 
     def _watch(self, link: PeerLink, now: float) -> list[Action]:
         assert link.direct_since is not None
         if now - link.direct_since >= STABLE_AFTER:
             link.failures = 0
+        if link.mute_until is not None and now >= link.mute_until:
+            # Relayed datagrams in flight at the switch have arrived. From now on one from
+            # the relay means the peer sends there: WireGuard follows it, and so do we.
+            link.mute_until = None
+            return [Unmute(link.config.name)]
         if link.suspect_since is None:
             if now >= link.next_relay_keepalive:
                 # Keep this side's NAT mapping towards the relay allocation: on fallback the
@@ -449,10 +502,11 @@ class Traversal:
 
     def _fall_back(self, link: PeerLink, now: float, why: str) -> list[Action]:
         link.counters["fallbacks"] += 1
+        link.failed_session = link.session
         link.failures += 1
         link.next_attempt = now + backoff(link.failures)
         # The message goes through WireGuard: after the switch, or it takes the dead path.
-        actions = self._to_relay(link, why)
+        actions = [*self._to_relay(link, why), Remap()]
         if link.session is not None:
             message = Control("fallback", self.name, link.session)
             actions.append(SendControl(link.config.name, encode_control(message)))
@@ -460,14 +514,27 @@ class Traversal:
 
     # --- WireGuard's counters -------------------------------------------------------------
 
-    def on_counters(self, peer: str, rx: int, tx: int, now: float) -> list[Action]:
-        """The peer's transfer counters (bytes received and sent), sampled by the daemon."""
+    def on_counters(
+        self, peer: str, rx: int, tx: int, now: float, endpoint: Address | None = None
+    ) -> list[Action]:
+        """The peer's transfer counters (bytes received and sent) and WireGuard's endpoint
+        for it, sampled by the daemon."""
         link = self.links.get(peer)
         if link is None:
             return []
         previous_rx, previous_tx = link.rx, link.tx
         link.rx, link.tx = rx, tx
-        if link.path != "direct" or previous_rx is None or previous_tx is None:
+        if link.path != "direct":
+            return []
+        if endpoint == link.config.relay_endpoint and link.mute_until is None:
+            # WireGuard followed an authenticated packet from the relay: the peer is there
+            # (its fallback message may not have come through: a NAT that moved, say).
+            # Not counted as a failure: a restarted peer is there too. A fallback message
+            # that follows counts it.
+            link.counters["fallbacks"] += 1
+            link.next_attempt = max(link.next_attempt, now + BACKOFF_MIN)
+            return [*self._to_relay(link, "peer is on the relay"), Remap()]
+        if previous_rx is None or previous_tx is None:
             return []
         if rx != previous_rx:
             link.last_proof = now
@@ -510,6 +577,8 @@ class Traversal:
             "answer": self._on_answer,
             "nominate": self._on_nominate,
             "fallback": self._on_fallback,
+            "hello": self._on_hello,
+            "bye": self._on_bye,
         }[message.type]
         return handler(link, message, now, wall)
 
@@ -547,6 +616,7 @@ class Traversal:
             self.counters["dropped_control_unexpected"] += 1
             return []
         link.remote_candidates = message.candidates
+        link.unanswered = 0
         if message.start_at is not None:  # later when the offer came late; never earlier
             moved = now + min(max(message.start_at - wall, 0.0), OFFER_TIMEOUT)
             link.start = max(link.start, moved)
@@ -572,13 +642,46 @@ class Traversal:
     def _on_fallback(
         self, link: PeerLink, message: Control, now: float, wall: float
     ) -> list[Action]:
-        if message.session != link.session or link.path != "direct":
+        if message.session != link.session or link.phase != "idle":
             self.counters["dropped_control_unexpected"] += 1
             return []
+        # The path died: back off, even when WireGuard's roaming told us first (but once,
+        # when both sides noticed it).
+        if link.failed_session != link.session:
+            link.failed_session = link.session
+            link.failures += 1
+            link.next_attempt = now + backoff(link.failures)
+        if link.path != "direct":
+            return []
         link.counters["fallbacks"] += 1
-        link.failures += 1
-        link.next_attempt = now + backoff(link.failures)
-        return self._to_relay(link, "peer fell back")
+        return [*self._to_relay(link, "peer fell back"), Remap()]
+
+    def _on_hello(self, link: PeerLink, message: Control, now: float, wall: float) -> list[Action]:
+        if message.session == link.peer_run:
+            self.counters["hello_repeated"] += 1
+            return []
+        link.peer_run = message.session
+        if link.path == "direct":
+            # Not a failure of the path: the peer offers (or is offered) anew at once.
+            return self._to_relay(link, "peer restarted")
+        if link.controlling and link.phase == "idle" and link.failures == 0:
+            link.unanswered = 0
+            # An offer to the starting sidecar went unanswered: offer again now. An attempt
+            # under way goes on (the peer may have answered it already); after failures the
+            # backoff runs on, so an earlier attempt's stale conntrack entries expire first.
+            link.next_attempt = min(link.next_attempt, now)
+        return []
+
+    def _on_bye(self, link: PeerLink, message: Control, now: float, wall: float) -> list[Action]:
+        link.counters["peer_stopped"] += 1
+        if link.phase == "idle":
+            return []  # a direct path carries on while the peer's sidecar is away
+        # Probing alone, our pings would reach the peer's NAT before any of its own: the
+        # conntrack clash, for 30 s. Drop the attempt; the peer's hello brings the next one.
+        link.phase = "idle"
+        link.outstanding.clear()
+        link.next_attempt = now + BACKOFF_MIN
+        return [Log(link.config.name, "peer stopped: attempt dropped")]
 
     # --- probes ---------------------------------------------------------------------------
 
