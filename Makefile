@@ -13,14 +13,14 @@ COLLECTION := $(CACHE)/collections/ansible_collections/containers/podman
 # playbooks, tests and ansible-lint use it by its fully qualified names, as users do.
 SELF := $(CACHE)/collections/ansible_collections/meshwright/mesh
 ARTIFACT := roles/node/files/meshwright-node.pyz
-NODE_SOURCES := $(shell find src/meshwright -name '*.py' -not -path '*/lab/*' -not -path '*/plan/*') requirements.lock
+NODE_SOURCES := $(shell find src/meshwright -name '*.py' -not -path '*/lab/*' -not -path '*/plan/*' -not -name '*_cli.py' -not -name 'graph.py') requirements.lock
 export CONTAINERS_CONF := $(CURDIR)/src/meshwright/lab/containers.conf
 export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/$(CACHE)/collections
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 DEB_PACKAGES := podman runc netavark aardvark-dns uidmap fuse-overlayfs debootstrap \
 	wireguard-tools wireguard-go iproute2 nftables iptables conntrack tcpdump iperf3 \
-	ca-certificates python3-venv
+	ca-certificates python3-venv graphviz
 
 .PHONY: help setup deb venv collections artifact collection image demo demo-down test lint unit lab-test molecule clean
 

@@ -6,7 +6,8 @@ site outside ``--limit`` keeps its peers: its key and NAT facts come from the st
 writes what it returns: the plan and the state file beside the inventory in its hidden
 ``.meshwright/`` directory (an inventory directory never parses them as inventory), where a
 GitOps repository commits them and a pull request shows what will change. The plan is set as
-the fact ``mesh_plan`` (run_once results reach every host of the play).
+the fact ``mesh_plan`` (run_once results reach every host of the play). In diff mode, the
+summary ``meshwright plan`` prints (``meshwright.plan.diff``) comes first, then the file's diff.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ansible.plugins.action import ActionBase
 from ansible_collections.meshwright.mesh.plugins.plugin_utils.mesh import (
     INVENTORY_OPTIONS,
     gather,
+    mesh_diff,
     mesh_inventory,
 )
 
@@ -54,9 +56,9 @@ class ActionModule(ActionBase):
         _, args = self.validate_argument_spec(ARGUMENT_SPEC)
         inventory = gather(task_vars, args)
         # A hidden directory: an inventory that is a directory never reads these as inventory.
-        here = Path(task_vars.get("inventory_dir") or ".") / ".meshwright"
-        plan_path = Path(args["plan_file"] or here / "plan.json")
-        state_path = Path(args["state_file"] or here / "state.json")
+        here = Path(task_vars.get("inventory_dir") or ".") / mesh_inventory.STATE_DIR
+        plan_path = Path(args["plan_file"] or here / mesh_inventory.PLAN_FILE)
+        state_path = Path(args["state_file"] or here / mesh_inventory.STATE_FILE)
         old_plan, old_state = _read(plan_path), _read(state_path)
         try:
             state = mesh_inventory.read_state(old_state)
@@ -81,16 +83,27 @@ class ActionModule(ActionBase):
             unreachable_sites=facts["mesh_plan"]["unreachable"],
             ansible_facts=facts,
         )
-        if self._task.diff and plan_changed:
-            lines = difflib.unified_diff(
-                (old_plan or "").splitlines(True),
-                planned.plan_json.splitlines(True),
-                str(plan_path),
-                str(plan_path),
+        if self._task.diff:
+            # What a reviewer reads first: the changes in words (as `meshwright plan` says
+            # them), then the file's lines.
+            changes = mesh_diff.diff_plans(
+                mesh_diff.load_plan(old_plan),
+                facts["mesh_plan"],
+                old_state=state,
+                new_state=planned.state,
             )
-            result["diff"] = {
-                "before_header": str(plan_path),
-                "after_header": str(plan_path),
-                "prepared": "".join(lines),
-            }
+            summary = mesh_diff.render(changes)
+            result["summary"] = summary
+            if plan_changed or changes.changed:  # a NAT class may change and no pair with it
+                lines = difflib.unified_diff(
+                    (old_plan or "").splitlines(True),
+                    planned.plan_json.splitlines(True),
+                    str(plan_path),
+                    str(plan_path),
+                )
+                result["diff"] = {
+                    "before_header": str(plan_path),
+                    "after_header": str(plan_path),
+                    "prepared": summary + "\n" + "".join(lines),
+                }
         return result

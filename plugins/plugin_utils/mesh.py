@@ -1,6 +1,7 @@
 """What the mesh's controller-side action plugins share: the options that name the inventory,
-the one check that the meshwright package is installed, and gathering the host variables the
-planner reads (``meshwright.plan.inventory`` decides everything else)."""
+the one check that the meshwright package is installed, and the call that gathers the host
+variables the planner reads (``meshwright.plan.inventory`` decides everything, the gathering
+included)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from typing import Any
 from ansible.errors import AnsibleActionFail
 
 try:
+    from meshwright.plan import diff as mesh_diff
     from meshwright.plan import inventory as mesh_inventory
 except ImportError:  # one clear sentence instead of a traceback deep in a run
+    mesh_diff = None  # type: ignore[assignment]
     mesh_inventory = None  # type: ignore[assignment]
 
 MISSING_PACKAGE = (
@@ -28,24 +31,15 @@ INVENTORY_OPTIONS: dict[str, dict[str, Any]] = {
 
 
 def gather(task_vars: dict[str, Any], args: dict[str, Any]) -> Any:
-    """The ``Inventory`` of the sites and relays groups: only the variables the planner reads
-    (templating every host variable would fail on any unrelated undefined one)."""
+    """The ``Inventory`` of the sites and relays groups (``meshwright.plan.inventory.gather``,
+    which ``meshwright plan`` calls too)."""
     if mesh_inventory is None:
         raise AnsibleActionFail(MISSING_PACKAGE)
-    hostvars = task_vars["hostvars"]
-    groups = task_vars.get("groups", {})
-
-    def pick(group: str, names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-        return {
-            host: {var: hostvars[host][var] for var in names if var in hostvars[host]}
-            for host in groups.get(group, [])
-        }
-
-    return mesh_inventory.Inventory(
-        sites=pick(args["sites_group"], mesh_inventory.SITE_VARS),
-        relays=pick(args["relays_group"], mesh_inventory.RELAY_VARS),
-        overlay_network=args.get("overlay_network"),
-        link_kinds=args.get("link_kinds"),
+    return mesh_inventory.gather(
+        task_vars["hostvars"],
+        task_vars.get("groups", {}),
         sites_group=args["sites_group"],
         relays_group=args["relays_group"],
+        overlay_network=args.get("overlay_network"),
+        link_kinds=args.get("link_kinds"),
     )

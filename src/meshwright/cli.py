@@ -73,11 +73,23 @@ def _artifact(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from meshwright import plan_cli
+
+    return plan_cli.run(args.inventory, args.format, sys.stdout, sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # The node's services (relay, sidecar, STUN) take their own arguments.
     if argv[:1] and argv[0] in node.COMMANDS:
         return node.main(argv)
+    if argv[:1] == ["graph"]:  # parses its own arguments, like the node's commands
+        from meshwright import graph_cli
+
+        return graph_cli.main(argv[1:])
+    from meshwright.plan.diff import FORMATS
+
     parser = argparse.ArgumentParser(prog="meshwright", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     lab = sub.add_parser("lab", help="the multi-site NAT lab on podman")
@@ -102,6 +114,25 @@ def main(argv: list[str] | None = None) -> int:
     build = sub.add_parser("artifact", help="build the node artifact (what relays and sites run)")
     build.add_argument("--output", type=Path, default=Path("."), help="directory (default: .)")
     build.set_defaults(func=_artifact)
+    plan = sub.add_parser(
+        "plan",
+        help="what the inventory changes in the committed plan, for review (contacts no host);"
+        " exit 0: no change, 2: changes, 1: error",
+    )
+    plan.add_argument(
+        "-i",
+        "--inventory",
+        action="append",
+        help="inventory file, directory or host list, as ansible-playbook -i (default: the"
+        " inventory of ansible.cfg, else ./inventory)",
+    )
+    plan.add_argument(
+        "--diff", action="store_true", help="accepted for compatibility: the output is the diff"
+    )
+    plan.add_argument("--format", choices=FORMATS, default="text")
+    plan.set_defaults(func=_plan)
+    # Listed for --help; meshwright.graph_cli takes its arguments (see the dispatch above).
+    sub.add_parser("graph", help="draw the mesh (its plan, optionally live) with Graphviz")
     # Listed for --help; their own parser takes their arguments (see the dispatch above).
     for name, text in node.COMMANDS.items():
         sub.add_parser(name, help=text)

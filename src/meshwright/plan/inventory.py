@@ -10,6 +10,8 @@ read and write the files, as text.
 
 - :func:`validate_inventory`: every problem the inventory alone shows (no facts needed), for
   the static check that runs before any host is touched.
+- :func:`gather`: the :class:`Inventory` from Ansible's ``hostvars`` and ``groups`` (the action
+  plugins' and ``meshwright plan``'s one way to read the inventory).
 - :func:`plan_inventory`: the plan from inventory and facts, with the new state and the facts
   the playbooks use.
 """
@@ -30,9 +32,13 @@ from .relays import RelayAllocation
 from .validate import check_mesh
 
 __all__ = [
+    "FACT_VARS",
     "MESH_VARS",
+    "PLAN_FILE",
     "RELAY_VARS",
     "SITE_VARS",
+    "STATE_DIR",
+    "STATE_FILE",
     "STATE_VERSION",
     "Inventory",
     "InventoryPlan",
@@ -42,6 +48,7 @@ __all__ = [
     "State",
     "StateError",
     "endpoint_from_nat",
+    "gather",
     "plan_inventory",
     "previous_allocations",
     "read_state",
@@ -76,6 +83,16 @@ RELAY_VARS = (
 )
 # Settings of the whole mesh, as every site's variables hold them (group_vars/all).
 MESH_VARS = ("mesh_overlay_network", "mesh_link_kinds", "mesh_keepalive")
+# What the playbook's steps learn on the nodes (facts), as opposed to what the inventory says:
+# without them, a site's key and NAT class come from the state file.
+FACT_VARS = frozenset(
+    {"mesh_wg_public_key", "mesh_nat", "sidecar_certificate", "relay_tls_fingerprint"}
+)
+# Where the plan and the state file live: a hidden directory beside the inventory, so that an
+# inventory directory never parses them as inventory.
+STATE_DIR = ".meshwright"
+PLAN_FILE = "plan.json"
+STATE_FILE = "state.json"
 
 # The relay service's TLS port (relay_tls_port) when a relay's inventory does not say.
 DEFAULT_WGSTUN_PORT = 3480
@@ -225,6 +242,43 @@ class Inventory:
     relays_group: str = "mesh_relays"
 
 
+def gather(
+    hostvars: Mapping[str, Mapping[str, Any]],
+    groups: Mapping[str, Sequence[str]],
+    *,
+    sites_group: str = "mesh_sites",
+    relays_group: str = "mesh_relays",
+    overlay_network: str | None = None,
+    link_kinds: Sequence[str] | None = None,
+    facts: bool = True,
+) -> Inventory:
+    """The :class:`Inventory` of the sites and relays groups, from Ansible's ``hostvars`` and
+    ``groups`` (a task's, or ones built from the inventory alone by ``meshwright plan``).
+
+    Only the variables the planner reads are looked up: Ansible templates a host variable when
+    it is read, and templating every one would fail on any unrelated undefined variable.
+    ``facts=False`` leaves out :data:`FACT_VARS`, so that keys and NAT classes come from the
+    state file only (what was learned and committed, not a fact cache).
+    """
+
+    def pick(group: str, names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+        wanted = names if facts else tuple(n for n in names if n not in FACT_VARS)
+        picked: dict[str, dict[str, Any]] = {}
+        for host in groups.get(group, ()):
+            values = hostvars[host]  # one lookup per host: Ansible builds its variables anew
+            picked[host] = {var: values[var] for var in wanted if var in values}
+        return picked
+
+    return Inventory(
+        sites=pick(sites_group, SITE_VARS),
+        relays=pick(relays_group, RELAY_VARS),
+        overlay_network=overlay_network,
+        link_kinds=link_kinds,
+        sites_group=sites_group,
+        relays_group=relays_group,
+    )
+
+
 def endpoint_from_nat(nat: Mapping[str, Any], listen_port: object) -> str | None:
     """Where peers reach a site's WireGuard port unsolicited, from its NAT facts, if anywhere."""
     addresses = nat.get("public_addresses")
@@ -263,6 +317,7 @@ class _Input:
     problems: list[str]
     skip: set[tuple[str, str]]
     sites: dict[str, dict[str, Any]]  # name -> the site's dict, as the planner reads it
+    pending: list[str] = field(default_factory=list)  # sites left out: no key or NAT facts yet
 
 
 def _settings(inventory: Inventory, problems: list[str]) -> dict[str, Any]:
@@ -362,7 +417,7 @@ def _relay(name: str, host: Mapping[str, Any], saved: RelayState) -> dict[str, A
     return relay
 
 
-def _mesh_input(inventory: Inventory, state: State, facts: bool) -> _Input:
+def _mesh_input(inventory: Inventory, state: State, facts: bool, pending: bool = False) -> _Input:
     found = _Input(mesh={}, problems=[], skip=set(), sites={})
     if not inventory.sites:
         found.problems.append(
@@ -373,7 +428,14 @@ def _mesh_input(inventory: Inventory, state: State, facts: bool) -> _Input:
         found.skip.add(("", "overlay_network"))
     for name, host in inventory.sites.items():
         saved = state.sites.get(name, SiteState())
-        found.sites[name] = _site(name, host, saved, facts, found)
+        site = _site(name, host, saved, facts, found)
+        if pending and (not site.get("public_key") or site.get("nat_class") is None):
+            # Not probed yet: still checked with the others (addresses, prefixes, a hub's
+            # name), but not a node of the link graph, as in static validation.
+            site["public_key"] = site["nat_class"] = None
+            found.skip.update((name, key) for key in _FACT_FIELDS)
+            found.pending.append(name)
+        found.sites[name] = site
     relays = [
         _relay(name, host, state.relays.get(name, RelayState()))
         for name, host in inventory.relays.items()
@@ -408,6 +470,7 @@ class InventoryPlan:
     state_json: str
     sidecars: dict[str, dict[str, Any]]  # UDP-blocked site -> its sidecar's peers and relays
     tls_sites: dict[str, str]  # UDP-blocked site -> its certificate (PEM), pinned by relays
+    pending: tuple[str, ...] = ()  # sites left out of the plan: no key or NAT facts yet
 
     @property
     def table(self) -> list[str]:
@@ -423,14 +486,21 @@ class InventoryPlan:
 
 
 def plan_inventory(
-    inventory: Inventory, state: State, previous_plan: str | None = None
+    inventory: Inventory,
+    state: State,
+    previous_plan: str | None = None,
+    *,
+    pending: bool = False,
 ) -> InventoryPlan:
     """Plan the mesh from inventory and facts; :class:`PlanError` names every problem.
 
     ``state``: the last run's (:func:`read_state`), for hosts this run has no facts of.
     ``previous_plan``: the last plan file's text, whose relay allocations are kept while valid.
+    ``pending``: a site with no key or NAT class (a new site the keys and probe steps have not
+    reached) is left out of the plan and listed in :attr:`InventoryPlan.pending` instead of
+    being an error: ``meshwright plan`` contacts no host, so it plans what is known.
     """
-    found = _mesh_input(inventory, state, facts=True)
+    found = _mesh_input(inventory, state, facts=True, pending=pending)
     found.mesh["previous_allocations"] = previous_allocations(previous_plan)
     mesh, shape, skip = read_mesh(found.mesh)
     more, plan = check(mesh, skip | frozenset(found.skip))
@@ -491,6 +561,7 @@ def plan_inventory(
         state_json=new_state.to_json(),
         sidecars=sidecars,
         tls_sites=certificates,
+        pending=tuple(sorted(found.pending)),
     )
 
 
