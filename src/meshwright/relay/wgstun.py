@@ -11,6 +11,13 @@ that site's tunnel), so no further authentication is needed. Two relays give two
 observations, and from them the mapping behaviour of WireGuard's socket itself (libtelio's
 WG-STUN, done without extra keys).
 
+The answer also lists, in meshwright's ALSO-MAPPED attributes, every other address this relay
+has confirmed for the same site on its allocations (the relay service's state file). A NAT can
+map one inside socket to several public ports at once: after its table was flushed while
+traffic flowed, say, the flows that clashed keep their new ports, and the NAT gives each new
+flow one of them (Linux reuses the mapping of the socket's newest flow). A peer that pings
+only one of them may never get in; the sidecar offers them all.
+
 :class:`WgStunAnswerer` is pure (it is given the endpoints); :func:`main` is the service
 (``meshwright-node wg-stun``), which reads the endpoints from WireGuard with
 :mod:`meshwright.site.wgdevice`, at most every :data:`REFRESH` seconds.
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import selectors
 import signal
 import socket
@@ -27,6 +35,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from meshwright.wire import stun
 
@@ -34,6 +43,7 @@ __all__ = ["WgStunAnswerer", "main"]
 
 Address = tuple[str, int]
 REFRESH = 0.5
+RELAY_STATE = "/var/lib/meshwright-relay/state.json"
 DEFAULT_PORT = 3480
 SOFTWARE = "meshwright wg-stun"
 
@@ -43,15 +53,24 @@ class WgStunAnswerer:
 
     def __init__(self) -> None:
         self.endpoints: dict[str, Address] = {}  # overlay address -> WireGuard endpoint
+        self.also: dict[str, tuple[Address, ...]] = {}  # overlay address -> other mappings
         self.counters: Counter[str] = Counter()
 
-    def update(self, peers: Mapping[str, Address | None]) -> None:
-        """Overlay address (a peer's /32 allowed IP) -> its WireGuard endpoint, or None."""
-        self.endpoints = {
-            str(ipaddress.ip_address(overlay)): endpoint
-            for overlay, endpoint in peers.items()
-            if endpoint is not None
-        }
+    def update(
+        self,
+        peers: Mapping[str, tuple[str, Address | None]],
+        allocations: Mapping[str, Any] | None = None,
+    ) -> None:
+        """``peers``: overlay address (a peer's /32 allowed IP) -> (its public key, its
+        WireGuard endpoint or None). ``allocations``: the relay service's state file."""
+        seen = confirmed_addresses(allocations or {})
+        self.endpoints, self.also = {}, {}
+        for overlay, (key, endpoint) in peers.items():
+            if endpoint is None:
+                continue
+            name = str(ipaddress.ip_address(overlay))
+            self.endpoints[name] = endpoint
+            self.also[name] = tuple(a for a in sorted(seen.get(key, ())) if a != endpoint)
 
     def handle(self, datagram: bytes, source: Address) -> bytes | None:
         """The answer to a datagram from overlay address ``source``; None: drop it."""
@@ -68,29 +87,65 @@ class WgStunAnswerer:
             self.counters["unknown_peer"] += 1
             return stun.binding_error(request, 404, "no WireGuard endpoint for you", SOFTWARE)
         self.counters["answered"] += 1
-        return stun.binding_success(request, endpoint, software=SOFTWARE)
+        also = self.also.get(str(ipaddress.ip_address(source[0])), ())[:MAX_ALSO]
+        return stun.binding_success(request, endpoint, software=SOFTWARE, also_mapped=also)
 
 
-def overlay_endpoints(interface: str) -> dict[str, Address | None]:
-    """Each peer's /32 allowed IPs -> its endpoint, read from the running interface."""
+MAX_ALSO = 8  # more distinct mappings of one socket than this is no NAT we can punch anyway
+
+
+def confirmed_addresses(snapshot: Mapping[str, Any]) -> dict[str, set[Address]]:
+    """Public key -> every address the relay's allocations have confirmed for it, from the
+    relay service's state file (``{"allocations": {name: {"spec": [address, ports, keys],
+    "confirmed": [a, b]}}}``); anything malformed is skipped."""
+    found: dict[str, set[Address]] = {}
+    allocations = snapshot.get("allocations")
+    if not isinstance(allocations, Mapping):
+        return found
+    for entry in allocations.values():
+        try:
+            keys = entry["spec"][2]
+            for key, address in zip(keys, entry["confirmed"], strict=True):
+                if address is not None:
+                    host, port = address
+                    found.setdefault(str(key), set()).add((str(host), int(port)))
+        except (KeyError, IndexError, TypeError, ValueError):
+            continue
+    return found
+
+
+def overlay_endpoints(interface: str) -> dict[str, tuple[str, Address | None]]:
+    """Each peer's /32 allowed IPs -> (its public key, its endpoint), read from the running
+    interface."""
     from meshwright.site.wgdevice import LiveInterface
 
     with LiveInterface.open(interface) as live:
         state = live.read()
-    found: dict[str, Address | None] = {}
-    for peer in state.peers.values():
+    found: dict[str, tuple[str, Address | None]] = {}
+    for key, peer in state.peers.items():
         endpoint = None if peer.endpoint is None else (peer.endpoint.host, peer.endpoint.port)
         for network in peer.allowed_ips:
             if network.num_addresses == 1:
-                found[str(network.network_address)] = endpoint
+                found[str(network.network_address)] = (str(key), endpoint)
     return found
+
+
+def relay_state(path: str) -> dict[str, Any]:
+    """The relay service's state file, or nothing (no relay service here, or not yet)."""
+    try:
+        with open(path) as file:
+            data = json.load(file)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def serve(
     listen: Address,
     interface: str,
     *,
-    read: Callable[[str], Mapping[str, Address | None]] = overlay_endpoints,
+    read: Callable[[str], Mapping[str, tuple[str, Address | None]]] = overlay_endpoints,
+    state_file: str = RELAY_STATE,
     clock: Callable[[], float] = time.monotonic,
     log: Callable[[str], None] = print,
 ) -> None:
@@ -122,7 +177,7 @@ def serve(
         now = clock()
         if now - refreshed >= REFRESH:
             try:
-                answerer.update(read(interface))
+                answerer.update(read(interface), relay_state(state_file))
             except Exception as exc:  # the interface may be down for a moment: keep serving
                 answerer.counters["read_errors"] += 1
                 log(f"wg-stun: cannot read {interface}: {exc}")

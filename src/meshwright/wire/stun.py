@@ -17,6 +17,7 @@ import stringprep
 import struct
 import unicodedata
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -90,6 +91,10 @@ SOFTWARE = 0x8022
 FINGERPRINT = 0x8028
 RESPONSE_ORIGIN = 0x802B
 OTHER_ADDRESS = 0x802C
+# meshwright's own, comprehension-optional (0x8000-0xFFFF: other clients ignore it): another
+# mapping the server has seen for the same client socket, XORed like XOR-MAPPED-ADDRESS; may
+# repeat. WG-STUN uses it (meshwright.relay.wgstun).
+ALSO_MAPPED = 0xFE57
 
 _FINGERPRINT_XOR = 0x5354554E
 _SHA1_SIZE = 20
@@ -107,7 +112,9 @@ _HEADER = struct.Struct("!HHI12s")
 _ATTRIBUTE_HEADER = struct.Struct("!HH")
 _ADDRESS_HEADER = struct.Struct("!BBH")
 _TRAILER_TYPES = frozenset({MESSAGE_INTEGRITY, MESSAGE_INTEGRITY_SHA256, FINGERPRINT})
-_ADDRESS_TYPES = frozenset({MAPPED_ADDRESS, XOR_MAPPED_ADDRESS, RESPONSE_ORIGIN, OTHER_ADDRESS})
+_ADDRESS_TYPES = frozenset(
+    {MAPPED_ADDRESS, XOR_MAPPED_ADDRESS, RESPONSE_ORIGIN, OTHER_ADDRESS, ALSO_MAPPED}
+)
 _STRICT_TEXT_TYPES = frozenset({USERNAME, REALM, NONCE})
 
 Address = tuple[str, int]
@@ -165,6 +172,14 @@ class Message:
     def xor_mapped_address(self) -> Address | None:
         value = self.get(XOR_MAPPED_ADDRESS)
         return None if value is None else _unpack_address(value, self.transaction_id)
+
+    def also_mapped(self) -> tuple[Address, ...]:
+        """Every ALSO-MAPPED address (meshwright's WG-STUN), in order."""
+        return tuple(
+            _unpack_address(a.value, self.transaction_id)
+            for a in self.attributes
+            if a.type == ALSO_MAPPED
+        )
 
     def response_origin(self) -> Address | None:
         value = self.get(RESPONSE_ORIGIN)
@@ -576,14 +591,16 @@ def binding_success(
     other_address: Address | None = None,
     software: str | None = None,
     fingerprint: bool = True,
+    also_mapped: Sequence[Address] = (),
 ) -> bytes:
-    """An encoded Binding success response carrying XOR-MAPPED-ADDRESS.
+    """An encoded Binding success response carrying XOR-MAPPED-ADDRESS (and ALSO-MAPPED).
 
     Plain MAPPED-ADDRESS is left out: RFC 8489 only wants it for RFC 3489 clients, which send
     no magic cookie and so never reach this codec.
     """
     txid = _transaction_id_of(request_or_txid)
     attributes = [Attribute(XOR_MAPPED_ADDRESS, _pack_address(mapped, txid))]
+    attributes += [Attribute(ALSO_MAPPED, _pack_address(a, txid)) for a in also_mapped]
     if response_origin is not None:
         attributes.append(Attribute(RESPONSE_ORIGIN, _pack_address(response_origin)))
     if other_address is not None:

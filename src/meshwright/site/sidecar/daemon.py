@@ -174,6 +174,7 @@ class TraversalDaemon:
         self.selector.register(self.probes, selectors.EVENT_READ, "probe")
         self.selector.register(self.stun_socket, selectors.EVENT_READ, "stun")
         self.mapped: dict[str, Address] = {}  # relay -> WireGuard socket as it sees it
+        self.also_mapped: dict[str, tuple[Address, ...]] = {}  # relay -> more of its mappings
         self._stun_pending: dict[bytes, str] = {}
         self._stopping = False
         self._reload = False
@@ -260,6 +261,7 @@ class TraversalDaemon:
             candidates |= {(a, port) for a in self._addresses() if a != self.config.overlay_address}
         candidates |= {(a, port) for a in self.config.public_addresses}
         candidates |= set(self.mapped.values())
+        candidates |= {a for also in self.also_mapped.values() for a in also}
         self.core.set_candidates(candidates)
 
     def remap(self) -> None:
@@ -291,9 +293,11 @@ class TraversalDaemon:
         if relay is None or mapped is None:
             self.counters["dropped_stun"] += 1
             return
-        if self.mapped.get(relay) != mapped:
-            self.mapped[relay] = mapped
-            self.log(f"sidecar: {relay} sees WireGuard at {format_endpoint(*mapped)}")
+        also = message.also_mapped()
+        if self.mapped.get(relay) != mapped or self.also_mapped.get(relay) != also:
+            self.mapped[relay], self.also_mapped[relay] = mapped, also
+            more = f" (and {', '.join(format_endpoint(*a) for a in also)})" if also else ""
+            self.log(f"sidecar: {relay} sees WireGuard at {format_endpoint(*mapped)}{more}")
             self.refresh_candidates()
 
     # --- the loop -------------------------------------------------------------------------
@@ -318,6 +322,11 @@ class TraversalDaemon:
     def write_state(self, now: float) -> None:
         state = self.core.status(now)
         state["mapped"] = {r: format_endpoint(*m) for r, m in sorted(self.mapped.items())}
+        state["also_mapped"] = {
+            r: [format_endpoint(*a) for a in also]
+            for r, also in sorted(self.also_mapped.items())
+            if also
+        }
         state["daemon_counters"] = dict(sorted(self.counters.items()))
         text = json.dumps(state, indent=2, sort_keys=True) + "\n"
         if text == self._state_text:
