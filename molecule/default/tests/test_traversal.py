@@ -272,34 +272,44 @@ class PingRun:
             time.sleep(0.5)
 
 
+def fell_back_at(site: str, since: float) -> float | None:
+    """When the site's sidecar logged moving back to the relay (journal time), after since."""
+    out = host(site).check_output(
+        f"journalctl -u {SIDECAR} -o short-unix --no-pager --since @{since:.3f}"
+    )
+    for line in out.splitlines():
+        stamp, _, text = line.partition(" ")
+        if ": relay (" in text and "configured" not in text:
+            return float(stamp)
+    return None
+
+
 def test_a_cut_direct_path_falls_back_within_3_s_and_is_direct_again_once_healed():
     a, b = "easy1", "easy2"
     router = host(f"{b}-nat")
     rule = f"FORWARD -s {public_endpoint_of(a)} -j DROP"
     ping = PingRun(a, b, count=20 * 40, name="mw-fallback-ping")
     time.sleep(2)
-    cut = time.monotonic()
+    cut = float(router.check_output("date +%s.%N"))
     router.check_output(f"iptables -I {rule}")
     try:
+        deadline = time.monotonic() + 10
         while punch_paths().get((a, b)) != "relay" or punch_paths().get((b, a)) != "relay":
-            assert time.monotonic() - cut < 10, "no fallback within 10 s"
+            assert time.monotonic() < deadline, "no fallback within 10 s"
             time.sleep(0.2)
-        moved = time.monotonic() - cut
         time.sleep(3)  # on the relay for a while: the pings must flow through it
     finally:
         router.check_output(f"iptables -D {rule}")
     healed = wait_until_direct([(a, b)], timeout=90)
     lost = ping.lost()
+    moved = {s: fell_back_at(s, cut) for s in (a, b)}
+    first = min(t for t in moved.values() if t is not None) - cut
     print(
-        f"fallback: on the relay {moved:.2f} s after the cut; {lost} pings lost "
+        f"fallback: on the relay {first:.2f} s after the cut; {lost} pings lost "
         f"({lost / 20:.2f} s); direct again {healed:.1f} s after healing"
     )
-    assert moved < 4  # 3 s, plus the time this test takes to read both sidecars' state
+    assert first < 3, moved
     assert lost / 20 < 3, f"{lost} of {ping.count} pings lost"
-
-
-def _flush_a_nat_router() -> None:
-    host("easy2-nat").check_output("conntrack -F")
 
 
 def _restart_every_sidecar() -> None:
@@ -315,16 +325,33 @@ def _restart_every_relay() -> None:
 
 @pytest.mark.parametrize(
     "disturb",
-    [_flush_a_nat_router, _restart_every_sidecar, _restart_every_relay],
-    ids=["conntrack-flush", "sidecar-restart", "relay-restart"],
+    [_restart_every_sidecar, _restart_every_relay],
+    ids=["sidecar-restart", "relay-restart"],
 )
-def test_every_pair_answers_again_after(disturb):
+def test_every_pair_answers_and_upgraded_pairs_are_direct_again_after(disturb):
     disturb()
     started = time.monotonic()
-    answering = every_pair_answers_within(90)
-    direct = wait_until_direct(UPGRADED, timeout=SETTLE_S)
+    answering = every_pair_answers_within(60)
+    wait_until_direct(UPGRADED, timeout=SETTLE_S)
     print(
         f"{disturb.__name__}: every pair answers after {answering:.1f} s, "
-        f"every upgraded pair direct again after {time.monotonic() - started:.1f} s "
-        f"({direct:.1f} s more)"
+        f"every upgraded pair direct again after {time.monotonic() - started:.1f} s"
+    )
+
+
+def test_every_pair_answers_again_after_a_nat_router_forgets_every_mapping():
+    """conntrack -F on easy2's NAT router while pairs carry traffic. The NAT gives flows whose
+    first packet after the flush came from outside a new port, and a relay learns a site's
+    address only from a handshake (docs/relays.md): a relayed pair whose relay-facing port
+    moved answers again after WireGuard's next handshake, at the latest when its session
+    expires (180 s) and a keepalive starts a new one. Last in this file: direct paths may take
+    longer to come back (the relays must first confirm the moved mapping)."""
+    ping = PingRun("easy1", "easy2", count=20 * 10, name="mw-flush-ping")
+    time.sleep(2)
+    host("easy2-nat").check_output("conntrack -F")
+    answering = every_pair_answers_within(240)
+    lost = ping.lost()
+    print(
+        f"conntrack -F: every pair answers after {answering:.1f} s "
+        f"(easy1-easy2, direct at the flush: {lost} of {ping.count} pings lost)"
     )

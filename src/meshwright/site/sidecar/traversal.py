@@ -427,7 +427,9 @@ class Traversal:
         actions: list[Action] = [SendControl(link.config.name, encode_control(message))]
         return actions + self._to_direct(link, best, rtt, now)
 
-    def _to_direct(self, link: PeerLink, endpoint: Address, rtt: float, now: float) -> list[Action]:
+    def _to_direct(
+        self, link: PeerLink, endpoint: Address, rtt: float | None, now: float
+    ) -> list[Action]:
         link.phase = "idle"
         link.path = "direct"
         link.endpoint = endpoint
@@ -636,7 +638,8 @@ class Traversal:
             # Only an address that proved itself with an authentic ping in this session.
             self.counters["dropped_control_unexpected"] += 1
             return []
-        rtt = link.validated[use][0] if use in link.validated else link.rtt or 0.0
+        # Unknown until a pong from there: the first check ping measures it.
+        rtt = link.validated[use][0] if use in link.validated else None
         return self._to_direct(link, use, rtt, now)
 
     def _on_fallback(
