@@ -13,14 +13,14 @@ COLLECTION := $(CACHE)/collections/ansible_collections/containers/podman
 # playbooks, tests and ansible-lint use it by its fully qualified names, as users do.
 SELF := $(CACHE)/collections/ansible_collections/meshwright/mesh
 ARTIFACT := roles/node/files/meshwright-node.pyz
-NODE_SOURCES := $(shell find src/meshwright -name '*.py' -not -path '*/lab/*' -not -path '*/plan/*' -not -name '*_cli.py' -not -name 'graph.py') requirements.lock
+NODE_SOURCES := $(shell find src/meshwright -name '*.py' -not -path '*/lab/*' -not -path '*/plan/*' -not -name '*_cli.py' -not -name 'graph.py' -not -name 'status.py') requirements.lock
 export CONTAINERS_CONF := $(CURDIR)/src/meshwright/lab/containers.conf
 export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/$(CACHE)/collections
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 DEB_PACKAGES := podman runc netavark aardvark-dns uidmap fuse-overlayfs debootstrap \
 	wireguard-tools wireguard-go iproute2 nftables iptables conntrack tcpdump iperf3 \
-	ca-certificates python3-venv graphviz
+	ca-certificates python3-venv graphviz prometheus
 
 .PHONY: help setup deb venv collections artifact collection image demo demo-down test lint unit lab-test molecule clean
 
@@ -33,6 +33,7 @@ help:
 
 setup: deb venv collections artifact image
 
+# Debian starts a Prometheus server when it installs one; the tests run their own, on the lab.
 deb:
 	@missing=$$(for p in $(DEB_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
@@ -41,6 +42,9 @@ deb:
 	  echo "installing Debian packages:" $$missing; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	    apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi; \
+	if systemctl is-enabled --quiet prometheus 2>/dev/null; then \
+	  systemctl disable --now --quiet prometheus; \
 	fi
 
 venv: $(VENV)/.installed

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from ansible.errors import AnsibleFilterError
+
+MISSING_PACKAGE = (
+    "meshwright.mesh needs the Python package meshwright on the controller, in the Python that"
+    " runs ansible-playbook: pip install meshwright (from the meshwright repository)"
+)
+
 COLUMNS = ("site", "class", "mapping", "filtering", "public address", "best relay", "rtt ms")
 
 
@@ -33,6 +40,47 @@ def nat_table(sites: list[str], hostvars: Any) -> list[str]:
     ]
 
 
+def _status_module() -> Any:
+    try:
+        from meshwright import status
+    except ImportError:  # one clear sentence instead of a traceback deep in a run
+        raise AnsibleFilterError(MISSING_PACKAGE) from None
+    return status
+
+
+def mesh_status(
+    sites: list[str], hostvars: Any, plan: Any, result: str = "mesh_status_site"
+) -> dict[str, Any]:
+    """The mesh's status (``meshwright.status.build_status``): the plan combined with what
+    each site's mesh_status task registered as ``result`` (a site without it was not asked)."""
+    status = _status_module()
+    if not plan:
+        raise AnsibleFilterError("no plan to compare with: run the meshwright.mesh.site playbook")
+    results = {site: hostvars[site].get(result) for site in sites}
+    try:
+        built: dict[str, Any] = status.build_status(plan, results)
+    except status.StatusError as exc:
+        raise AnsibleFilterError(f"mesh status: {exc}") from None
+    return built
+
+
+def mesh_status_table(status: dict[str, Any]) -> list[str]:
+    """The status as the table `meshwright status` prints, one line per list item."""
+    table: str = _status_module().render_table(status)
+    return table.splitlines()
+
+
+def mesh_status_json(status: dict[str, Any]) -> str:
+    """The status file's text (sorted keys, indent 2), as `meshwright status --json` prints."""
+    text: str = _status_module().to_json(status)
+    return text
+
+
 class FilterModule:
     def filters(self) -> dict[str, Any]:
-        return {"nat_table": nat_table}
+        return {
+            "nat_table": nat_table,
+            "mesh_status": mesh_status,
+            "mesh_status_table": mesh_status_table,
+            "mesh_status_json": mesh_status_json,
+        }

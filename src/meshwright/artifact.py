@@ -1,11 +1,12 @@
 """The node artifact: everything relays and sites run, as one zipapp for Debian's python3.
 
-Nodes get nothing installed but this file: :mod:`meshwright.node`, the packages that run on
-nodes (:mod:`meshwright.wire`, :mod:`meshwright.relay`, :mod:`meshwright.site`) and the pinned
-pure-Python packages they import (``wireguard-tools`` with ``attrs``, ``pyroute2`` and
-``segno``), taken from the controller's environment, where ``requirements.lock`` pins them. The
-build is reproducible: sorted entries, fixed timestamps and modes, so the same sources give the
-same bytes, and the file is named by its content hash. The roles install it as
+Nodes get nothing installed but this file: :mod:`meshwright.node`, :mod:`meshwright.metrics`,
+the packages that run on nodes (:mod:`meshwright.wire`, :mod:`meshwright.relay`,
+:mod:`meshwright.site`) and the pinned pure-Python packages they import (``wireguard-tools``
+with ``attrs``, ``pyroute2``, ``segno`` and ``prometheus-client``), taken from the
+controller's environment, where ``requirements.lock`` pins them. The build is reproducible:
+sorted entries, fixed timestamps and modes, so the same sources give the same bytes, and the
+file is named by its content hash. The roles install it as
 ``/opt/meshwright/lib/meshwright-node-<digest>.pyz`` (a new version never replaces a file a
 running service reads) and modules import from it, so node code exists once, in this package.
 """
@@ -21,15 +22,17 @@ from pathlib import Path
 
 # What the node code imports beyond the standard library: distribution -> its top-level
 # packages. pyroute2 and attrs come with wireguard-tools (netlink for kernel WireGuard, its
-# data classes); segno is imported by its configuration module (QR codes, unused here).
+# data classes); segno is imported by its configuration module (QR codes, unused here);
+# prometheus-client (standard library only) serves the relay's and the sidecar's metrics.
 NODE_DEPENDENCIES: dict[str, tuple[str, ...]] = {
     "wireguard-tools": ("wireguard_tools",),
     "attrs": ("attr", "attrs"),
     "pyroute2": ("pyroute2",),
     "segno": ("segno",),
+    "prometheus-client": ("prometheus_client",),
 }
 NODE_PACKAGES = ("wire", "relay", "site")
-NODE_MODULES = ("__init__.py", "node.py")
+NODE_MODULES = ("__init__.py", "node.py", "metrics.py")
 ARTIFACT_NAME = "meshwright-node.pyz"
 MAIN = b"import sys\n\nfrom meshwright.node import main\n\nsys.exit(main())\n"
 _EPOCH = (1980, 1, 1, 0, 0, 0)

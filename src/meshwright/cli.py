@@ -79,6 +79,12 @@ def _plan(args: argparse.Namespace) -> int:
     return plan_cli.run(args.inventory, args.format, sys.stdout, sys.stderr)
 
 
+def _status(args: argparse.Namespace) -> int:
+    from meshwright import status_cli
+
+    return status_cli.run(args.inventory, args.json, args.output, sys.stdout, sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # The node's services (relay, sidecar, STUN) take their own arguments.
@@ -131,6 +137,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     plan.add_argument("--format", choices=FORMATS, default="text")
     plan.set_defaults(func=_plan)
+    status = sub.add_parser(
+        "status",
+        help="every pair of the mesh as planned and as it is now (runs meshwright.mesh.status);"
+        " exit 0: every site answered, 1: some did not",
+    )
+    status.add_argument(
+        "-i",
+        "--inventory",
+        action="append",
+        help="inventory file, directory or host list, passed to ansible-playbook -i",
+    )
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="also write the status as JSON to this file (meshwright graph --live reads it)",
+    )
+    status.set_defaults(func=_status)
     # Listed for --help; meshwright.graph_cli takes its arguments (see the dispatch above).
     sub.add_parser("graph", help="draw the mesh (its plan, optionally live) with Graphviz")
     # Listed for --help; their own parser takes their arguments (see the dispatch above).

@@ -243,9 +243,11 @@ def test_the_relay_firewall_lets_in_only_its_ports():
             ("tcp", "443"),
             ("udp", "40000-59999"),
             ("udp", "51820"),
+            ("tcp", "9588"),  # the relay's metrics, and only from inside WireGuard
             ("udp", "3480"),  # WG-STUN, and only from inside WireGuard:
             ("udp", "7"),  # the lab's echo service, which its NAT tests use
             ("tcp", "7"),
         ]
     ), rules
     assert re.search(r'iifname "mesh0" udp dport 3480 accept', rules), rules
+    assert re.search(r'iifname "mesh0" tcp dport 9588 accept', rules), rules

@@ -12,7 +12,8 @@ decides what is accepted. SIGHUP re-reads the file: new allocations are opened, 
 closed, and unchanged ones keep their sockets and learned addresses, so a new relayed pair never
 disturbs the others. The learned addresses and counters are written to the state file every
 second when they changed (and at exit), and read back at start: after a restart, relayed pairs
-carry traffic again at once. Standard library only: it runs on Debian's python3.
+carry traffic again at once. The standard library and, for its metrics, prometheus_client
+(pure Python, in the node artifact): it runs on Debian's python3.
 
 With a ``"tls"`` section the service also listens on TCP 443 (``"port"``) for sites that
 cannot send UDP (:mod:`.tls`: mutual TLS, each site known by its pinned certificate and allowed
@@ -26,6 +27,9 @@ UDP-blocked site can still tell "UDP blocked" from "relay down"::
     "tls": {"port": 443, "listen": ["198.51.100.10"], "sites": {"blocked": "<PEM>"},
             "certificate": "/etc/meshwright/relay-tls.crt", "key": "/etc/meshwright/relay-tls.key",
             "stun": {"addresses": ["198.51.100.10"], "port": 3478, "alt_port": 3479}}
+
+With ``"metrics": {"address": "10.99.0.254", "port": 9588}`` it serves Prometheus metrics there
+(:mod:`meshwright.metrics`; absent is off), from the state the loop publishes once a second.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from meshwright.metrics import MetricsEndpoint, parse_setting, relay_families
 from meshwright.relay.stun_server import StunResponder, StunStreams, StunTcpClient
 from meshwright.wire.endpoint import format_endpoint
 
@@ -106,6 +111,10 @@ class RelayServer:
         self.stun: StunStreams | None = None
         self.by_port: dict[int, tuple[_Open, int]] = {}
         self.stats: dict[str, int] = {}
+        self.tls_sites: tuple[str, ...] = ()
+        # What a scrape reads (from the metrics thread): replaced whole, never changed.
+        self.published: dict[str, Any] = {}
+        self.metrics = MetricsEndpoint(lambda: relay_families(self.published), "relay", log)
         self._reload = True
         self._stop = False
         self._dirty = False
@@ -127,6 +136,7 @@ class RelayServer:
         try:
             data = json.loads(self.config.read_text())
             specs, limits = _parse(data)
+            metrics = parse_setting(data.get("metrics"))
         except (OSError, ValueError) as exc:
             self.log(f"relay: keeping the current allocations: {self.config}: {exc}")
             return
@@ -147,6 +157,8 @@ class RelayServer:
                 self._serve_tls(tls)
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 self.log(f"relay: TLS service not (re)configured: {exc!r}")
+        self.metrics.update(metrics)
+        self.publish()
         self.log(f"relay: {len(self.open)} allocations")
 
     def _serve_tls(self, tls: dict[str, Any]) -> None:
@@ -156,6 +168,7 @@ class RelayServer:
             ports.setdefault(a, set()).add(opened.spec[1][0])
             ports.setdefault(b, set()).add(opened.spec[1][1])
         sites = {str(k): str(v) for k, v in (tls.get("sites") or {}).items()}
+        self.tls_sites = tuple(sorted(sites))
         if self.tls is not None:
             self.tls.update(sites, ports)
             return
@@ -260,6 +273,21 @@ class RelayServer:
             }
         }
 
+    def publish(self) -> None:
+        """Hand the metrics thread a fresh copy of the counters (when metrics are on)."""
+        if self.metrics.setting is None:
+            return
+        tls = None
+        if self.tls is not None:
+            connected = set(self.tls.connected)
+            tls = {
+                "sites": {
+                    site: site in connected for site in sorted({*self.tls_sites, *connected})
+                },
+                "counters": dict(self.tls.counters),
+            }
+        self.published = {**self.snapshot(), "tls": tls}
+
     def save(self) -> None:
         if self.state is None:
             return
@@ -296,11 +324,13 @@ class RelayServer:
                     self.stun.close_idle()
                 if now >= next_save:
                     next_save = now + 1.0
+                    self.publish()
                     counts = {k: sum(o.allocation.counters.values()) for k, o in self.open.items()}
                     if self._dirty or counts != last_counts:
                         self._dirty, last_counts = False, counts
                         self.save()
         finally:
+            self.metrics.close()
             self.save()
             for open_key in list(self.open):
                 self._close(open_key)

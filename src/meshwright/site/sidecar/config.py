@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meshwright.metrics import MetricsSetting, parse_setting
 from meshwright.wire.endpoint import EndpointError, parse_endpoint
 from meshwright.wire.frames import normalize_fingerprint
 
@@ -148,6 +149,7 @@ class TraversalConfig:
     relays: tuple[StunRelayPeer, ...]
     peers: tuple[PunchPeer, ...]
     state_file: Path
+    metrics: MetricsSetting | None = None  # Prometheus metrics (meshwright.metrics); None: off
 
 
 def _address(value: object, where: str) -> str:
@@ -184,6 +186,10 @@ def parse_traversal(data: Any) -> TraversalConfig:
                 _port(entry.get("port", 3480), f"{where}.port"),
             )
         )
+    try:
+        metrics = parse_setting(data.get("metrics"), "traversal.metrics")
+    except ValueError as exc:
+        raise SidecarConfigError(str(exc)) from None
     peers = []
     seen: set[str] = set()
     for position, entry in enumerate(_list(data.get("peers", []), "traversal.peers")):
@@ -225,6 +231,7 @@ def parse_traversal(data: Any) -> TraversalConfig:
                 "traversal.state_file",
             )
         ),
+        metrics=metrics,
     )
 
 

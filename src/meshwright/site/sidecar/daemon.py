@@ -12,7 +12,9 @@ One thread, one ``selectors`` loop. It owns:
 * the mute table (:class:`NftMuter`): nftables rules that give relayed datagrams of a peer on a
   direct path the direct endpoint as their source, before WireGuard sees them;
 * the state file, rewritten atomically every second while something changes, which
-  ``meshwright sidecar status`` prints.
+  ``meshwright sidecar status`` prints; the same state, with WireGuard's handshake times and
+  byte counters of the punch peers, is what its Prometheus metrics show
+  (:mod:`meshwright.metrics`, when the configuration has ``metrics``).
 
 Nothing here decides anything: every decision is the core's.
 """
@@ -33,6 +35,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from meshwright.metrics import MetricsEndpoint, sidecar_families
 from meshwright.wire import stun
 from meshwright.wire.endpoint import format_endpoint
 
@@ -66,8 +69,9 @@ MUTE_TABLE = "meshwright_sidecar"
 
 
 class WireGuardControl(Protocol):
-    def sample(self) -> Mapping[str, tuple[Address | None, int, int]]:
-        """Public key -> (endpoint, bytes received, bytes sent) of every peer."""
+    def sample(self) -> Mapping[str, tuple[Address | None, int, int, float | None]]:
+        """Public key -> (endpoint, bytes received, bytes sent, latest handshake in wall-clock
+        seconds or None for none yet) of every peer."""
 
     def set_endpoint(self, public_key: str, endpoint: Address) -> None: ...
 
@@ -179,6 +183,13 @@ class TraversalDaemon:
         self._stopping = False
         self._reload = False
         self._last_counters: dict[str, tuple[int, int]] = {}
+        # Punch peer -> WireGuard's counters and latest handshake, as last sampled.
+        self.wireguard_peers: dict[str, dict[str, Any]] = {}
+        # What a scrape reads (from the metrics thread): replaced whole, never changed.
+        self.published: dict[str, Any] = {}
+        self.metrics = MetricsEndpoint(
+            lambda: sidecar_families(self.published, self.wall()), "sidecar", log
+        )
         self.config_path = config_path
         self._state_text = ""
         self._last_remap = float("-inf")
@@ -216,6 +227,7 @@ class TraversalDaemon:
             self._stopping = True
             return
         self.config = config
+        self.metrics.update(config.metrics)
         self.carry_out(self.core.configure(self._peer_configs()))
         self.refresh_candidates()
         self.ask_relays()
@@ -312,11 +324,14 @@ class TraversalDaemon:
             return False
         names = {p.public_key: p.name for p in self.config.peers}
         moved = False
-        for key, (endpoint, rx, tx) in peers.items():
+        seen: dict[str, dict[str, Any]] = {}
+        for key, (endpoint, rx, tx, handshake) in peers.items():
             if key in names:
                 moved = moved or self._last_counters.get(key) != (rx, tx)
                 self._last_counters[key] = (rx, tx)
+                seen[names[key]] = {"rx_bytes": rx, "tx_bytes": tx, "latest_handshake": handshake}
                 self.carry_out(self.core.on_counters(names[key], rx, tx, now, endpoint))
+        self.wireguard_peers = seen
         return moved
 
     def write_state(self, now: float) -> None:
@@ -328,6 +343,8 @@ class TraversalDaemon:
             if also
         }
         state["daemon_counters"] = dict(sorted(self.counters.items()))
+        state["wireguard"] = dict(sorted(self.wireguard_peers.items()))
+        self.published = state
         text = json.dumps(state, indent=2, sort_keys=True) + "\n"
         if text == self._state_text:
             return
@@ -340,6 +357,7 @@ class TraversalDaemon:
             temporary.replace(path)
 
     def serve_forever(self) -> None:
+        self.metrics.update(self.config.metrics)
         self.muter.clear()
         self.refresh_candidates()
         self.ask_relays()
@@ -409,6 +427,7 @@ class TraversalDaemon:
             self.carry_out(self.core.on_probe(source, payload, self.clock()))
 
     def close(self) -> None:
+        self.metrics.close()
         self.carry_out(self.core.stop())
         with contextlib.suppress(OSError, subprocess.CalledProcessError):
             self.muter.clear()

@@ -36,18 +36,27 @@ class LiveWireGuard:
                 self._live.close()
         self._live = None
 
-    def sample(self) -> Mapping[str, tuple[Address | None, int, int]]:
+    def sample(self) -> Mapping[str, tuple[Address | None, int, int, float | None]]:
+        """Public key -> (endpoint, bytes received, bytes sent, latest handshake in wall-clock
+        seconds or None) of every peer."""
         try:
             config = self._open().device.get_config()
         except (OSError, RuntimeError, AssertionError) as exc:
             self._reset()
             raise DeviceError(f"{self.interface}: {exc}") from None
-        found: dict[str, tuple[Address | None, int, int]] = {}
+        found: dict[str, tuple[Address | None, int, int, float | None]] = {}
         for key, peer in config.peers.items():
             endpoint = None
             if peer.endpoint_host is not None and peer.endpoint_port is not None:
                 endpoint = (str(peer.endpoint_host), int(peer.endpoint_port))
-            found[str(key)] = (endpoint, int(peer.rx_bytes or 0), int(peer.tx_bytes or 0))
+            # WireGuard reports 0 for "never" (the kernel and wireguard-go alike).
+            handshake = float(peer.last_handshake) if peer.last_handshake else None
+            found[str(key)] = (
+                endpoint,
+                int(peer.rx_bytes or 0),
+                int(peer.tx_bytes or 0),
+                handshake,
+            )
         return found
 
     def set_endpoint(self, public_key: str, endpoint: Address) -> None:
