@@ -3,10 +3,12 @@
 Nodes get nothing installed but this file: :mod:`meshwright.node`, :mod:`meshwright.metrics`,
 the packages that run on nodes (:mod:`meshwright.wire`, :mod:`meshwright.relay`,
 :mod:`meshwright.site`) and the pinned pure-Python packages they import (``wireguard-tools``
-with ``attrs``, ``pyroute2``, ``segno`` and ``prometheus-client``), taken from the
-controller's environment, where ``requirements.lock`` pins them. The build is reproducible:
-sorted entries, fixed timestamps and modes, so the same sources give the same bytes, and the
-file is named by its content hash. The roles install it as
+with ``attrs`` and ``pyroute2``, and ``prometheus-client``), taken from the controller's
+environment, where ``requirements.lock`` pins them. ``segno``, which ``wireguard-tools``
+imports only to draw QR codes of configurations, travels as a stand-in that says so: the real
+one costs every daemon 1.5 MiB of memory for nothing (the sidecar's budget is 30). The build
+is reproducible: sorted entries, fixed timestamps and modes, so the same sources give the same
+bytes, and the file is named by its content hash. The roles install it as
 ``/opt/meshwright/lib/meshwright-node-<digest>.pyz`` (a new version never replaces a file a
 running service reads) and modules import from it, so node code exists once, in this package.
 """
@@ -22,15 +24,25 @@ from pathlib import Path
 
 # What the node code imports beyond the standard library: distribution -> its top-level
 # packages. pyroute2 and attrs come with wireguard-tools (netlink for kernel WireGuard, its
-# data classes); segno is imported by its configuration module (QR codes, unused here);
-# prometheus-client (standard library only) serves the relay's and the sidecar's metrics.
+# data classes); prometheus-client (standard library only) serves the relay's and the
+# sidecar's metrics.
 NODE_DEPENDENCIES: dict[str, tuple[str, ...]] = {
     "wireguard-tools": ("wireguard_tools",),
     "attrs": ("attr", "attrs"),
     "pyroute2": ("pyroute2",),
-    "segno": ("segno",),
     "prometheus-client": ("prometheus_client",),
 }
+# wireguard_tools.wireguard_config does `from segno import QRCode, make_qr` at import time.
+SEGNO_STAND_IN = b'''"""A stand-in for segno in the meshwright node artifact: wireguard-tools
+imports it to draw QR codes of configurations, which nodes never do (see meshwright.artifact)."""
+
+
+def _unavailable(*args, **kwargs):
+    raise NotImplementedError("QR codes are not made on meshwright nodes")
+
+
+QRCode = make_qr = _unavailable
+'''
 NODE_PACKAGES = ("wire", "relay", "site")
 NODE_MODULES = ("__init__.py", "node.py", "metrics.py")
 ARTIFACT_NAME = "meshwright-node.pyz"
@@ -78,6 +90,7 @@ def build_bytes(package_dir: Path | None = None) -> tuple[bytes, str]:
     package_dir = package_dir or Path(__file__).parent
     entries = dict(_source_files(package_dir))
     entries.update(_dependency_files())
+    entries["segno/__init__.py"] = SEGNO_STAND_IN
     content = hashlib.sha256()
     for name in sorted(entries):
         content.update(name.encode() + b"\0" + hashlib.sha256(entries[name]).digest())
