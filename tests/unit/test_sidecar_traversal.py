@@ -1071,6 +1071,30 @@ def test_a_sidecar_stopping_before_the_start_leaves_no_conntrack_clash(stopping:
     assert sim.a.nat.clashes == sim.b.nat.clashes == 0
 
 
+def test_a_lost_nomination_leaves_no_disagreement() -> None:
+    """Alpha validates and goes direct, but its nomination never reaches bravo (a relayed path
+    that just broke). Alpha's direct packets make bravo's WireGuard roam to alpha's address;
+    once bravo's attempt has failed and its backoff run out, bravo follows: both sides direct,
+    and their states say so."""
+    sim = easy_pair()
+    send_wg = sim.send_wg
+
+    def losing_nominations(site: Site, size: int, control: bytes | None = None) -> None:
+        if control is None or decode_control(control).type != "nominate":
+            send_wg(site, size, control)
+
+    sim.send_wg = losing_nominations  # type: ignore[method-assign]
+    sim.a.data_every = sim.b.data_every = 0.1
+    sim.run(1.0)
+    assert sim.paths() == ("direct", "relay")
+    when = sim.run_until(lambda: sim.paths() == ("direct", "direct"), 10.0)
+    assert when - T0 < traversal.ATTEMPT_TIME + traversal.BACKOFF_MIN + 1.5
+    assert "followed the peer to the direct path" in [a.text for _, a in actions_of(sim.b, Log)]
+    sim.run(10.0)
+    assert sim.paths() == ("direct", "direct") and sim.direct()
+    assert counters(sim.a)["fallbacks"] == 0
+
+
 def test_offers_whose_answers_are_lost_back_off() -> None:
     """Bravo's answers never arrive (a relayed path broken one way): bravo probes alone after
     each offer it answers, so alpha's repeated offers must back off like failed attempts."""

@@ -13,15 +13,21 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
-from mesh_lab import INVENTORY, PLAN, SITES, endpoint_of, host, lan_address
+from mesh_lab import EPHEMERAL, INVENTORY, PLAN, SITES, endpoint_of, host, lan_address
 
 NODE = "/opt/meshwright/lib/meshwright-node.pyz"
 SIDECAR = "meshwright-sidecar"
+MESHWRIGHT = str(Path(sys.executable).with_name("meshwright"))  # the venv's
 SETTLE_S = 150
 HOSTS = INVENTORY["mesh_sites"]["hosts"]
 CLASS = {"none": "open", "fullcone": "open", "eim": "easy", "cgnat": "easy", "edm": "hard"}
@@ -248,6 +254,53 @@ def test_forged_probes_and_control_messages_change_no_endpoint():
     grew = {k: v - counters_before.get(k, 0) for k, v in counters.items()}
     assert grew.get("dropped_control_stranger", 0) == 1, grew
     assert grew.get("dropped_probe_unknown", 0) >= 40, grew
+
+
+def test_status_shows_every_pair_on_its_true_path_and_the_graph_draws_it(tmp_path):
+    """`meshwright status` gathers from every site in one pass; each pair's path must be the
+    one the packets take (asserted above pair by pair), and `meshwright graph --live` draws
+    the mesh from that status with Graphviz."""
+    env = {**os.environ, "ANSIBLE_NOCOLOR": "1"}
+    inventory = EPHEMERAL / "inventory/lab.yml"
+    status_file = tmp_path / "status.json"
+    done = subprocess.run(
+        [MESHWRIGHT, "status", "-i", str(inventory), "-o", str(status_file)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    status = json.loads(status_file.read_text())
+    assert status["unreachable"] == []
+    rows = {(r["a"], r["b"]): r for r in status["rows"]}
+    shown = {"upgraded": "direct", "lan": "direct", "direct": "direct"}
+    wrong = {
+        pair: (rows[pair]["path"], rows[pair]["state"], path)
+        for pair, path in EXPECTED.items()
+        if rows[pair]["path"] != shown.get(path, path) or rows[pair]["state"] not in ("up", "idle")
+    }
+    assert wrong == {}, wrong
+    svg = tmp_path / "mesh.svg"
+    drawn = subprocess.run(
+        [
+            MESHWRIGHT,
+            "graph",
+            "-p",
+            str(EPHEMERAL / "inventory/.meshwright/plan.json"),
+            "--live",
+            str(status_file),
+            "-o",
+            str(svg),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert drawn.returncode == 0, drawn.stderr
+    names = {e.text for e in ElementTree.parse(svg).iter() if e.tag.endswith("text")}
+    assert set(SITES) <= names, names
 
 
 class PingRun:

@@ -527,7 +527,7 @@ class Traversal:
         previous_rx, previous_tx = link.rx, link.tx
         link.rx, link.tx = rx, tx
         if link.path != "direct":
-            return []
+            return self._follow_to_direct(link, endpoint, now)
         if endpoint == link.config.relay_endpoint and link.mute_until is None:
             # WireGuard followed an authenticated packet from the relay: the peer is there
             # (its fallback message may not have come through: a NAT that moved, say).
@@ -560,6 +560,29 @@ class Traversal:
             link.counters["suspicions"] += 1
             return self._watch(link, now)
         return []
+
+    def _follow_to_direct(
+        self, link: PeerLink, endpoint: Address | None, now: float
+    ) -> list[Action]:
+        """WireGuard roamed to a direct address while this side is on its relay: the peer
+        sends from there (WireGuard authenticated it), so the peer is direct; its nomination
+        got lost, say, in a relayed path that broke. Follow it, and let the watch prove the
+        path or drop it. Not for a sidecar that has had no session with the peer yet (a
+        restart: hello sorts that out), nor before a backoff has run out (a path that just
+        died one way would come and go)."""
+        if (
+            endpoint is None
+            or endpoint == link.config.relay_endpoint
+            or link.phase != "idle"
+            or link.session is None
+            or now < link.next_attempt
+        ):
+            return []
+        link.counters["followed"] += 1
+        return [
+            *self._to_direct(link, endpoint, None, now),
+            Log(link.config.name, "followed the peer to the direct path"),
+        ]
 
     # --- control messages -----------------------------------------------------------------
 
