@@ -7,6 +7,11 @@ and a directory outside the checkout that looks like a user's GitOps repository 
 `ansible.cfg`, inventory, `group_vars`, `requirements.yml`) converges a small lab of its own
 with `ansible-playbook meshwright.mesh.site`, with nothing from the checkout on any path.
 Then every LAN host reaches every other site's LAN host.
+
+The same repository, in Git, then plays docs/gitops.md's pipeline with the commands of its
+workflow (docs/examples/gitops-repo/.github/workflows/mesh.yml, read from the file): a pull
+request adds a LAN prefix, its plan comment says so, the apply on merge changes exactly what
+the plan predicted, and the record commit leaves nothing to do.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,6 +32,8 @@ import yaml
 
 from meshwright import artifact
 from meshwright.lab import podman, runner
+from meshwright.plan.diff import diff_plans, load_plan, render
+from meshwright.plan.inventory import read_state
 
 from .conftest import ROOT, require_prerequisites
 
@@ -36,6 +44,11 @@ ANSIBLE_CORE = next(
     for line in (ROOT / "requirements.lock").read_text().splitlines()
     if line.startswith("ansible-core==")
 )
+WORKFLOW = ROOT / "docs/examples/gitops-repo/.github/workflows/mesh.yml"
+# The pull request's change: a second LAN for easy1, in no site's LAN (10.20.1, .2 and .6 of
+# tests/lab/topologies/user-repo.yml), not the overlay (10.98.0.0/24), no network of the lab.
+NEW_PREFIX = "10.20.12.0/24"
+FILES = ("plan.json", "state.json")  # inventory/.meshwright/
 
 
 def run(*command: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
@@ -86,6 +99,7 @@ def user_repository(root: Path, lab_inventory: Path, tarball: Path) -> Path:
     (repo / "requirements.yml").write_text(
         yaml.safe_dump({"collections": [{"name": str(tarball), "type": "file"}]})
     )
+    (repo / ".gitignore").write_text("collections/\n")
     (repo / "inventory/hosts.yml").write_text(lab_inventory.read_text())
     (repo / "inventory/group_vars/all.yml").write_text(
         "---\nmesh_preshared_keys: true\nmesh_preshared_key_secret: user-repo-test-secret\n"
@@ -97,10 +111,47 @@ def user_repository(root: Path, lab_inventory: Path, tarball: Path) -> Path:
     return repo
 
 
-def test_installed_collection_converges_a_lab_from_a_user_repository(
-    user_lab: Path, installed: dict[str, Path], tmp_path: Path
-) -> None:
-    repo = user_repository(tmp_path, user_lab, installed["tarball"])
+@dataclass(frozen=True)
+class UserRepo:
+    """The user's repository, the user's venv, and an environment with nothing of the checkout."""
+
+    path: Path
+    venv: Path
+    env: dict[str, str]
+
+    def run(self, *command: str | Path, **env: str) -> str:
+        return run(*command, cwd=self.path, env={**self.env, **env})
+
+    def git(self, *args: str | Path) -> str:
+        return self.run("git", *args)
+
+    def meshwright(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`meshwright` of the user's venv; its exit status is for the caller to judge."""
+        return subprocess.run(
+            [str(self.venv / "bin/meshwright"), *args],
+            cwd=self.path,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    def step(self, job: str, name: str, **env: str) -> str:
+        """A `run` step of the example workflow, as GitHub Actions runs it (`shell: bash`)."""
+        workflow = yaml.safe_load(WORKFLOW.read_text())
+        assert workflow["defaults"]["run"]["shell"] == "bash"
+        (script,) = [s["run"] for s in workflow["jobs"][job]["steps"] if s.get("name") == name]
+        return self.run("bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", script, **env)
+
+
+@pytest.fixture(scope="module")
+def user_repo(
+    user_lab: Path, installed: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> UserRepo:
+    """The user's repository, in Git with an `origin` beside it, and the collection installed
+    from its requirements.yml."""
+    home = tmp_path_factory.mktemp("user-home")
+    path = user_repository(home, user_lab, installed["tarball"])
     venv = installed["venv"]
     # Nothing of the checkout: not its venv, not its collections, not its ansible.cfg or
     # Python path. podman needs the lab's containers.conf: the installed package's copy.
@@ -109,41 +160,50 @@ def test_installed_collection_converges_a_lab_from_a_user_repository(
         "-c",
         "import meshwright.lab, pathlib; "
         "print(pathlib.Path(meshwright.lab.__file__).with_name('containers.conf'))",
-        cwd=repo,
+        cwd=path,
         env={"PATH": "/usr/bin:/bin"},
     ).strip()
     env = {
         "PATH": f"{venv / 'bin'}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "HOME": str(tmp_path),
+        "HOME": str(home),
         "CONTAINERS_CONF": containers_conf,
         "ANSIBLE_NOCOLOR": "1",
         "ANSIBLE_FORCE_COLOR": "0",
         "LANG": "C.UTF-8",
     }
     assert str(ROOT) not in json.dumps(env)
-    run(
-        venv / "bin/ansible-galaxy",
-        "collection",
-        "install",
-        "-r",
-        "requirements.yml",
-        cwd=repo,
-        env=env,
-    )
-    listed = run(
-        venv / "bin/ansible-galaxy", "collection", "list", "meshwright.mesh", cwd=repo, env=env
-    )
+    repo = UserRepo(path, venv, env)
+    repo.run(venv / "bin/ansible-galaxy", "collection", "install", "-r", "requirements.yml")
+    origin = home / "origin.git"
+    repo.git("init", "-q", "--bare", "-b", "main", origin)
+    repo.git("init", "-q", "-b", "main")
+    repo.git("config", "user.name", "Mesh Operator")
+    repo.git("config", "user.email", "ops@example.com")
+    repo.git("remote", "add", "origin", origin)
+    repo.git("add", "-A")
+    repo.git("commit", "-q", "-m", "mesh: the lab's sites")
+    repo.git("push", "-q", "origin", "main")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def converged(user_repo: UserRepo) -> str:
+    """The output of the repository's first `ansible-playbook meshwright.mesh.site`."""
+    return user_repo.run(user_repo.venv / "bin/ansible-playbook", "meshwright.mesh.site")
+
+
+def test_installed_collection_converges_a_lab_from_a_user_repository(
+    user_lab: Path, user_repo: UserRepo, converged: str
+) -> None:
+    repo, venv = user_repo.path, user_repo.venv
+    listed = user_repo.run(venv / "bin/ansible-galaxy", "collection", "list", "meshwright.mesh")
     assert str(repo / "collections") in listed and str(ROOT) not in listed, listed
-    package = run(
-        venv / "bin/python",
-        "-c",
-        "import meshwright; print(meshwright.__file__)",
-        cwd=repo,
-        env=env,
+    package = user_repo.run(
+        venv / "bin/python", "-c", "import meshwright; print(meshwright.__file__)"
     )
     assert package.startswith(str(venv)), package
 
-    out = run(venv / "bin/ansible-playbook", "meshwright.mesh.site", cwd=repo, env=env)
+    out = converged
     # The last play pings every planned peer and fails naming any that does not answer.
     assert "TASK [Fail naming the pairs that do not answer]" in out
     assert not re.search(r"(failed|unreachable)=[1-9]", out), out[-3000:]
@@ -187,3 +247,95 @@ def test_installed_collection_converges_a_lab_from_a_user_repository(
         time.sleep(2)
     assert transit in hops, hops
     assert os.path.exists(repo / "collections/ansible_collections/meshwright/mesh/roles/node")
+
+
+def test_pipeline_plans_a_pull_request_then_applies_and_records_it(
+    user_lab: Path, user_repo: UserRepo, converged: str
+) -> None:
+    """docs/gitops.md on the lab, with the workflow's own commands (not GitHub's service)."""
+    repo = user_repo
+    files = repo.path / "inventory/.meshwright"
+    lab = yaml.safe_load(user_lab.read_text())["all"]["children"]
+    sites = sorted(lab["mesh_sites"]["hosts"])
+    containers = {s: lab["mesh_sites"]["hosts"][s]["ansible_host"] for s in sites}
+
+    def wg(site: str, what: str) -> str:
+        return podman.run(["exec", containers[site], "wg", "show", "mesh0", what])
+
+    # main holds the converged mesh, recorded as the apply job records it.
+    assert not re.search(r"(failed|unreachable)=[1-9]", converged), converged[-3000:]
+    repo.step("apply", "Record the plan and the state")
+    assert "inventory/.meshwright/plan.json" in repo.git("show", "--name-only", "--format=")
+    assert repo.git("status", "--porcelain") == ""
+
+    # A pull request: easy1 gets a second LAN.
+    repo.git("checkout", "-q", "-b", "easy1-lan")
+    lans = lab["mesh_sites"]["hosts"]["easy1"]["mesh_lan_prefixes"]
+    host_vars = repo.path / "inventory/host_vars/easy1.yml"
+    added = yaml.safe_dump({"mesh_lan_prefixes": [*lans, NEW_PREFIX]})
+    host_vars.write_text(host_vars.read_text() + added)
+    repo.git("commit", "-q", "-a", "-m", f"easy1: LAN {NEW_PREFIX}")
+
+    # Its check: the job `plan`, whose Markdown is the pull request's comment.
+    outputs = repo.path.parent / "github-output"
+    repo.step("plan", "Plan", GITHUB_OUTPUT=str(outputs))
+    comment = (repo.path / "plan.md").read_text()
+    (repo.path / "plan.md").unlink()  # the job's checkout is thrown away
+    assert outputs.read_text().split() == ["exit=2"], comment  # changes: the check passes
+    assert "live tunnels disturbed: none" in comment, comment
+    assert f"- easy1\n  - LAN prefixes added: {NEW_PREFIX}\n" in comment, comment
+    assert f"routes added: {NEW_PREFIX} via easy1" in comment, comment  # public's
+    prediction = repo.meshwright("plan", "--format", "json")
+    assert prediction.returncode == 2, prediction.stdout + prediction.stderr
+    predicted = json.loads(prediction.stdout)
+    assert [s["name"] for s in predicted["sites"]] == sites, predicted
+    assert predicted["counts"]["tunnels_disturbed"] == 0, predicted
+
+    # The merge, then the job `apply`.
+    repo.git("checkout", "-q", "main")
+    repo.git("merge", "-q", "--no-ff", "-m", "Merge easy1-lan", "easy1-lan")
+    repo.git("push", "-q", "origin", "main")  # GitHub merges on the server
+    before = {name: repo.git("show", f"HEAD:inventory/.meshwright/{name}") for name in FILES}
+    peers = {s: sorted(wg(s, "peers").split()) for s in sites}
+    out = repo.step("apply", "Apply")
+    assert not re.search(r"(failed|unreachable)=[1-9]", out), out[-3000:]
+
+    # What changed is exactly what the plan predicted: the committed plan and state against
+    # the ones the apply wrote, compared as `meshwright plan` compares them.
+    after = {name: (files / name).read_text() for name in FILES}
+    applied = diff_plans(
+        load_plan(before["plan.json"]),
+        json.loads(after["plan.json"]),
+        old_state=read_state(before["state.json"]),
+        new_state=read_state(after["state.json"]),
+    )
+    assert json.loads(render(applied, "json")) == predicted
+    nothing = repo.meshwright("plan", "--diff", "--format", "markdown")
+    assert nothing.returncode == 0, nothing.stdout + nothing.stderr
+    assert "No changes." in nothing.stdout, nothing.stdout
+
+    # The record: committed, pushed, nothing left over.
+    repo.step("apply", "Record the plan and the state")
+    assert repo.git("log", "-1", "--format=%s") == "mesh: record plan and state [skip ci]\n"
+    assert "inventory/.meshwright/plan.json" in repo.git("show", "--name-only", "--format=")
+    assert repo.git("status", "--porcelain") == ""
+    head = repo.git("rev-parse", "HEAD").strip()
+    assert repo.git("ls-remote", "origin", "refs/heads/main").split()[0] == head
+    status = repo.step("apply", "Status")
+    assert f"{len(sites)} of {len(sites)} sites answered" in status, status
+
+    # On the sites: every other site routes the prefix into the peer the plan names, and every
+    # site has the peers it had (no tunnel was disturbed). The lab has no host on the new
+    # prefix, so nothing is pinged there.
+    plan = json.loads(after["plan.json"])
+    for site in sites:
+        assert sorted(wg(site, "peers").split()) == peers[site], site
+        if site == "easy1":
+            continue
+        (key,) = [
+            p["public_key"] for p in plan["sites"][site]["peers"] if NEW_PREFIX in p["allowed_ips"]
+        ]
+        allowed = {k: ips for k, *ips in map(str.split, wg(site, "allowed-ips").splitlines())}
+        assert NEW_PREFIX in allowed[key], (site, allowed)
+        route = podman.run(["exec", containers[site], "ip", "route", "show", NEW_PREFIX])
+        assert "dev mesh0" in route, (site, route)
