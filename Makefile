@@ -33,7 +33,8 @@ help:
 
 setup: deb venv collections artifact image
 
-# Debian starts a Prometheus server when it installs one; the tests run their own, on the lab.
+# Debian starts a Prometheus server when it installs one; the tests run their own, on the lab
+# (without systemd running, as in a container, there is nothing to stop: best effort).
 deb:
 	@missing=$$(for p in $(DEB_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
@@ -44,7 +45,8 @@ deb:
 	    apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi; \
 	if systemctl is-enabled --quiet prometheus 2>/dev/null; then \
-	  systemctl disable --now --quiet prometheus; \
+	  systemctl disable --quiet prometheus 2>/dev/null || true; \
+	  systemctl stop prometheus 2>/dev/null || true; \
 	fi
 
 venv: $(VENV)/.installed
