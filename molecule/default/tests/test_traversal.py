@@ -273,7 +273,7 @@ def test_status_shows_every_pair_on_its_true_path_and_the_graph_draws_it(tmp_pat
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     status = json.loads(status_file.read_text())
-    assert status["unreachable"] == []
+    assert not status["unreachable"], status["unreachable"]
     rows = {(r["a"], r["b"]): r for r in status["rows"]}
     shown = {"upgraded": "direct", "lan": "direct", "direct": "direct"}
     wrong = {
