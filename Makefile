@@ -20,7 +20,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 DEB_PACKAGES := podman runc netavark aardvark-dns uidmap fuse-overlayfs debootstrap \
 	wireguard-tools wireguard-go iproute2 nftables iptables conntrack tcpdump iperf3 \
-	ca-certificates python3-venv graphviz prometheus
+	ca-certificates python3-venv graphviz prometheus coturn stun-client
 
 .PHONY: help setup deb venv collections artifact collection image demo demo-down test lint unit lab-test molecule clean
 
@@ -33,8 +33,9 @@ help:
 
 setup: deb venv collections artifact image
 
-# Debian starts a Prometheus server when it installs one; the tests run their own, on the lab
-# (without systemd running, as in a container, there is nothing to stop: best effort).
+# Debian starts a Prometheus server and a TURN server (coturn) when it installs them; the tests
+# run their own, on the lab and on loopback (without systemd running, as in a container, there
+# is nothing to stop: best effort).
 deb:
 	@missing=$$(for p in $(DEB_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
@@ -44,10 +45,12 @@ deb:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	    apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi; \
-	if systemctl is-enabled --quiet prometheus 2>/dev/null; then \
-	  systemctl disable --quiet prometheus 2>/dev/null || true; \
-	  systemctl stop prometheus 2>/dev/null || true; \
-	fi
+	for service in prometheus coturn; do \
+	  if systemctl is-enabled --quiet $$service 2>/dev/null; then \
+	    systemctl disable --quiet $$service 2>/dev/null || true; \
+	    systemctl stop $$service 2>/dev/null || true; \
+	  fi; \
+	done
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.lock pyproject.toml

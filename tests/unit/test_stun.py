@@ -747,3 +747,152 @@ def test_property_binding_success_round_trip(
     assert message.software() == software
     request = stun.decode(stun.binding_request(txid, software=software))
     assert (request.transaction_id, request.software()) == (txid, software)
+
+
+# --- classic RFC 3489 messages and RESPONSE-PORT ----------------------------------------------
+
+CLASSIC_TXID = bytes.fromhex("0123456789abcdef0011223344556677")
+
+
+def classic_request(*attributes: tuple[int, bytes], txid: bytes = CLASSIC_TXID) -> bytes:
+    """An RFC 3489 Binding request as stund and pystun3 send it: no cookie, 16-byte id."""
+    body = b"".join(struct.pack("!HH", t, len(v)) + v for t, v in attributes)
+    return struct.pack("!HH", 0x0001, len(body)) + txid + body
+
+
+def test_classic_request_decodes_only_when_asked() -> None:
+    data = classic_request((stun.CHANGE_REQUEST, b"\x00\x00\x00\x00"))
+    # Everywhere else cookie-less bytes are not STUN (the demultiplexers rely on it).
+    assert not stun.is_stun(data)
+    with pytest.raises(StunError, match="cookie"):
+        stun.decode(data)
+    assert stun.is_stun(data, classic=True)
+    message = stun.decode(data, classic=True)
+    assert message.classic
+    assert (message.method, message.cls) == (stun.BINDING, stun.REQUEST)
+    assert message.transaction_id == CLASSIC_TXID
+    assert message.change_request() == (False, False)
+    # A modern message is still a modern one when classic ones are allowed.
+    modern = stun.decode(stun.binding_request(TXID), classic=True)
+    assert not modern.classic and modern.transaction_id == TXID
+
+
+def test_classic_message_encodes_without_a_cookie() -> None:
+    message = Message(stun.BINDING, stun.REQUEST, CLASSIC_TXID)
+    data = stun.encode(message)
+    assert data == b"\x00\x01\x00\x00" + CLASSIC_TXID
+    assert stun.decode(data, classic=True) == message
+
+
+def test_classic_binding_success_is_what_rfc_3489_clients_parse() -> None:
+    request = stun.decode(classic_request(), classic=True)
+    data = stun.binding_success(
+        request,
+        mapped=("198.51.100.7", 40000),
+        response_origin=("192.0.2.1", 3478),
+        other_address=("192.0.2.2", 3479),
+        software="ignored for RFC 3489",
+    )
+    # RFC 8489 section 11: the classic client's 16 bytes are echoed where the cookie would be.
+    assert data[4:20] == CLASSIC_TXID
+    reply = stun.decode(data, classic=True)
+    assert reply.classic and reply.cls == stun.SUCCESS_RESPONSE
+    assert [a.type for a in reply.attributes] == [
+        stun.MAPPED_ADDRESS,
+        stun.SOURCE_ADDRESS,
+        stun.CHANGED_ADDRESS,
+    ]
+    assert reply.mapped_address() == ("198.51.100.7", 40000)
+    assert reply.source_address() == ("192.0.2.1", 3478)
+    assert reply.changed_address() == ("192.0.2.2", 3479)
+    # RFC 3489 parsers step over attributes by their length alone: all of them are aligned.
+    assert all(length % 4 == 0 for _, length in _attribute_lengths(data))
+
+
+def test_classic_binding_success_without_alternate_and_with_a_bare_txid() -> None:
+    reply = stun.decode(stun.binding_success(CLASSIC_TXID, ("192.0.2.9", 1)), classic=True)
+    assert [a.type for a in reply.attributes] == [stun.MAPPED_ADDRESS]
+    with pytest.raises(StunError, match="ALSO-MAPPED"):
+        stun.binding_success(CLASSIC_TXID, ("192.0.2.9", 1), also_mapped=[("192.0.2.9", 2)])
+
+
+def test_classic_binding_error_pads_its_reason() -> None:
+    data = stun.binding_error(CLASSIC_TXID, 420, "Unknown Attribute", software="x")
+    reply = stun.decode(data, classic=True)
+    assert [a.type for a in reply.attributes] == [stun.ERROR_CODE]
+    # RFC 3489 11.2.9: the reason phrase is a multiple of 4 bytes; spaces fill it.
+    assert reply.error_code() == (420, "Unknown Attribute   ")
+    assert all(length % 4 == 0 for _, length in _attribute_lengths(data))
+
+
+def _attribute_lengths(data: bytes) -> list[tuple[int, int]]:
+    return [struct.unpack_from("!HH", data, offset) for offset, _size in attribute_offsets(data)]
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (classic_request()[:19], "short header"),
+        (b"\x40" + classic_request()[1:], "leading bits"),
+        (classic_request() + b"\x00\x00\x00\x00", "data beyond length"),
+        (classic_request((stun.CHANGE_REQUEST, b"\x00\x06")), "change-request size"),
+        (classic_request((stun.SOURCE_ADDRESS, b"\x00\x03\x00\x01\x01\x02\x03\x04")), "family"),
+        (classic_request((stun.CHANGED_ADDRESS, b"\x00\x01\x00\x01\x01\x02")), "v4 size"),
+        (classic_request((stun.RESPONSE_PORT, b"\x12\x34")), "response-port size"),
+    ],
+)
+def test_classic_decode_rejects(data: bytes, why: str) -> None:
+    with pytest.raises(StunError):
+        stun.decode(data, classic=True)
+
+
+@pytest.mark.parametrize("size", [0, 11, 13, 15, 17, 20])
+def test_message_takes_12_or_16_byte_transaction_ids_only(size: int) -> None:
+    with pytest.raises(StunError):
+        Message(stun.BINDING, stun.REQUEST, b"\x00" * size)
+    assert not Message(stun.BINDING, stun.REQUEST, TXID).classic
+    assert Message(stun.BINDING, stun.REQUEST, CLASSIC_TXID).classic
+
+
+def test_response_port_accessor() -> None:
+    data = _with_attribute(stun.RESPONSE_PORT, b"\x12\x34\x00\x00")
+    assert stun.decode(data).response_port() == 0x1234
+    assert stun.decode(stun.binding_request()).response_port() is None
+    with pytest.raises(StunError, match="RESPONSE-PORT"):
+        stun.decode(_with_attribute(stun.RESPONSE_PORT, b"\x12\x34\x00"))
+
+
+def test_is_stun_classic_still_rejects_wireguard_and_junk() -> None:
+    rng = random.Random(3489)
+    for _ in range(1000):
+        # WireGuard's reserved zero bytes read as length 0, which never matches its size.
+        assert not stun.is_stun(wireguard_initiation(rng), classic=True)
+    assert not stun.is_stun(classic_request()[:19], classic=True)
+    assert not stun.is_stun(b"\x80" + classic_request()[1:], classic=True)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=120), st.integers(0, 0x3FFF), st.binary(min_size=16, max_size=16))
+def test_property_classic_decode_only_raises_stun_error(
+    body: bytes, message_type: int, txid: bytes
+) -> None:
+    body = body[: len(body) - len(body) % 4]
+    data = struct.pack("!HH", message_type, len(body)) + txid + body
+    try:
+        message = stun.decode(data, classic=True)
+    except StunError:
+        return
+    assert stun.is_stun(data, classic=True)
+    # Everything on a decoded message works, the XOR accessors included.
+    for accessor in (
+        message.mapped_address,
+        message.xor_mapped_address,
+        message.source_address,
+        message.changed_address,
+        message.change_request,
+        message.response_port,
+        message.error_code,
+        message.also_mapped,
+    ):
+        accessor()
+    assert stun.decode(stun.encode(message), classic=True).attributes == message.attributes

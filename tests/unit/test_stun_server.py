@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -159,8 +160,8 @@ def test_change_request_picks_the_source_socket(
     assert reply.other_address() == r.other_address(local)
 
 
-@pytest.mark.parametrize("flags", [0, 2, 4, 6])
-def test_one_address_answers_any_change_request_with_420(flags: int) -> None:
+@pytest.mark.parametrize("flags", [2, 4, 6])
+def test_one_address_answers_a_change_it_cannot_make_with_420(flags: int) -> None:
     r = responder(A)
     txid = stun.new_transaction_id()
     data = request_with(stun.Attribute(stun.CHANGE_REQUEST, flags.to_bytes(4, "big")), txid=txid)
@@ -179,7 +180,8 @@ def test_unknown_comprehension_required_attributes_get_420() -> None:
     r = responder(A, B)
     data = request_with(
         stun.Attribute(0x7F01, b"x"),
-        stun.Attribute(stun.RESPONSE_PORT, b"\x12\x34\x00\x00"),
+        # RFC 5780's PADDING, which this server does not implement (RESPONSE-PORT it does).
+        stun.Attribute(stun.PADDING, b"\x00" * 8),
         stun.Attribute(0x7F01, b"again"),
         stun.Attribute(0xC0DE, b"optional, ignored"),
     )
@@ -188,7 +190,7 @@ def test_unknown_comprehension_required_attributes_get_420() -> None:
     reply = stun.decode(outcome.response)
     # Each unknown type once, in order; the odd count is padded and the padding ignored.
     value = reply.get(UNKNOWN_ATTRIBUTES)
-    assert value == bytes.fromhex("7f01 0027")
+    assert value == bytes.fromhex("7f01 0026")
     assert reply.software() == "meshwright"
 
 
@@ -211,6 +213,182 @@ def test_unknown_attribute_with_change_request_on_one_address_lists_both() -> No
     assert unknown_attributes(stun.decode(outcome.response)) == [0x7F01, stun.CHANGE_REQUEST]
 
 
+def change_request(flags: int) -> stun.Attribute:
+    # Built by hand so the no-flags case is really sent, not omitted.
+    return stun.Attribute(stun.CHANGE_REQUEST, flags.to_bytes(4, "big"))
+
+
+def response_port(port: int) -> stun.Attribute:
+    return stun.Attribute(stun.RESPONSE_PORT, port.to_bytes(2, "big") + b"\x00\x00")
+
+
+@pytest.mark.parametrize("addresses", [(A,), (A, B)], ids=["one-address", "two-addresses"])
+def test_change_request_asking_for_no_change_is_served(addresses: tuple[str, ...]) -> None:
+    """stund's client and others always send CHANGE-REQUEST; with no flag it asks for nothing
+    we cannot do (RFC 5780 Table 1, row "none"), so it is served even with one address."""
+    r = responder(*addresses)
+    outcome = r.handle(request_with(change_request(0)), CLIENT, (A, PORT))
+    assert outcome.reason == "success" and outcome.send_from == (A, PORT)
+    assert outcome.response is not None
+    reply = stun.decode(outcome.response)
+    assert reply.xor_mapped_address() == reply.mapped_address() == CLIENT
+    assert reply.response_origin() == (A, PORT)
+    assert reply.other_address() == r.other_address((A, PORT))
+
+
+@pytest.mark.parametrize("addresses", [(A,), (A, B)], ids=["one-address", "two-addresses"])
+def test_over_tcp_no_change_is_served_and_a_change_gets_420(addresses: tuple[str, ...]) -> None:
+    r = responder(*addresses)
+    stream = (A, 443)
+    served = r.handle(request_with(change_request(0)), CLIENT, (A, PORT), stream=stream)
+    assert served.reason == "success" and served.send_from == stream
+    assert served.response is not None
+    reply = stun.decode(served.response)
+    assert reply.response_origin() == stream and reply.other_address() is None
+    for flags in (2, 4, 6):
+        refused = r.handle(request_with(change_request(flags)), CLIENT, (A, PORT), stream=stream)
+        assert refused.reason == "error_420" and refused.send_from == stream
+        assert refused.response is not None
+        assert unknown_attributes(stun.decode(refused.response)) == [stun.CHANGE_REQUEST]
+
+
+@pytest.mark.parametrize("addresses", [(A,), (A, B)], ids=["one-address", "two-addresses"])
+def test_response_port_over_udp_redirects_the_answer(addresses: tuple[str, ...]) -> None:
+    """RFC 5780 7.5: the answer goes to the request's source IP at RESPONSE-PORT; the mapped
+    address is still the request's source."""
+    r = responder(*addresses)
+    outcome = r.handle(request_with(response_port(40001)), CLIENT, (A, PORT))
+    assert outcome.reason == "success" and outcome.response_port == 40001
+    assert outcome.send_from == (A, PORT) and outcome.response is not None
+    reply = stun.decode(outcome.response)
+    assert reply.xor_mapped_address() == reply.mapped_address() == CLIENT
+    assert reply.response_origin() == (A, PORT)
+
+
+def test_response_port_with_change_request_on_two_addresses() -> None:
+    # coturn's turnutils_stunclient sends exactly this as its second request.
+    data = request_with(response_port(40001), change_request(6))
+    outcome = responder(A, B).handle(data, CLIENT, (A, PORT))
+    assert outcome.reason == "success"
+    assert (outcome.send_from, outcome.response_port) == ((B, ALT), 40001)
+
+
+def test_an_error_goes_to_the_response_port_too() -> None:
+    """turnutils_stunclient -f waits only on its RESPONSE-PORT: a 420 sent to the source port
+    would never reach it (it hung there before)."""
+    data = request_with(response_port(40001), change_request(6))
+    outcome = responder(A).handle(data, CLIENT, (A, PORT))
+    assert outcome.reason == "error_420" and outcome.response_port == 40001
+    assert outcome.response is not None
+    assert unknown_attributes(stun.decode(outcome.response)) == [stun.CHANGE_REQUEST]
+
+
+def test_response_port_zero_gets_400_at_the_source_port() -> None:
+    r = responder(A, B)
+    outcome = r.handle(request_with(response_port(0)), CLIENT, (A, PORT))
+    assert outcome.reason == "error_400" and outcome.response_port is None
+    assert outcome.send_from == (A, PORT) and outcome.response is not None
+    reply = stun.decode(outcome.response)
+    assert reply.error_code() == (400, "Bad Request")
+    assert reply.software() == "meshwright"
+    assert r.stats["error_400"] == 1 and r.stats["success"] == 0
+
+
+def test_response_port_over_tcp_gets_420() -> None:
+    # A connection has one destination; RFC 5780 section 5 tells clients to expect a 420.
+    stream = (A, 443)
+    outcome = responder(A, B).handle(
+        request_with(response_port(40001)), CLIENT, (A, PORT), stream=stream
+    )
+    assert outcome.reason == "error_420" and outcome.response_port is None
+    assert outcome.send_from == stream and outcome.response is not None
+    assert unknown_attributes(stun.decode(outcome.response)) == [stun.RESPONSE_PORT]
+
+
+def test_malformed_response_port_is_dropped() -> None:
+    r = responder(A, B)
+    data = request_with(stun.Attribute(stun.RESPONSE_PORT, b"\x12\x34"))
+    assert r.handle(data, CLIENT, (A, PORT)).reason == "malformed"
+
+
+CLASSIC_TXID = bytes(range(16))
+
+
+def classic_request(*attributes: tuple[int, bytes], txid: bytes = CLASSIC_TXID) -> bytes:
+    """An RFC 3489 Binding request as stund and pystun3 send it: no cookie, 16-byte id."""
+    body = b"".join(struct.pack("!HH", t, len(v)) + v for t, v in attributes)
+    return struct.pack("!HH", 0x0001, len(body)) + txid + body
+
+
+def _aligned(data: bytes) -> bool:
+    """Every attribute a multiple of 4 bytes long, as RFC 3489 parsers need."""
+    offset = stun.HEADER_SIZE
+    while offset < len(data):
+        _type, length = struct.unpack_from("!HH", data, offset)
+        if length % 4:
+            return False
+        offset += 4 + length
+    return offset == len(data)
+
+
+@pytest.mark.parametrize(
+    ("flags", "local", "expected"),
+    [(0, (A, PORT), (A, PORT)), (6, (A, PORT), (B, ALT)), (2, (B, ALT), (B, PORT))],
+)
+def test_classic_client_gets_mapped_source_and_changed_address(
+    flags: int, local: tuple[str, int], expected: tuple[str, int]
+) -> None:
+    r = responder(A, B)
+    data = classic_request((stun.CHANGE_REQUEST, flags.to_bytes(4, "big")))
+    outcome = r.handle(data, CLIENT, local)
+    assert outcome.reason == "success" and outcome.send_from == expected
+    assert outcome.response is not None
+    # RFC 8489 section 11: the 16 bytes echoed, MAPPED-ADDRESS instead of XOR-MAPPED-ADDRESS.
+    assert outcome.response[4:20] == CLASSIC_TXID
+    reply = stun.decode(outcome.response, classic=True)
+    assert reply.classic and reply.cls == stun.SUCCESS_RESPONSE
+    assert reply.mapped_address() == CLIENT
+    assert reply.get(stun.XOR_MAPPED_ADDRESS) is None
+    assert reply.source_address() == expected
+    assert reply.changed_address() == r.other_address(local)
+    assert reply.get(stun.SOFTWARE) is None and reply.get(stun.FINGERPRINT) is None
+    assert _aligned(outcome.response)
+    assert r.stats["classic"] == 1 and r.stats["success"] == 1
+
+
+def test_classic_client_on_one_address() -> None:
+    r = responder(A)
+    served = r.handle(classic_request(), CLIENT, (A, PORT))
+    assert served.reason == "success" and served.response is not None
+    reply = stun.decode(served.response, classic=True)
+    assert reply.mapped_address() == CLIENT and reply.changed_address() is None
+    refused = r.handle(
+        classic_request((stun.CHANGE_REQUEST, b"\x00\x00\x00\x04")), CLIENT, (A, PORT)
+    )
+    assert refused.reason == "error_420" and refused.response is not None
+    error = stun.decode(refused.response, classic=True)
+    assert error.classic and error.error_code() == (420, "Unknown Attribute   ")
+    # RFC 3489 11.2.10: an odd count is filled by repeating a type, not by padding.
+    assert unknown_attributes(error) == [stun.CHANGE_REQUEST, stun.CHANGE_REQUEST]
+    assert _aligned(refused.response)
+
+
+def test_classic_response_address_is_refused() -> None:
+    # RESPONSE-ADDRESS sends the answer anywhere: a reflection tool, which RFC 8489 section 11
+    # says a server treats as unknown.
+    data = classic_request((0x0002, b"\x00\x01\x12\x34\xc6\x33\x64\x63"))
+    outcome = responder(A, B).handle(data, CLIENT, (A, PORT))
+    assert outcome.reason == "error_420" and outcome.send_from == (A, PORT)
+    assert outcome.response is not None
+    assert unknown_attributes(stun.decode(outcome.response, classic=True)) == [0x0002, 0x0002]
+
+
+def test_classic_request_over_tcp_is_not_stun() -> None:
+    # RFC 3489 defined Binding over UDP only: on a stream only the cookie marks STUN.
+    outcome = responder(A, B).handle(classic_request(), CLIENT, (A, PORT), stream=(A, 443))
+    assert outcome.reason == "not_stun"
+
+
 def _corrupt_fingerprint(data: bytes) -> bytes:
     return data[:-1] + bytes([data[-1] ^ 0xFF])
 
@@ -222,8 +400,10 @@ def _corrupt_fingerprint(data: bytes) -> bytes:
         (b"hello, world, this is not STUN", "not_stun"),
         (wireguard_initiation(), "not_stun"),
         (random.Random(1).randbytes(200), "not_stun"),
-        # RFC 3489 style: no magic cookie.
-        (b"\x00\x01\x00\x00" + bytes(16), "not_stun"),
+        # RFC 3489 style (no magic cookie), but its length says 4 and there are none.
+        (b"\x00\x01\x00\x04" + bytes(16), "not_stun"),
+        # RFC 3489 style with a 2-byte CHANGE-REQUEST value.
+        (b"\x00\x01\x00\x08" + bytes(16) + b"\x00\x03\x00\x02\x00\x06\x00\x00", "malformed"),
         (_corrupt_fingerprint(stun.binding_request()), "malformed"),
         # Framing is fine but the CHANGE-REQUEST value is 2 bytes long.
         (
@@ -244,7 +424,8 @@ def _corrupt_fingerprint(data: bytes) -> bytes:
         "text",
         "wireguard",
         "random",
-        "rfc3489",
+        "rfc3489-length",
+        "rfc3489-bad-attribute",
         "bad-fingerprint",
         "bad-attribute",
         "success",
@@ -264,21 +445,33 @@ def test_anything_but_a_binding_request_is_dropped_and_counted(data: bytes, reas
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=200), st.booleans())
-def test_arbitrary_bytes_never_raise(data: bytes, stun_header: bool) -> None:
-    if stun_header:
+@given(
+    st.binary(max_size=200),
+    st.sampled_from(["none", "modern", "classic"]),
+    st.sampled_from([(A,), (A, B)]),
+    st.booleans(),
+)
+def test_arbitrary_bytes_never_raise(
+    data: bytes, header: str, addresses: tuple[str, ...], over_tcp: bool
+) -> None:
+    if header != "none":
         # Make the framing pass so the attribute walk gets exercised too.
         body = data[: len(data) - len(data) % 4]
-        data = b"\x00\x01" + len(body).to_bytes(2, "big") + b"\x21\x12\xa4\x42" + bytes(12) + body
-    outcome = responder(A, B).handle(data, CLIENT, (A, PORT))
+        cookie = b"\x21\x12\xa4\x42" if header == "modern" else b"\x01\x02\x03\x04"
+        data = b"\x00\x01" + len(body).to_bytes(2, "big") + cookie + bytes(12) + body
+    stream = (A, 443) if over_tcp else None
+    outcome = responder(*addresses).handle(data, CLIENT, (A, PORT), stream=stream)
     assert outcome.reason in {
         "success",
         "error_420",
+        "error_400",
         "not_stun",
         "malformed",
         "not_request",
         "not_binding",
     }
+    if outcome.response is not None and header != "none":
+        assert stun.decode(outcome.response, classic=True).classic == (header == "classic")
 
 
 def test_unknown_local_address_is_a_programming_error() -> None:
@@ -461,6 +654,38 @@ def test_real_sockets_answer_and_change_source(
     assert reply.other_address() == ("127.0.0.1", port)
 
 
+def test_real_sockets_deliver_to_the_response_port(
+    running_server: StunServer, client: socket.socket
+) -> None:
+    port, alt = running_server.responder.port, running_server.responder.alt_port
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.settimeout(5)
+        target = listener.getsockname()[1]
+        # The RFC 5780 section 4.6 shape: sent from one socket, answered at another's port.
+        data = request_with(response_port(target), change_request(6))
+        client.sendto(data, ("127.0.0.1", port))
+        response, source = listener.recvfrom(2048)
+    reply = stun.decode(response)
+    assert source == ("127.0.0.2", alt) == reply.response_origin()
+    assert reply.xor_mapped_address() == client.getsockname()
+    client.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        client.recvfrom(2048)
+
+
+def test_real_sockets_answer_a_classic_client(
+    running_server: StunServer, client: socket.socket
+) -> None:
+    port, alt = running_server.responder.port, running_server.responder.alt_port
+    client.sendto(classic_request(), ("127.0.0.1", port))
+    response, source = client.recvfrom(2048)
+    assert source == ("127.0.0.1", port) and response[4:20] == CLASSIC_TXID
+    reply = stun.decode(response, classic=True)
+    assert reply.mapped_address() == client.getsockname()
+    assert reply.changed_address() == ("127.0.0.2", alt)
+
+
 def test_real_sockets_survive_and_count_garbage(
     running_server: StunServer, client: socket.socket
 ) -> None:
@@ -613,7 +838,19 @@ def test_stun_over_tcp_answers_on_the_connection_and_survives_garbage():
         with _socket.create_connection(("127.0.0.1", tcp_port), timeout=3) as again:
             again.sendall(_stun.binding_request())
             assert _stun.decode(again.recv(2048)).xor_mapped_address() == again.getsockname()
-        assert server.stats["tcp_dropped"] == 1
+            # On one connection: a CHANGE-REQUEST asking for no change is served, one asking
+            # for a change and RESPONSE-PORT get 420 (one address, and a stream anyway).
+            again.sendall(request_with(change_request(0)))
+            assert _stun.decode(again.recv(2048)).mapped_address() == again.getsockname()
+            for attribute in (change_request(2), response_port(40001)):
+                again.sendall(request_with(attribute))
+                reply = _stun.decode(again.recv(2048))
+                assert reply.error_code() == (420, "Unknown Attribute")
+                assert unknown_attributes(reply) == [attribute.type]
+        with _socket.create_connection(("127.0.0.1", tcp_port), timeout=3) as classic:
+            classic.sendall(classic_request())
+            assert classic.recv(2048) == b""  # no cookie: not STUN on a stream
+        assert server.stats["tcp_dropped"] == 2
     finally:
         server.stop()
         thread.join(5)

@@ -7,30 +7,48 @@ Layout: :class:`StunResponder` decides what to answer (no sockets, unit-testable
 :class:`StunServer` owns one UDP socket per (address, port) and a ``selectors`` loop, and
 :func:`main` is the ``meshwright stun-server`` command.
 
-Behaviour, with the RFC text it follows:
+Behaviour, with the RFC text it follows (docs/relays.md, "The STUN service", says where and why
+we deviate):
 
 * Every Binding success carries XOR-MAPPED-ADDRESS *and* MAPPED-ADDRESS (RFC 5780 section 6.1:
   "The server MUST include both MAPPED-ADDRESS and XOR-MAPPED-ADDRESS in its Response"),
   RESPONSE-ORIGIN (the address:port it is really sent from), SOFTWARE and FINGERPRINT.
-* OTHER-ADDRESS and CHANGE-REQUEST need a second IP of the same family. RFC 5780 section 6:
-  "If a server cannot allocate the same ports on two different IP address, then it MUST NOT
+* Classic RFC 3489 requests (no magic cookie), over UDP only as in RFC 3489, are answered as
+  RFC 8489 section 11 says: the 16-byte transaction id echoed, MAPPED-ADDRESS instead of
+  XOR-MAPPED-ADDRESS, plus RFC 3489's SOURCE-ADDRESS and CHANGED-ADDRESS (the same values as
+  RESPONSE-ORIGIN and OTHER-ADDRESS) and nothing RFC 3489 lacks (SOFTWARE, FINGERPRINT), since
+  its parsers reject or trip over them. CHANGE-REQUEST means the same in both RFCs, so classic
+  clients get the same NAT tests; RESPONSE-ADDRESS, a reflection tool, is unknown (420).
+* OTHER-ADDRESS and changing the source need a second IP of the same family. RFC 5780 section
+  6: "If a server cannot allocate the same ports on two different IP address, then it MUST NOT
   include an OTHER-ADDRESS attribute in any Response and MUST respond with a 420 (Unknown
-  Attribute) to any Request with a CHANGE-REQUEST attribute"; section 6.1 repeats the 420 and
-  section 7.4 says OTHER-ADDRESS "MUST NOT be inserted into a Binding Response unless the server
-  has a second IP address". So with one address we still listen on both ports, but never send
-  OTHER-ADDRESS and answer *every* CHANGE-REQUEST -- change-port only, and even one with no
-  flag set -- with 420 listing CHANGE-REQUEST (0x0003) in UNKNOWN-ATTRIBUTES. We do not fake
-  change-port from the alternate port: a client cannot learn that port without OTHER-ADDRESS.
+  Attribute) to any Request with a CHANGE-REQUEST attribute"; section 7.4 says OTHER-ADDRESS
+  "MUST NOT be inserted into a Binding Response unless the server has a second IP address".
+  So with one address we still listen on both ports, but never send OTHER-ADDRESS and answer
+  a CHANGE-REQUEST that asks for a change (change-port too) with 420 listing CHANGE-REQUEST
+  (0x0003). We do not fake change-port from the alternate port: a client cannot learn that
+  port without OTHER-ADDRESS.
+* Deviation: a CHANGE-REQUEST with *no* flag set asks for nothing we cannot do (RFC 5780 Table
+  1, row "none": the usual source), so it is served everywhere -- on one address and over TCP
+  too. Clients such as stund's always send one; coturn serves it too.
 * With two or more addresses, each address's alternate is the next configured address of the
   same family (cyclically); the alternate port of the primary port is the alt port and vice
   versa. CHANGE-REQUEST picks the source socket as in RFC 5780 section 6.1 Table 1.
+* RESPONSE-PORT (RFC 5780 section 7.5) is honoured over UDP, with one address or more: the
+  answer goes to the request's source IP at that port ("If RESPONSE-PORT is present, the server
+  sends the response to that port instead of the originating port", section 6.1). We read
+  "response" as RFC 8489 does, success or error, so a 420 for another attribute goes there
+  too: coturn's turnutils_stunclient listens only on that port and otherwise never completes.
+  Port 0 cannot be delivered to: 400 to the source port. Over TCP an answer can only go back on
+  the connection, so there RESPONSE-PORT gets 420, which section 5 tells clients to expect.
 * A request with unknown comprehension-required attributes (0x0000-0x7FFF) gets 420 with
-  UNKNOWN-ATTRIBUTES (RFC 8489 sections 6.3.1 and 14.9). That includes RESPONSE-PORT and
-  PADDING, which RFC 5780 makes optional for servers and which we do not implement; 420 is how
-  RFC 5780 clients detect that. MESSAGE-INTEGRITY/USERNAME are understood but not checked:
-  this server is unauthenticated, as RFC 8489 allows for Binding.
+  UNKNOWN-ATTRIBUTES (RFC 8489 sections 6.3.1 and 14.9). That includes PADDING, which RFC 5780
+  makes optional for servers and which we do not implement; 420 is how RFC 5780 clients detect
+  that. MESSAGE-INTEGRITY/USERNAME are understood but not checked: this server is
+  unauthenticated, as RFC 8489 allows for Binding. CHANGE-REQUEST with a flag over TCP keeps its
+  420 too (coturn answers 400 there): a connection has one source.
 * Everything else that is not a well-formed Binding request is dropped without an answer and
-  counted: non-STUN (this includes cookie-less RFC 3489 requests), malformed, other classes
+  counted: non-STUN, malformed (a bad CHANGE-REQUEST or RESPONSE-PORT value too), other classes
   (indications, responses) and other methods. Dropping rather than sending 400 keeps the
   server from reflecting junk at spoofed sources.
 """
@@ -50,7 +68,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,8 +104,8 @@ SOFTWARE = "meshwright"
 
 UNKNOWN_ATTRIBUTES = 0x000A
 # Comprehension-required attributes RFC 8489 defines (section 18.3.1), plus RFC 5780's
-# CHANGE-REQUEST; a request may carry them and still be answered. USERHASH and
-# PASSWORD-ALGORITHM(S) have no constant in the codec.
+# CHANGE-REQUEST and RESPONSE-PORT (UDP only: see handle()); a request may carry them and still
+# be answered. USERHASH and PASSWORD-ALGORITHM(S) have no constant in the codec.
 _UNDERSTOOD = frozenset(
     {
         stun.MAPPED_ADDRESS,
@@ -102,6 +120,7 @@ _UNDERSTOOD = frozenset(
         0x001E,  # USERHASH
         stun.XOR_MAPPED_ADDRESS,
         stun.CHANGE_REQUEST,
+        stun.RESPONSE_PORT,
     }
 )
 _COMPREHENSION_OPTIONAL = 0x8000
@@ -114,12 +133,14 @@ DROP_REASONS = ("not_stun", "malformed", "not_request", "not_binding", "rate_lim
 class Outcome:
     """What to do with one datagram: send ``response`` from local ``send_from``, or drop it.
 
-    ``reason`` is "success", "error_420" or one of :data:`DROP_REASONS`.
+    ``reason`` is "success", "error_420", "error_400" or one of :data:`DROP_REASONS`.
+    ``response_port``, when set, replaces the source's port as the destination (RESPONSE-PORT).
     """
 
     reason: str
     response: bytes | None = None
     send_from: Address | None = None
+    response_port: int | None = None
 
     @property
     def dropped(self) -> bool:
@@ -250,7 +271,7 @@ class StunResponder:
                 for index, address in enumerate(group):
                     self.alternate_ip[address] = group[(index + 1) % len(group)]
         self.stats: dict[str, int] = dict.fromkeys(
-            ["received", "success", "error_420"]
+            ["received", "success", "error_420", "error_400", "classic"]
             + [f"dropped_{reason}" for reason in DROP_REASONS]
             + ["rate_limit_evictions", "send_errors", "receive_errors", "internal_errors"],
             0,
@@ -280,7 +301,8 @@ class StunResponder:
 
         With ``stream`` (the local end of a TCP connection; ``local`` is then the UDP socket of
         the same address) the answer goes back on that connection: its origin is the stream,
-        and CHANGE-REQUEST, which cannot be honoured on a connection, gets a 420.
+        and CHANGE-REQUEST asking for a change and RESPONSE-PORT, which cannot be honoured on a
+        connection, get a 420; classic RFC 3489 requests, UDP-only, are not STUN there.
         Never raises for any data; ValueError only if local is not one of our sockets.
         """
         if local not in self._locals:
@@ -295,16 +317,20 @@ class StunResponder:
         self.stats["rate_limit_evictions"] = self.limiter.evictions
         if not allowed:
             return self._drop("rate_limited")
-        if not stun.is_stun(data):
+        # RFC 3489 defined Binding over UDP only; over TCP a cookie is what marks STUN.
+        classic = stream is None
+        if not stun.is_stun(data, classic=classic):
             return self._drop("not_stun")
         try:
-            request = stun.decode(data)
+            request = stun.decode(data, classic=classic)
         except stun.StunError:
             return self._drop("malformed")
         if request.cls != stun.REQUEST:
             return self._drop("not_request")
         if request.method != stun.BINDING:
             return self._drop("not_binding")
+        if request.classic:
+            self.stats["classic"] += 1
 
         unknown: list[int] = []
         for attribute in request.attributes:
@@ -314,24 +340,34 @@ class StunResponder:
                 and attribute.type not in unknown
             ):
                 unknown.append(attribute.type)
-        change = request.change_request()
+        change_ip, change_port = request.change_request() or (False, False)
         other = self.other_address(local) if stream is None else None
-        if change is not None and other is None:
-            # RFC 5780 section 6: no second IP means 420 for any CHANGE-REQUEST.
+        if (change_ip or change_port) and other is None:
+            # RFC 5780 section 6: a change we cannot make gets 420. One asking for no change is
+            # served (a deviation: the RFC says any CHANGE-REQUEST; see the module docstring).
             unknown.append(stun.CHANGE_REQUEST)
+        response_port = request.response_port()
+        if response_port is not None and stream is not None:
+            # A connection has one destination; RFC 5780 section 5: clients expect this 420.
+            unknown.append(stun.RESPONSE_PORT)
+            response_port = None
+        origin = local if stream is None else stream
         if unknown:
             self.stats["error_420"] += 1
-            origin = local if stream is None else stream
-            return Outcome("error_420", self._unknown_attributes_error(request, unknown), origin)
+            error = self._error(request, 420, "Unknown Attribute", unknown)
+            return Outcome("error_420", error, origin, response_port or None)
+        if response_port == 0:
+            # Nothing can be delivered to port 0: say so at the port the request came from.
+            self.stats["error_400"] += 1
+            return Outcome("error_400", self._error(request, 400, "Bad Request"), origin)
 
-        send_from = local if stream is None else stream
-        if change is not None and other is not None:
-            change_ip, change_port = change
+        send_from = origin
+        if other is not None:
             # RFC 5780 section 6.1 Table 1: the flags pick the alternate IP and/or port.
             send_from = (other[0] if change_ip else local[0], other[1] if change_port else local[1])
         response = self._success(request, source, send_from, other)
         self.stats["success"] += 1
-        return Outcome("success", response, send_from)
+        return Outcome("success", response, send_from, response_port)
 
     def _success(
         self,
@@ -340,6 +376,11 @@ class StunResponder:
         send_from: Address,
         other: Address | None,
     ) -> bytes:
+        if request.classic:
+            # The codec answers RFC 3489 clients as RFC 8489 section 11 says.
+            return stun.binding_success(
+                request, source, response_origin=send_from, other_address=other
+            )
         # The codec's builder leaves out MAPPED-ADDRESS, which RFC 5780 6.1 requires, so
         # splice it in after XOR-MAPPED-ADDRESS and add FINGERPRINT only then.
         built = stun.binding_success(
@@ -357,16 +398,27 @@ class StunResponder:
         )
         return stun.encode(message, fingerprint=True)
 
-    def _unknown_attributes_error(self, request: stun.Message, unknown: Iterable[int]) -> bytes:
-        reason = b"Unknown Attribute"
-        attributes = (
-            stun.Attribute(stun.ERROR_CODE, bytes([0, 0, 4, 20]) + reason),
-            # RFC 8489 14.9: a list of 16-bit types; the codec pads an odd count with zeros.
-            stun.Attribute(UNKNOWN_ATTRIBUTES, b"".join(t.to_bytes(2, "big") for t in unknown)),
-            stun.Attribute(stun.SOFTWARE, self.software.encode("utf-8")),
-        )
+    def _error(
+        self, request: stun.Message, code: int, reason: str, unknown: Sequence[int] = ()
+    ) -> bytes:
+        built = stun.binding_error(request, code, reason, fingerprint=False)
+        attributes = list(stun.decode(built, classic=True).attributes)
+        if unknown:
+            types = list(unknown)
+            if request.classic and len(types) % 2:
+                # RFC 3489 11.2.10 repeats a type to fill 4 bytes; RFC 8489 14.9 pads instead.
+                types.append(types[-1])
+            value = b"".join(t.to_bytes(2, "big") for t in types)
+            attributes.append(stun.Attribute(UNKNOWN_ATTRIBUTES, value))
+        if request.classic:
+            # No SOFTWARE or FINGERPRINT, as in the classic success (see the codec).
+            message = stun.Message(
+                stun.BINDING, stun.ERROR_RESPONSE, request.transaction_id, tuple(attributes)
+            )
+            return stun.encode(message)
+        attributes.append(stun.Attribute(stun.SOFTWARE, self.software.encode("utf-8")))
         message = stun.Message(
-            stun.BINDING, stun.ERROR_RESPONSE, request.transaction_id, attributes
+            stun.BINDING, stun.ERROR_RESPONSE, request.transaction_id, tuple(attributes)
         )
         return stun.encode(message, fingerprint=True)
 
@@ -661,8 +713,12 @@ class StunServer:
                 continue
             if outcome.response is None or outcome.send_from is None:
                 continue
+            destination = source
+            if outcome.response_port is not None:
+                # RESPONSE-PORT: same host (and IPv6 flow and scope), another port.
+                destination = (source[0], outcome.response_port, *source[2:])
             try:
-                self._sockets[outcome.send_from].sendto(outcome.response, source)
+                self._sockets[outcome.send_from].sendto(outcome.response, destination)
             except OSError:
                 # Includes a full send buffer: UDP answers are best effort anyway.
                 self.stats["send_errors"] += 1

@@ -5,6 +5,12 @@ inside an Ansible module to hosts that only have Debian's python3, so it uses th
 library only.
 
 Every malformed input makes :func:`decode` raise :class:`StunError` and nothing else.
+
+Classic RFC 3489 messages (no magic cookie; the 16 bytes after the length are all transaction
+id) are accepted only where asked for (``decode(data, classic=True)``), since a server must
+answer them (RFC 8489 section 11) but nothing else should take cookie-less bytes for STUN: a
+:class:`Message` with a 16-byte transaction id is such a message, and :func:`encode` writes it
+back without a cookie.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ from dataclasses import dataclass
 
 __all__ = [
     "BINDING",
+    "CHANGED_ADDRESS",
     "CHANGE_REQUEST",
+    "CLASSIC_TRANSACTION_ID_SIZE",
     "ERROR_CODE",
     "ERROR_RESPONSE",
     "FINGERPRINT",
@@ -40,6 +48,7 @@ __all__ = [
     "RESPONSE_ORIGIN",
     "RESPONSE_PORT",
     "SOFTWARE",
+    "SOURCE_ADDRESS",
     "SUCCESS_RESPONSE",
     "USERNAME",
     "XOR_MAPPED_ADDRESS",
@@ -63,6 +72,8 @@ __all__ = [
 MAGIC_COOKIE = 0x2112A442
 HEADER_SIZE = 20
 TRANSACTION_ID_SIZE = 12
+# RFC 3489 had no cookie: its transaction id is the 16 bytes where the cookie and id now are.
+CLASSIC_TRANSACTION_ID_SIZE = 16
 # The length field is 16 bits and must be a multiple of 4, so nothing valid is ever bigger.
 MAX_MESSAGE_SIZE = HEADER_SIZE + 0xFFFC
 
@@ -78,6 +89,10 @@ BINDING = 0x001
 # Attribute types (RFC 8489 section 18.3, RFC 5780 section 7).
 MAPPED_ADDRESS = 0x0001
 CHANGE_REQUEST = 0x0003
+# RFC 3489's names for what RFC 5780 calls RESPONSE-ORIGIN and OTHER-ADDRESS; classic clients
+# know only these.
+SOURCE_ADDRESS = 0x0004
+CHANGED_ADDRESS = 0x0005
 USERNAME = 0x0006
 MESSAGE_INTEGRITY = 0x0008
 ERROR_CODE = 0x0009
@@ -113,8 +128,18 @@ _ATTRIBUTE_HEADER = struct.Struct("!HH")
 _ADDRESS_HEADER = struct.Struct("!BBH")
 _TRAILER_TYPES = frozenset({MESSAGE_INTEGRITY, MESSAGE_INTEGRITY_SHA256, FINGERPRINT})
 _ADDRESS_TYPES = frozenset(
-    {MAPPED_ADDRESS, XOR_MAPPED_ADDRESS, RESPONSE_ORIGIN, OTHER_ADDRESS, ALSO_MAPPED}
+    {
+        MAPPED_ADDRESS,
+        XOR_MAPPED_ADDRESS,
+        RESPONSE_ORIGIN,
+        OTHER_ADDRESS,
+        ALSO_MAPPED,
+        SOURCE_ADDRESS,
+        CHANGED_ADDRESS,
+    }
 )
+_TRANSACTION_ID_SIZES = (TRANSACTION_ID_SIZE, CLASSIC_TRANSACTION_ID_SIZE)
+_CLASSIC_HEADER = struct.Struct("!HH16s")
 _STRICT_TEXT_TYPES = frozenset({USERNAME, REALM, NONCE})
 
 Address = tuple[str, int]
@@ -141,7 +166,10 @@ class Attribute:
 @dataclass(frozen=True)
 class Message:
     """A STUN message. Attributes keep their wire order; accessors read the first occurrence,
-    since RFC 8489 section 14 says only the first occurrence of an attribute matters."""
+    since RFC 8489 section 14 says only the first occurrence of an attribute matters.
+
+    A 16-byte transaction id makes it a classic RFC 3489 message (see :attr:`classic`).
+    """
 
     method: int
     cls: int
@@ -154,9 +182,14 @@ class Message:
         if self.cls not in (REQUEST, INDICATION, SUCCESS_RESPONSE, ERROR_RESPONSE):
             raise StunError(f"class {self.cls!r} out of range")
         if not isinstance(self.transaction_id, bytes) or (
-            len(self.transaction_id) != TRANSACTION_ID_SIZE
+            len(self.transaction_id) not in _TRANSACTION_ID_SIZES
         ):
-            raise StunError("transaction id must be 12 bytes")
+            raise StunError("transaction id must be 12 bytes (or 16 for RFC 3489)")
+
+    @property
+    def classic(self) -> bool:
+        """An RFC 3489 message: no magic cookie, a 16-byte transaction id."""
+        return len(self.transaction_id) == CLASSIC_TRANSACTION_ID_SIZE
 
     def get(self, attribute_type: int) -> bytes | None:
         """The raw value of the first attribute of this type, or None."""
@@ -189,10 +222,25 @@ class Message:
         value = self.get(OTHER_ADDRESS)
         return None if value is None else _unpack_address(value)
 
+    def source_address(self) -> Address | None:
+        """RFC 3489 SOURCE-ADDRESS (RESPONSE-ORIGIN's predecessor)."""
+        value = self.get(SOURCE_ADDRESS)
+        return None if value is None else _unpack_address(value)
+
+    def changed_address(self) -> Address | None:
+        """RFC 3489 CHANGED-ADDRESS (OTHER-ADDRESS's predecessor)."""
+        value = self.get(CHANGED_ADDRESS)
+        return None if value is None else _unpack_address(value)
+
     def change_request(self) -> tuple[bool, bool] | None:
         """(change_ip, change_port), or None."""
         value = self.get(CHANGE_REQUEST)
         return None if value is None else _unpack_change_request(value)
+
+    def response_port(self) -> int | None:
+        """The port of RESPONSE-PORT (RFC 5780 section 7.5), or None."""
+        value = self.get(RESPONSE_PORT)
+        return None if value is None else _unpack_response_port(value)
 
     def software(self) -> str | None:
         value = self.get(SOFTWARE)
@@ -277,21 +325,29 @@ def _join_type(method: int, cls: int) -> int:
     )
 
 
-def is_stun(data: bytes) -> bool:
+def is_stun(data: bytes, *, classic: bool = False) -> bool:
     """Cheap test for demultiplexing STUN from other traffic on one socket (RFC 7983).
 
     A WireGuard message also starts with two zero bits, but its bytes 2-3 are reserved zeros,
-    so its STUN length would read 0 and never match its real size.
+    so its STUN length would read 0 and never match its real size. ``classic`` also accepts a
+    header without the magic cookie (RFC 3489), which only the length then vouches for.
     """
     if len(data) < HEADER_SIZE or len(data) > MAX_MESSAGE_SIZE or data[0] & 0xC0:
         return False
     length = (data[2] << 8) | data[3]
     cookie = int.from_bytes(data[4:8], "big")
-    return cookie == MAGIC_COOKIE and length % 4 == 0 and length == len(data) - HEADER_SIZE
+    return (
+        (classic or cookie == MAGIC_COOKIE)
+        and length % 4 == 0
+        and length == len(data) - HEADER_SIZE
+    )
 
 
-def _parse(data: bytes) -> tuple[int, int, bytes, list[_Located]]:
+def _parse(data: bytes, classic: bool = False) -> tuple[int, int, bytes, list[_Located]]:
     """Check framing and return (method, class, transaction id, attributes that count).
+
+    With ``classic``, a header without the magic cookie is an RFC 3489 one: the transaction id
+    returned is then its 16 bytes.
 
     RFC 8489 section 14.5/14.6: anything after MESSAGE-INTEGRITY other than
     MESSAGE-INTEGRITY-SHA256 and FINGERPRINT, and anything after MESSAGE-INTEGRITY-SHA256
@@ -309,7 +365,9 @@ def _parse(data: bytes) -> tuple[int, int, bytes, list[_Located]]:
     if message_type & 0xC000:
         raise StunError("the two leading bits are not zero")
     if cookie != MAGIC_COOKIE:
-        raise StunError("wrong magic cookie")
+        if not classic:
+            raise StunError("wrong magic cookie")
+        transaction_id = data[4:HEADER_SIZE]
     if length % 4:
         raise StunError("message length is not a multiple of 4")
     if length != len(data) - HEADER_SIZE:
@@ -366,15 +424,21 @@ def _check_value(attribute: Attribute, transaction_id: bytes) -> None:
         _unpack_address(attribute.value, transaction_id)
     elif attribute.type == CHANGE_REQUEST:
         _unpack_change_request(attribute.value)
+    elif attribute.type == RESPONSE_PORT:
+        _unpack_response_port(attribute.value)
     elif attribute.type == ERROR_CODE:
         _unpack_error_code(attribute.value)
     elif attribute.type in _STRICT_TEXT_TYPES:
         _strict_text(attribute.value)
 
 
-def decode(data: bytes) -> Message:
-    """Parse and validate one STUN message; raise StunError for anything malformed."""
-    method, cls, transaction_id, located = _parse(data)
+def decode(data: bytes, *, classic: bool = False) -> Message:
+    """Parse and validate one STUN message; raise StunError for anything malformed.
+
+    ``classic`` also accepts an RFC 3489 message (no magic cookie), which decodes to a Message
+    with a 16-byte transaction id.
+    """
+    method, cls, transaction_id, located = _parse(data, classic)
     return Message(method, cls, transaction_id, tuple(item.attribute for item in located))
 
 
@@ -394,6 +458,8 @@ def _lenient_text(value: bytes) -> str:
 
 def _xor(raw_address: bytes, transaction_id: bytes) -> bytes:
     # RFC 8489 14.2: IPv4 is XORed with the cookie, IPv6 with the cookie then transaction id.
+    # RFC 3489 has no XOR attributes; a classic message's are XORed the same way, which keeps
+    # their decoding total (the mask is long enough for either id).
     mask = (MAGIC_COOKIE.to_bytes(4, "big") + transaction_id)[: len(raw_address)]
     mixed = int.from_bytes(raw_address, "big") ^ int.from_bytes(mask, "big")
     return mixed.to_bytes(len(raw_address), "big")
@@ -425,6 +491,13 @@ def _unpack_change_request(value: bytes) -> tuple[bool, bool]:
         raise StunError("CHANGE-REQUEST is not 4 bytes")
     flags = value[3]
     return bool(flags & _CHANGE_IP_FLAG), bool(flags & _CHANGE_PORT_FLAG)
+
+
+def _unpack_response_port(value: bytes) -> int:
+    # A 16-bit port, then 2 bytes of padding inside the value (RFC 5780 section 7.5).
+    if len(value) != 4:
+        raise StunError("RESPONSE-PORT is not 4 bytes")
+    return int.from_bytes(value[:2], "big")
 
 
 def _unpack_error_code(value: bytes) -> tuple[int, str]:
@@ -506,11 +579,12 @@ def encode(
     if not 0 <= pad_byte <= 0xFF:
         raise StunError("pad_byte must be a byte value")
 
-    buffer = bytearray(
-        _HEADER.pack(
-            _join_type(message.method, message.cls), 0, MAGIC_COOKIE, message.transaction_id
-        )
-    )
+    message_type = _join_type(message.method, message.cls)
+    if message.classic:
+        # RFC 8489 section 11: echo the classic client's 16 bytes where the cookie would be.
+        buffer = bytearray(_CLASSIC_HEADER.pack(message_type, 0, message.transaction_id))
+    else:
+        buffer = bytearray(_HEADER.pack(message_type, 0, MAGIC_COOKIE, message.transaction_id))
     for attribute in message.attributes:
         _append_attribute(buffer, attribute.type, attribute.value, pad_byte)
     _set_length(buffer, len(buffer) - HEADER_SIZE)
@@ -560,9 +634,16 @@ def _text(value: str) -> bytes:
 def _transaction_id_of(request_or_txid: Message | bytes) -> bytes:
     if isinstance(request_or_txid, Message):
         return request_or_txid.transaction_id
-    if isinstance(request_or_txid, bytes) and len(request_or_txid) == TRANSACTION_ID_SIZE:
+    if isinstance(request_or_txid, bytes) and len(request_or_txid) in _TRANSACTION_ID_SIZES:
         return request_or_txid
-    raise StunError("expected a request Message or a 12-byte transaction id")
+    raise StunError("expected a request Message or a 12-byte (16 for RFC 3489) transaction id")
+
+
+def _classic_text(value: str) -> bytes:
+    # RFC 3489 has no padding: its text values are a multiple of 4 bytes long, and its parsers
+    # (stund's, pystun3's) step over attributes by their length alone. Pad with spaces.
+    encoded = _text(value)
+    return encoded + b" " * (-len(encoded) % 4)
 
 
 def binding_request(
@@ -595,10 +676,25 @@ def binding_success(
 ) -> bytes:
     """An encoded Binding success response carrying XOR-MAPPED-ADDRESS (and ALSO-MAPPED).
 
-    Plain MAPPED-ADDRESS is left out: RFC 8489 only wants it for RFC 3489 clients, which send
-    no magic cookie and so never reach this codec.
+    Plain MAPPED-ADDRESS is left out: RFC 8489 only wants it for RFC 3489 clients. For those
+    (a classic request or a 16-byte transaction id) the answer is instead what RFC 3489 and
+    RFC 8489 section 11 ask: MAPPED-ADDRESS, and RFC 3489's SOURCE-ADDRESS and CHANGED-ADDRESS
+    for response_origin and other_address; no SOFTWARE or FINGERPRINT, which RFC 3489 does not
+    have (and a SOFTWARE of unaligned length would derail its parsers); no ALSO-MAPPED, an XOR
+    attribute.
     """
     txid = _transaction_id_of(request_or_txid)
+    if len(txid) == CLASSIC_TRANSACTION_ID_SIZE:
+        if also_mapped:
+            raise StunError("an RFC 3489 answer has no XOR attributes, so no ALSO-MAPPED")
+        classic = [Attribute(MAPPED_ADDRESS, _pack_address(mapped))]
+        for attribute_type, address in (
+            (SOURCE_ADDRESS, response_origin),
+            (CHANGED_ADDRESS, other_address),
+        ):
+            if address is not None:
+                classic.append(Attribute(attribute_type, _pack_address(address)))
+        return encode(Message(BINDING, SUCCESS_RESPONSE, txid, tuple(classic)))
     attributes = [Attribute(XOR_MAPPED_ADDRESS, _pack_address(mapped, txid))]
     attributes += [Attribute(ALSO_MAPPED, _pack_address(a, txid)) for a in also_mapped]
     if response_origin is not None:
@@ -618,11 +714,19 @@ def binding_error(
     software: str | None = None,
     fingerprint: bool = True,
 ) -> bytes:
-    """An encoded Binding error response with ERROR-CODE (code 300-699)."""
+    """An encoded Binding error response with ERROR-CODE (code 300-699).
+
+    To an RFC 3489 client (a 16-byte transaction id) the reason is padded with spaces to a
+    multiple of 4 bytes, as RFC 3489 requires, and SOFTWARE and FINGERPRINT are left out.
+    """
     if not isinstance(code, int) or not 300 <= code <= 699:
         raise StunError(f"error code out of range: {code!r}")
     txid = _transaction_id_of(request_or_txid)
-    value = bytes([0, 0, code // 100, code % 100]) + _text(reason)
+    header = bytes([0, 0, code // 100, code % 100])
+    if len(txid) == CLASSIC_TRANSACTION_ID_SIZE:
+        error = Attribute(ERROR_CODE, header + _classic_text(reason))
+        return encode(Message(BINDING, ERROR_RESPONSE, txid, (error,)))
+    value = header + _text(reason)
     attributes = [Attribute(ERROR_CODE, value)]
     if software is not None:
         attributes.append(Attribute(SOFTWARE, _text(software)))
