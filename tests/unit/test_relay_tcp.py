@@ -30,6 +30,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tls_harness import DEADLINE, Cert, RelayLoop, make_cert, save_cert, wait_for
 
+from meshwright.relay.admission import SourceSlots
 from meshwright.relay.tls import site_fingerprints
 from meshwright.wire.frames import (
     KEEPALIVE,
@@ -518,3 +519,86 @@ def test_many_connections_at_once(relay_loop, certs):
     finally:
         for client in clients:
             client.close()
+
+
+# --- one source cannot starve the others ------------------------------------------------------
+
+
+def connect_from(address: tuple[str, int], source: str) -> socket.socket:
+    """A plain TCP connection from another loopback address (all of 127/8 is this host)."""
+    return socket.create_connection(address, timeout=DEADLINE, source_address=(source, 0))
+
+
+def test_one_source_holds_only_a_few_unproven_connections(relay_loop, certs):
+    relay = relay_loop(max_unproven_per_source=4, max_connections=8)
+    held = [connect_from(relay.address, "127.0.0.2") for _ in range(4)]
+    refused = [connect_from(relay.address, "127.0.0.2") for _ in range(20)]
+    try:
+        for sock in refused:
+            assert sock.recv(16) == b""  # closed at once, not queued behind the others
+        # The held ones are still open, yet a site from another address gets in, twice over
+        # (the connection table has room for 8, and the flooder may take only 4 of it).
+        for _ in range(2):
+            with tls_client(relay.address, certs["alpha"]) as alpha:
+                accepted(alpha)
+        counters = relay.counters()
+        assert counters["rejected_source_limit"] == 20
+        assert counters["handshakes"] == 2
+        assert relay.call(lambda: len(relay.clients._unproven)) == 4
+    finally:
+        for sock in held + refused:
+            sock.close()
+    # Closing them gives their slots back.
+    wait_for(lambda: relay.call(lambda: len(relay.clients._unproven)) == 0)
+
+
+def test_a_proven_site_no_longer_counts_against_its_source(relay_loop, certs):
+    relay = relay_loop(max_unproven_per_source=1)
+    # Both sites behind one NAT (one source): each proves itself in turn.
+    with tls_client(relay.address, certs["alpha"]) as alpha:
+        accepted(alpha)
+        with tls_client(relay.address, certs["beta"]) as beta:
+            accepted(beta)
+    assert relay.counters()["rejected_source_limit"] == 0
+
+
+def test_a_trickle_of_bytes_does_not_extend_the_handshake_deadline(relay_loop, certs):
+    relay = relay_loop(handshake_timeout=0.5)
+    record_header = b"\x16\x03\x01\x02\x00"  # a ClientHello record of 512 bytes, never sent
+    with connect_from(relay.address, "127.0.0.2") as slow:
+        started = time.monotonic()
+        slow.sendall(record_header)
+        closed_after = None
+        for _ in range(40):  # one byte every 50 ms: far more often than any idle timeout
+            try:
+                slow.sendall(b"\x01")
+                slow.settimeout(0.05)
+                if slow.recv(16) == b"":
+                    closed_after = time.monotonic() - started
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                closed_after = time.monotonic() - started
+                break
+    assert closed_after is not None, "the trickling connection was never closed"
+    assert closed_after < 0.5 + 1.5  # the deadline plus close_idle's one-second scan
+    assert relay.counters()["closed_handshake_timeout"] == 1
+
+
+def test_source_slots_count_per_source_and_in_all():
+    slots = SourceSlots(per_source=2, total=3)
+    assert slots.take("192.0.2.1") is None
+    assert slots.take("192.0.2.1") is None
+    assert slots.take("192.0.2.1") == "source"
+    # One host's IPv6 /64 is one source, however many addresses it uses.
+    assert slots.take("2001:db8::1") is None
+    assert slots.take("2001:db8::2") == "total"
+    slots.give("192.0.2.1")
+    assert slots.take("2001:db8::ffff") is None
+    assert slots.take("2001:db8::3") == "total"  # checked before the source's own limit
+    assert slots.held("2001:db8::7") == 2 and len(slots) == 3
+    for _ in range(5):  # more gives than takes cannot drive a count negative
+        slots.give("2001:db8::9")
+    assert slots.held("2001:db8::1") == 0 and len(slots) == 1
+    assert slots.take("198.51.100.7") is None

@@ -3,6 +3,7 @@ on loopback (127.0.0.1 and 127.0.0.2 only)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -852,6 +853,70 @@ def test_stun_over_tcp_answers_on_the_connection_and_survives_garbage():
             assert classic.recv(2048) == b""  # no cookie: not STUN on a stream
         assert server.stats["tcp_dropped"] == 2
     finally:
+        server.stop()
+        thread.join(5)
+        server.close()
+
+
+def test_stun_over_tcp_bounds_each_source_and_each_slow_connection():
+    """One source holds at most 8 connections, and a connection that trickles bytes without
+    completing a request is closed on time: neither starves other clients."""
+    import socket as _socket
+    import threading as _threading
+    import time as _time
+
+    from meshwright.relay.stun_server import StunServer as _Server
+    from meshwright.wire import stun as _stun
+
+    probe = _socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    tcp_port = probe.getsockname()[1]
+    probe.close()
+    udp = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    port = udp.getsockname()[1]
+    udp.close()
+    server = _Server(["127.0.0.1"], port, port + 1 if port < 65535 else port - 1, tcp_port=tcp_port)
+    thread = _threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    address = ("127.0.0.1", tcp_port)
+    flood: list[_socket.socket] = []
+    try:
+        for _ in range(12):
+            flood.append(_socket.create_connection(address, 3, source_address=("127.0.0.2", 0)))
+        refused = 0
+        for sock in flood:
+            sock.settimeout(0.1)
+            with contextlib.suppress(TimeoutError):
+                refused += sock.recv(16) == b""
+        assert refused == 4
+        assert server.stats["tcp_refused_source"] == 4
+        server._streams.answer_seconds = 0.5  # for the connections from here on
+        # Another source is served while the flooder holds its 8.
+        with _socket.create_connection(address, timeout=3) as client:
+            client.sendall(_stun.binding_request())
+            assert _stun.decode(client.recv(2048)).xor_mapped_address() == client.getsockname()
+            # An answered request gives the connection a new window; trickling bytes do not.
+            started = _time.monotonic()
+            client.sendall(_stun.binding_request()[:5])
+            client.settimeout(0.1)
+            closed_after = None
+            while _time.monotonic() - started < 5:
+                try:
+                    client.sendall(b"\x00")
+                    if client.recv(16) == b"":
+                        closed_after = _time.monotonic() - started
+                        break
+                except TimeoutError:
+                    continue
+                except OSError:
+                    closed_after = _time.monotonic() - started
+                    break
+        assert closed_after is not None and closed_after < 0.5 + 1.5
+        assert server.stats["tcp_timeouts"] >= 1
+    finally:
+        for sock in flood:
+            sock.close()
         server.stop()
         thread.join(5)
         server.close()

@@ -72,6 +72,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from meshwright.relay.admission import SourceSlots, source_key
 from meshwright.wire import stun
 from meshwright.wire.endpoint import format_endpoint
 
@@ -179,19 +180,10 @@ class RateLimiter:
     def __len__(self) -> int:
         return len(self._buckets)
 
-    @staticmethod
-    def _key(ip: str) -> str | bytes:
-        if ":" in ip:
-            try:
-                return ipaddress.IPv6Address(ip.split("%", 1)[0]).packed[:8]
-            except ValueError:
-                return ip
-        return ip
-
     def allow(self, ip: str) -> bool:
         """Take one token for ip; False if its bucket is empty."""
         now = self._clock()
-        key = self._key(ip)
+        key = source_key(ip)
         bucket = self._buckets.get(key)
         if bucket is None:
             if len(self._buckets) >= self.max_sources:
@@ -428,9 +420,13 @@ _RECEIVE_BUFFER = 65536
 _BATCH = 64
 _MAX_LOGGED_INTERNAL_ERRORS = 10
 # STUN over TCP (RFC 8489 section 6.2.2): lets a site whose network drops UDP learn that
-# the relay is reachable at all, and from which address. Bounded in every dimension.
+# the relay is reachable at all, and from which address. Bounded in every dimension: a
+# connection gets _TCP_ANSWER_SECONDS from its accept, then from each answer, to complete its
+# next request (bytes that complete none extend nothing), and one source holds at most
+# _TCP_PER_SOURCE connections (meshwright.relay.admission).
 _TCP_MAX_CONNECTIONS = 256
-_TCP_IDLE_SECONDS = 10.0
+_TCP_PER_SOURCE = 8
+_TCP_ANSWER_SECONDS = 5.0
 _TCP_MAX_BUFFER = 2048
 _COOKIE = stun.MAGIC_COOKIE.to_bytes(4, "big")
 
@@ -441,7 +437,7 @@ class StunTcpClient:
     peer: Address
     local: Address
     buffer: bytearray
-    last_seen: float
+    deadline: float
 
 
 class StunStreams:
@@ -450,14 +446,24 @@ class StunStreams:
     The STUN service uses it for its own TCP listener; the relay service, which owns TCP 443
     for its TLS relay, hands it the connections that turn out to speak STUN (:meth:`adopt`).
     A connection's registration data is its :class:`StunTcpClient`: the loop passes keys whose
-    data is one to :meth:`read`.
+    data is one to :meth:`read`, and calls :meth:`close_idle` about once a second.
     """
 
     def __init__(
-        self, responder: StunResponder, selector: selectors.BaseSelector, stats: dict[str, int]
+        self,
+        responder: StunResponder,
+        selector: selectors.BaseSelector,
+        stats: dict[str, int],
+        clock: Callable[[], float] = time.monotonic,
+        answer_seconds: float = _TCP_ANSWER_SECONDS,
     ) -> None:
-        self.responder, self.selector, self.stats = responder, selector, stats
+        self.responder, self.selector, self.stats, self.clock = responder, selector, stats, clock
+        self.answer_seconds = answer_seconds
         self.clients: dict[socket.socket, StunTcpClient] = {}
+        self.slots = SourceSlots(_TCP_PER_SOURCE, _TCP_MAX_CONNECTIONS)
+
+    def _count(self, name: str) -> None:
+        self.stats[name] = self.stats.get(name, 0) + 1
 
     def accept(self, listener: socket.socket) -> None:
         try:
@@ -468,17 +474,18 @@ class StunStreams:
 
     def adopt(self, conn: socket.socket, first_bytes: bytes = b"") -> None:
         """Serve an accepted connection; ``first_bytes`` were already read from it."""
-        if len(self.clients) >= _TCP_MAX_CONNECTIONS:
-            self.stats["tcp_refused"] = self.stats.get("tcp_refused", 0) + 1
-            conn.close()
-            return
         try:
             conn.setblocking(False)
             peer, local = conn.getpeername()[:2], conn.getsockname()[:2]
         except OSError:
             conn.close()
             return
-        client = StunTcpClient(conn, peer, local, bytearray(), time.monotonic())
+        refused = self.slots.take(peer[0])
+        if refused is not None:
+            self._count("tcp_refused" if refused == "total" else "tcp_refused_source")
+            conn.close()
+            return
+        client = StunTcpClient(conn, peer, local, bytearray(), self.clock() + self.answer_seconds)
         self.clients[conn] = client
         self.selector.register(conn, selectors.EVENT_READ, client)
         if first_bytes:
@@ -497,14 +504,13 @@ class StunStreams:
         self._feed(client, data)
 
     def _feed(self, client: StunTcpClient, data: bytes) -> None:
-        client.last_seen = time.monotonic()
         client.buffer += data
         # STUN over TCP has no framing of its own: the header's length field delimits.
         while len(client.buffer) >= stun.HEADER_SIZE:
             size = stun.HEADER_SIZE + int.from_bytes(client.buffer[2:4], "big")
             header_ok = client.buffer[0] & 0xC0 == 0 and client.buffer[4:8] == _COOKIE
             if size > _TCP_MAX_BUFFER or not header_ok:
-                self.stats["tcp_dropped"] = self.stats.get("tcp_dropped", 0) + 1
+                self._count("tcp_dropped")
                 self.close(client)  # no way to resynchronise a byte stream
                 return
             if len(client.buffer) < size:
@@ -516,7 +522,7 @@ class StunStreams:
                     message, client.peer, udp_local, stream=client.local
                 )
             except Exception:
-                self.stats["internal_errors"] = self.stats.get("internal_errors", 0) + 1
+                self._count("internal_errors")
                 self.close(client)
                 return
             if outcome.response is not None:
@@ -525,18 +531,23 @@ class StunStreams:
                 except OSError:
                     self.close(client)
                     return
+                client.deadline = self.clock() + self.answer_seconds
 
     def close_idle(self) -> None:
+        """Close the connections whose time to complete a request has run out."""
         if not self.clients:
             return
-        cutoff = time.monotonic() - _TCP_IDLE_SECONDS
-        for client in [c for c in self.clients.values() if c.last_seen < cutoff]:
+        now = self.clock()
+        for client in [c for c in self.clients.values() if c.deadline <= now]:
+            self._count("tcp_timeouts")
             self.close(client)
 
     def close(self, client: StunTcpClient) -> None:
+        if self.clients.pop(client.conn, None) is None:
+            return
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(client.conn)
-        self.clients.pop(client.conn, None)
+        self.slots.give(client.peer[0])
         client.conn.close()
 
     def close_all(self) -> None:

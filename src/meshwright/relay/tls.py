@@ -34,9 +34,15 @@ bytes are not a TLS record header (a prefix of one counts as TLS) is STUN over T
 goes to ``on_other(sock, first_bytes)`` (the bytes were consumed from the socket, which is
 non-blocking and no longer registered) or, without that callback, is closed. Handshake failures,
 unknown certificates, malformed frame streams, connections idle longer than ``idle_timeout``
-and connections that have not finished the handshake within ``handshake_timeout`` are closed
-and counted as ``closed_<reason>``. A site that connects again supersedes its older connection,
-which is closed: :meth:`TlsClients.send` always goes to the newest.
+and connections that have not finished the handshake within ``handshake_timeout`` of their
+accept (whatever trickle of bytes they send) are closed and counted as ``closed_<reason>``.
+Until its handshake is done a connection is unproven, and one source (an IPv4 address or IPv6
+/64) may hold at most ``max_unproven_per_source`` unproven connections
+(:mod:`.admission`); more are closed at once as ``rejected_source_limit``. Together these keep
+one host from filling the connection table that UDP-blocked sites need (docs/relays.md).
+
+A site that connects again supersedes its older connection, which is closed:
+:meth:`TlsClients.send` always goes to the newest.
 
 Writes are queued per connection, up to ``max_buffer`` bytes, and written at once when the
 socket takes them; ``EVENT_WRITE`` is registered only while some are pending. A full buffer
@@ -60,6 +66,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 
+from meshwright.relay.admission import SourceSlots
 from meshwright.wire.frames import (
     KEEPALIVE,
     KEEPALIVE_PORT,
@@ -73,9 +80,12 @@ from meshwright.wire.stream import FramedStream, Frames, tune
 __all__ = ["DEFAULT_IDLE_TIMEOUT", "TlsClients", "server_context", "site_fingerprints"]
 
 DEFAULT_IDLE_TIMEOUT = 120.0
-DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+# A TLS 1.3 handshake takes one round trip and a signature: 5 s allows for a congested path.
+DEFAULT_HANDSHAKE_TIMEOUT = 5.0
 DEFAULT_MAX_BUFFER = 512 * 1024
 DEFAULT_MAX_CONNECTIONS = 1024
+# Sites behind one NAT share a source; each holds one connection, briefly two on reconnect.
+DEFAULT_MAX_UNPROVEN_PER_SOURCE = 16
 _ACCEPT_BATCH = 64
 _READ_BUDGET = 64  # reads per wake-up, so one busy site cannot starve the others
 _FIRST_BYTES = 2048  # handed to on_other: as much as a STUN-over-TCP message may need
@@ -104,7 +114,16 @@ class _Listener:
 class _Connection(FramedStream):
     """The selector data of one client connection."""
 
-    __slots__ = ("closed", "created", "fingerprint", "last_seen", "peer", "site", "state")
+    __slots__ = (
+        "closed",
+        "created",
+        "fingerprint",
+        "last_seen",
+        "peer",
+        "site",
+        "source",
+        "state",
+    )
 
     sock: socket.socket
 
@@ -117,6 +136,8 @@ class _Connection(FramedStream):
         self.site: str | None = None
         self.fingerprint: str | None = None
         self.closed = False
+        # Who holds an unproven slot (SourceSlots) until the handshake; None once given back.
+        self.source: str | None = None
 
 
 def site_fingerprints(sites: Mapping[str, str | bytes]) -> dict[str, str]:
@@ -195,6 +216,7 @@ class TlsClients:
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         max_buffer: int = DEFAULT_MAX_BUFFER,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_unproven_per_source: int = DEFAULT_MAX_UNPROVEN_PER_SOURCE,
         log: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -204,6 +226,7 @@ class TlsClients:
         self.handshake_timeout = handshake_timeout
         self.max_buffer = max_buffer
         self.max_connections = max_connections
+        self._unproven = SourceSlots(max_unproven_per_source, max_connections)
         self.log = log or (lambda _message: None)
         self.clock = clock
         self.counters: Counter[str] = Counter()
@@ -327,14 +350,31 @@ class TlsClients:
             sock.close()
             return
         try:
+            if peer is None:
+                peer = sock.getpeername()
+            source = str(peer[0])  # type: ignore[index]
+        except (OSError, IndexError, TypeError):
+            self.counters["accept_errors"] += 1
+            sock.close()
+            return
+        refused = self._unproven.take(source)
+        if refused is not None:
+            self.counters[
+                "rejected_source_limit" if refused == "source" else "rejected_too_many"
+            ] += 1
+            sock.close()
+            return
+        try:
             sock.setblocking(False)
             tune(sock, keepalive_idle=60)
             connection = _Connection(sock, peer, self.clock())
             self._selector().register(sock, _READ, connection)
         except (OSError, ValueError):
+            self._unproven.give(source)
             self.counters["accept_errors"] += 1
             sock.close()
             return
+        connection.source = source
         connection.events = _READ
         self._connections.add(connection)
         self.counters["accepted"] += 1
@@ -438,6 +478,7 @@ class TlsClients:
         selector.unregister(sock)
         connection.closed = True
         self._connections.discard(connection)
+        self._prove(connection)  # on_other applies limits of its own
         try:
             first = sock.recv(_FIRST_BYTES)
         except OSError:
@@ -485,6 +526,7 @@ class TlsClients:
             self._close(connection, "unknown_certificate")
             return
         connection.state, connection.site, connection.fingerprint = _OPEN, site, pin
+        self._prove(connection)
         connection.last_seen = self.clock()
         older = self._by_site.get(site)
         self._by_site[site] = connection
@@ -549,7 +591,14 @@ class TlsClients:
             self.log(f"relay tls: {connection.site} disconnected ({reason})")
         self._forget(connection, reason)
 
+    def _prove(self, connection: _Connection) -> None:
+        """Give back the connection's unproven slot, if it still holds one."""
+        if connection.source is not None:
+            self._unproven.give(connection.source)
+            connection.source = None
+
     def _forget(self, connection: _Connection, reason: str) -> None:
+        self._prove(connection)
         connection.closed = True
         self._connections.discard(connection)
         if connection.site is not None and self._by_site.get(connection.site) is connection:
