@@ -18,7 +18,11 @@ from ansible_collections.meshwright.mesh.plugins.plugin_utils.mesh import (
     mesh_inventory,
 )
 
-ARGUMENT_SPEC: dict[str, dict[str, Any]] = dict(INVENTORY_OPTIONS)
+ARGUMENT_SPEC: dict[str, dict[str, Any]] = {
+    **INVENTORY_OPTIONS,
+    "rotate_keys": {"type": "raw"},
+    "rotate_tls": {"type": "raw"},
+}
 
 
 class ActionModule(ActionBase):
@@ -32,7 +36,12 @@ class ActionModule(ActionBase):
         result: dict[str, Any] = super().run(tmp, task_vars)
         _, args = self.validate_argument_spec(ARGUMENT_SPEC)
         inventory = gather(task_vars, args)
-        problems = mesh_inventory.validate_inventory(inventory)
+        problems = [
+            *mesh_inventory.validate_inventory(inventory),
+            *mesh_inventory.check_rotations(
+                inventory, args.get("rotate_keys"), args.get("rotate_tls")
+            ),
+        ]
         if problems:
             raise AnsibleActionFail(
                 f"the inventory is not valid: {mesh_inventory.PlanError(problems)}"

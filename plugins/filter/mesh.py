@@ -76,10 +76,24 @@ def mesh_status_json(status: dict[str, Any]) -> str:
     return text
 
 
+def mesh_names(value: Any) -> list[str]:
+    """The host names of a rotation option (``mesh_rotate_keys``, ``mesh_rotate_tls``): a list,
+    or one string of names separated by commas, as ``-e`` gives it."""
+    try:
+        from meshwright.plan.inventory import rotation_names
+    except ImportError:
+        raise AnsibleFilterError(MISSING_PACKAGE) from None
+    try:
+        return rotation_names(value)
+    except ValueError as exc:
+        raise AnsibleFilterError(str(exc)) from None
+
+
 class FilterModule:
     def filters(self) -> dict[str, Any]:
         return {
             "nat_table": nat_table,
+            "mesh_names": mesh_names,
             "mesh_status": mesh_status,
             "mesh_status_table": mesh_status_table,
             "mesh_status_json": mesh_status_json,

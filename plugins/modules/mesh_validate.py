@@ -22,7 +22,8 @@ description:
     C(mesh_endpoint) overrides (valid, unique); listen ports; C(mesh_link_kinds) and
     C(mesh_keepalive); relay addresses and allocation ports (C(relay_first_port),
     C(relay_last_port)); and that C(mesh_overlay_network), C(mesh_link_kinds) and
-    C(mesh_keepalive) are the same for every site.
+    C(mesh_keepalive) are the same for every site; and that O(rotate_keys) and O(rotate_tls)
+    name hosts of their groups.
   - What needs facts - WireGuard keys, NAT classes, and so whether a path reaches every
     required site - is checked by M(meshwright.mesh.mesh_plan), where the facts are first
     known.
@@ -49,6 +50,17 @@ options:
         C(direct), C(relay) and C(relay-tcp) when there are relays (C(direct) without).
     type: list
     elements: str
+  rotate_keys:
+    description:
+      - Hosts whose WireGuard key this run rotates (C(mesh_rotate_keys) of
+        C(meshwright.mesh.site)); each must be a site or a relay. A list, or one string of
+        names separated by commas.
+    type: raw
+  rotate_tls:
+    description:
+      - Relays whose TLS certificate this run rotates (C(mesh_rotate_tls)); each must be a
+        relay. A list, or one string of names separated by commas.
+    type: raw
 attributes:
   check_mode:
     support: full

@@ -199,7 +199,15 @@ def _tls_families(tls: Mapping[str, Any]) -> list[Metric]:
     )
     for reason in _reasons(counters, (), "closed_"):
         closed.add_metric([reason], counters.get(f"closed_{reason}", 0))
-    return [connected, frames, received, dropped, closed]
+    rejected = CounterMetricFamily(
+        "meshwright_relay_tls_rejected_connections_total",
+        "Connections to the TLS port closed at once: their source held too many unproven"
+        " connections (source_limit), or the relay held too many in all (too_many).",
+        labels=["reason"],
+    )
+    for reason in ("source_limit", "too_many"):
+        rejected.add_metric([reason], counters.get(f"rejected_{reason}", 0))
+    return [connected, frames, received, dropped, closed, rejected]
 
 
 # --- the sidecar ---------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import pytest
 import yaml
 
 from meshwright import artifact
-from meshwright.lab import podman, runner
+from meshwright.lab import flood, podman, runner
 from meshwright.plan.diff import diff_plans, load_plan, render
 from meshwright.plan.inventory import read_state
 
@@ -339,3 +339,272 @@ def test_pipeline_plans_a_pull_request_then_applies_and_records_it(
         assert NEW_PREFIX in allowed[key], (site, allowed)
         route = podman.run(["exec", containers[site], "ip", "route", "show", NEW_PREFIX])
         assert "dev mesh0" in route, (site, route)
+
+
+class BackgroundPing:
+    """A 20-per-second ping between two of the lab's LAN hosts, as a systemd unit of the
+    source's container, so that it runs while the playbook does; stopped with SIGINT, it
+    prints its summary."""
+
+    def __init__(self, container: str, address: str, unit: str) -> None:
+        self.container, self.unit, self.log = container, unit, f"/tmp/{unit}.txt"
+        podman.run(["exec", container, "rm", "-f", self.log])
+        podman.run(
+            [
+                "exec", container, "systemd-run", "--quiet", f"--unit={unit}", "sh", "-c",
+                f"ping -i 0.05 -c 100000 -W 1 {address} > {self.log} 2>&1",
+            ]
+        )  # fmt: skip
+
+    def stop(self) -> tuple[int, int]:
+        """(sent, lost)."""
+        podman.run(["exec", self.container, "systemctl", "kill", "--signal=INT", self.unit])
+        deadline = time.monotonic() + 10
+        while True:
+            out = podman.run(["exec", self.container, "cat", self.log], check=False)
+            match = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+            if match:
+                sent, received = int(match.group(1)), int(match.group(2))
+                return sent, sent - received
+            assert time.monotonic() < deadline, out[-500:]
+            time.sleep(0.2)
+
+
+def test_a_site_key_and_a_relay_certificate_rotate_live(
+    user_lab: Path, user_repo: UserRepo, converged: str
+) -> None:
+    """`site.yml -e mesh_rotate_keys=easy1 -e mesh_rotate_tls=relay1`, with traffic flowing:
+    easy1's pairs lose at most a handshake's worth of pings, the UDP-blocked site's relayed
+    pair (through relay1's TLS service) loses none, no other pair is touched, the derived
+    preshared keys follow, and easy1's old private key is gone from the node."""
+    repo, files = user_repo, user_repo.path / "inventory/.meshwright"
+    lab = yaml.safe_load(user_lab.read_text())["all"]["children"]
+    sites = sorted(lab["mesh_sites"]["hosts"])
+    containers = {s: lab["mesh_sites"]["hosts"][s]["ansible_host"] for s in sites}
+    relay = lab["mesh_relays"]["hosts"]["relay1"]["ansible_host"]
+    lan_host = {s: lab["lan_hosts"]["hosts"][f"{s}-lan1"]["ansible_host"] for s in sites}
+    target = {
+        s: lab["mesh_sites"]["hosts"][s]["mesh_lan_prefixes"][0].rsplit(".", 1)[0] + ".10"
+        for s in sites
+    }
+
+    def wg(container: str, what: str) -> dict[str, list[str]]:
+        out = podman.run(["exec", container, "wg", "show", "mesh0", what])
+        return {key: rest for key, *rest in map(str.split, out.splitlines())}
+
+    def sidecar_connects(since: str) -> int:
+        journal = podman.run(
+            ["exec", containers["blocked"], "journalctl", "-u", "meshwright-sidecar.service",
+             "--no-pager", "-o", "cat", "--since", since]
+        )  # fmt: skip
+        return journal.count("sidecar: connected to relay1")
+
+    # What the test (not meshwright: the controller never sees it) reads on the node first.
+    old_private = podman.run(["exec", containers["easy1"], "cat", "/etc/wireguard/mesh0.key"])
+    old_public = podman.run(["exec", containers["easy1"], "wg", "show", "mesh0", "public-key"])
+    state = json.loads((files / "state.json").read_text())
+    served, standby = (
+        state["relays"]["relay1"][k] for k in ("tls_fingerprint", "tls_standby_fingerprint")
+    )
+    assert served != standby
+    # The pair that must not be touched: public <-> blocked, through relay1's TLS service.
+    keys = {s: state["sites"][s]["public_key"] for s in sites}
+    others_before = {
+        "public": wg(containers["public"], "transfer")[keys["blocked"]],
+        "blocked": wg(containers["blocked"], "transfer")[keys["public"]],
+    }
+    old_psk = wg(containers["public"], "preshared-keys")[old_public.strip()]
+    since = podman.run(["exec", containers["blocked"], "date", "+%Y-%m-%d %H:%M:%S"]).strip()
+    time.sleep(1)
+
+    pings = {
+        "easy1 -> public": BackgroundPing(lan_host["easy1"], target["public"], "mw-rotate-easy1"),
+        "blocked -> public": BackgroundPing(
+            lan_host["blocked"], target["public"], "mw-rotate-blocked"
+        ),
+    }
+    time.sleep(2)  # the pings are flowing before the run starts
+    started = time.monotonic()
+    out = repo.run(
+        repo.venv / "bin/ansible-playbook", "meshwright.mesh.site",
+        "-e", "mesh_rotate_keys=easy1", "-e", "mesh_rotate_tls=relay1",
+    )  # fmt: skip
+    took = time.monotonic() - started
+    time.sleep(3)  # and go on flowing after it
+    lost = {name: ping.stop() for name, ping in pings.items()}
+    print(f"\nrotation run: {took:.0f} s; pings sent, lost (20 per second): {lost}")
+    assert not re.search(r"(failed|unreachable)=[1-9]", out), out[-3000:]
+
+    # easy1 has a new key; every peer learned it in the same run, and its pair kept working
+    # but for at most one handshake's worth of traffic (one round of retries: 5 s).
+    new_public = podman.run(["exec", containers["easy1"], "wg", "show", "mesh0", "public-key"])
+    assert new_public != old_public
+    new_state = json.loads((files / "state.json").read_text())
+    assert new_state["sites"]["easy1"]["public_key"] == new_public.strip()
+    for site in sites:
+        if site != "easy1" and any(
+            p["name"] == "easy1"
+            for p in json.loads((files / "plan.json").read_text())["sites"][site]["peers"]
+        ):
+            peers = wg(containers[site], "peers")
+            assert new_public.strip() in peers and old_public.strip() not in peers, site
+    _sent, dropped = lost["easy1 -> public"]
+    assert dropped <= 5 * 20, lost
+    # Preshared keys follow: both ends derive the same new one, and it is not the old one.
+    public_psks = wg(containers["public"], "preshared-keys")
+    easy1_psks = wg(containers["easy1"], "preshared-keys")
+    psk = public_psks[new_public.strip()]
+    agreed = psk == easy1_psks[keys["public"]] and psk not in (["(none)"], old_psk)
+    assert agreed  # (not compared in the assertion, which would print the keys)
+    # The old private key is in no file of the node any more.
+    leftovers = podman.run(
+        ["exec", containers["easy1"], "grep", "-rlsF", old_private.strip(), "/etc", "/var",
+         "/run", "/tmp", "/root", "/opt"],
+        check=False,
+    )  # fmt: skip
+    assert leftovers.strip() == "", leftovers
+
+    # relay1 serves its former standby certificate; the sites pin it and a new standby.
+    presented = podman.run(
+        ["exec", relay, "sh", "-c",
+         "openssl x509 -in /etc/meshwright/relay-tls.crt -outform DER | sha256sum"]
+    ).split()[0]  # fmt: skip
+    assert f"sha256:{presented}" == standby
+    relay1 = new_state["relays"]["relay1"]
+    assert relay1["tls_fingerprint"] == standby
+    assert relay1["tls_standby_fingerprint"] not in (served, standby)
+    config = json.loads(
+        podman.run(["exec", containers["blocked"], "cat", "/etc/meshwright/sidecar.json"])
+    )
+    pins = config["relays"]["relay1"]
+    assert (pins["fingerprint"], pins["standby_fingerprint"]) == (
+        relay1["tls_fingerprint"],
+        relay1["tls_standby_fingerprint"],
+    )
+    # Its connection, shown the retired certificate, was replaced once (a retired key keeps
+    # no session alive), with no ping lost: the relay already served the pinned standby.
+    assert sidecar_connects(since) == 1
+    assert lost["blocked -> public"][1] == 0, lost
+
+    # No other pair was touched: its peers were not replaced (their counters only grew).
+    others_after = {
+        "public": wg(containers["public"], "transfer")[keys["blocked"]],
+        "blocked": wg(containers["blocked"], "transfer")[keys["public"]],
+    }
+    for site, before in others_before.items():
+        assert all(int(a) >= int(b) for a, b in zip(others_after[site], before, strict=True)), site
+
+    # The rotation is recorded in the plan and state files, and then nothing is left to do.
+    nothing = repo.meshwright("plan", "--diff")
+    assert nothing.returncode == 0, nothing.stdout + nothing.stderr
+
+
+def rss_mib(container: str, unit: str) -> float:
+    """The resident memory of a systemd service's main process, in MiB."""
+    out = podman.run(
+        ["exec", container, "sh", "-c",
+         f"grep VmRSS /proc/$(systemctl show -p MainPID --value {unit})/status"]
+    )  # fmt: skip
+    return int(out.split()[1]) / 1024
+
+
+def test_floods_and_slow_connections_starve_no_site_and_grow_no_memory(
+    user_lab: Path, user_repo: UserRepo, converged: str
+) -> None:
+    """While one lab host holds 1,000 trickling connections to relay1's port 443 and another
+    floods its STUN and allocation ports (bounded, lab addresses only), the UDP-blocked site
+    keeps its TLS relay service (its pings through relay1 get through; a restarted sidecar
+    connects again at once), and the relay and STUN services keep bounded memory. (The
+    traversal sidecar's flood is in molecule/default/tests/test_traversal.py: this lab has no
+    punch pair.)"""
+    repo = user_repo
+    lab = yaml.safe_load(user_lab.read_text())["all"]["children"]
+    sites = lab["mesh_sites"]["hosts"]
+    relay = lab["mesh_relays"]["hosts"]["relay1"]
+    relay_host, relay_address = relay["ansible_host"], relay["relay_public_addresses"][0]
+    lan_host = {s: lab["lan_hosts"]["hosts"][f"{s}-lan1"]["ansible_host"] for s in sites}
+    target = sites["public"]["mesh_lan_prefixes"][0].rsplit(".", 1)[0] + ".10"
+    plan = json.loads((repo.path / "inventory/.meshwright/plan.json").read_text())
+    ports = sorted({p for a in plan["allocations"] if a["relay"] == "relay1" for p in a["ports"]})
+    services = {
+        "relay": (relay_host, "meshwright-relay.service"),
+        "stun": (relay_host, "meshwright-stun.service"),
+    }
+    flood_file = Path(flood.__file__)
+    for host in (sites["public"]["ansible_host"], sites["easy1"]["ansible_host"]):
+        podman.run(["cp", str(flood_file), f"{host}:/tmp/flood.py"])
+
+    def flood_from(host: str, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            ["podman", "exec", host, "python3", "/tmp/flood.py", *args],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    rss = {"before": {name: rss_mib(*where) for name, where in services.items()}}
+    seconds = 30
+    floods = {
+        # From the open site's address: a slowloris on port 443.
+        "tcp": flood_from(
+            sites["public"]["ansible_host"], "tcp", f"{relay_address}:443",
+            "--connections", "1000", "--trickle", "1", "--seconds", str(seconds),
+        ),
+        # From easy1's NAT: STUN requests, and junk to every allocation port.
+        "udp": flood_from(
+            sites["easy1"]["ansible_host"], "udp", f"{relay_address}:3478",
+            *(f"{relay_address}:{p}" for p in ports),
+            "--stun", "3478", "--rate", "5000", "--packets", str(5000 * seconds),
+            "--seconds", str(seconds),
+        ),
+    }  # fmt: skip
+    started = time.monotonic()
+    ping = BackgroundPing(lan_host["blocked"], target, "mw-flood-ping")
+    time.sleep(12)
+    rss["during"] = {name: rss_mib(*where) for name, where in services.items()}
+    sent, lost = ping.stop()
+
+    # A UDP-blocked site that connects anew while the flood goes on gets in at once.
+    blocked = sites["blocked"]["ansible_host"]
+    since = podman.run(["exec", blocked, "date", "+%Y-%m-%d %H:%M:%S"]).strip()
+    restarted = time.monotonic()
+    podman.run(["exec", blocked, "systemctl", "restart", "meshwright-sidecar.service"])
+    reconnect = None
+    while time.monotonic() - restarted < 10:
+        journal = podman.run(
+            ["exec", blocked, "journalctl", "-u", "meshwright-sidecar.service", "--no-pager",
+             "-o", "cat", "--since", since]
+        )  # fmt: skip
+        if "sidecar: connected to relay1" in journal:
+            reconnect = time.monotonic() - restarted
+            break
+        time.sleep(0.2)
+    assert time.monotonic() - started < seconds - 2, "the flood ended before the reconnect"
+    results = {
+        name: json.loads(proc.communicate(timeout=seconds + 30)[0]) for name, proc in floods.items()
+    }
+    time.sleep(5)
+    rss["after"] = {name: rss_mib(*where) for name, where in services.items()}
+    metrics = podman.run(
+        ["exec", relay_host, "python3", "-c",
+         "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
+         f"'http://{plan['relays']['relay1']['overlay_address']}:9588/metrics').read().decode())"]
+    )  # fmt: skip
+    rejected = {
+        line.split('"')[1]: float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("meshwright_relay_tls_rejected_connections_total{")
+    }
+    print(
+        f"\nfloods: {json.dumps(results, sort_keys=True)}"
+        f"\nrelay1 rejected TLS connections: {rejected}"
+        f"\npings blocked -> public through relay1's TLS service: {sent} sent, {lost} lost"
+        f"\nsidecar restarted during the flood: connected again in {reconnect} s"
+        f"\nRSS MiB: {json.dumps(rss, sort_keys=True)}"
+    )
+    assert results["tcp"]["attempts"] >= 1000 and results["udp"]["sent"] >= 1000 * seconds
+    assert rejected["source_limit"] > 0
+    assert lost <= sent // 100, (sent, lost)  # at most 1 % while flooded
+    assert reconnect is not None and reconnect < 5
+    for name, before in rss["before"].items():
+        assert rss["during"][name] < before + 20, (name, rss)
+        assert rss["after"][name] < before + 20, (name, rss)

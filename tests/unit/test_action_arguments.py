@@ -103,7 +103,11 @@ def test_a_mistyped_option_is_an_error(tmp_path: Path):
     out = run.stdout + run.stderr
     for plugin, typo, supported in (
         ("mesh_plan", "plan_fle", "link_kinds, overlay_network, plan_file, relays_group,"),
-        ("mesh_validate", "site_group", "link_kinds, overlay_network, relays_group, sites_group."),
+        (
+            "mesh_validate",
+            "site_group",
+            "link_kinds, overlay_network, relays_group, rotate_keys, rotate_tls, sites_group.",
+        ),
         ("nat_probe", "relay", "bind_address, hairpin, local_port, node_artifact, relays,"),
     ):
         expected = (

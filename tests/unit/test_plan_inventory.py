@@ -19,10 +19,12 @@ from meshwright.plan.inventory import (
     SiteState,
     State,
     StateError,
+    check_rotations,
     endpoint_from_nat,
     plan_inventory,
     previous_allocations,
     read_state,
+    rotation_names,
     validate_inventory,
 )
 from meshwright.plan.synthetic import public_key
@@ -311,6 +313,57 @@ def test_certificates_and_fingerprints_outside_the_run_come_from_the_state_file(
     }
     assert result.state.sites["a"] == state.sites["a"]
     assert result.state.relays["relay1"] == state.relays["relay1"]
+
+
+def test_a_relays_standby_certificate_is_pinned_too_and_kept_in_the_state():
+    sites = {"a": site(1, "blocked", sidecar_certificate="PEM a"), "b": site(2, "open")}
+    result = planned(sites, {"relay1": relay(relay_tls_standby_fingerprint="sha256:cc")})
+    assert result.sidecars["a"]["relays"]["relay1"] == {
+        "address": "203.0.113.10",
+        "port": 443,
+        "fingerprint": "sha256:aa",
+        "standby_fingerprint": "sha256:cc",
+    }
+    saved = result.state.relays["relay1"]
+    assert (saved.tls_fingerprint, saved.tls_standby_fingerprint) == ("sha256:aa", "sha256:cc")
+    # A later run without the relay's facts pins the same two, from the state file.
+    host = relay()
+    del host["relay_tls_fingerprint"]
+    again = planned(sites, {"relay1": host}, state=read_state(result.state.to_json()))
+    assert again.sidecars == result.sidecars
+    # A relay's facts without a standby never mix with an older standby from the state file.
+    rotated = planned(
+        sites, {"relay1": relay(relay_tls_fingerprint="sha256:cc")}, state=result.state
+    )
+    assert "standby_fingerprint" not in rotated.sidecars["a"]["relays"]["relay1"]
+
+
+@pytest.mark.parametrize(
+    ("value", "names"),
+    [
+        (None, []),
+        ("", []),
+        ("easy1", ["easy1"]),
+        ("easy1, relay1", ["easy1", "relay1"]),
+        ("easy1 relay1", ["easy1", "relay1"]),
+        (["easy1", "relay1"], ["easy1", "relay1"]),
+    ],
+)
+def test_rotation_names_take_a_list_or_what_dash_e_gives(value, names):
+    assert rotation_names(value) == names
+
+
+def test_rotations_must_name_hosts_of_their_groups():
+    inventory = Inventory(sites={"a": site(1)}, relays={"relay1": relay()})
+    assert check_rotations(inventory, "a,relay1", ["relay1"]) == []
+    assert check_rotations(inventory, "a,nosuch", "a") == [
+        "mesh_rotate_keys: 'nosuch' is not a host of mesh_sites or a host of mesh_relays",
+        "mesh_rotate_tls: 'a' is not a host of mesh_relays",
+    ]
+    assert check_rotations(inventory, {"a": 1}, 7) == [
+        "mesh_rotate_keys: {'a': 1} is not a list of host names",
+        "mesh_rotate_tls: 7 is not a list of host names",
+    ]
 
 
 # --- every site's mesh prefixes (the firewall's) ----------------------------------------------

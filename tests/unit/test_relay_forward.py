@@ -810,3 +810,26 @@ def test_a_sidecars_mapping_keepalive_is_counted_never_forwarded(
     assert relay.counters[KEEPALIVES] == 2
     assert relay.counters["dropped_malformed"] == 0
     assert relay.confirmed == (A1, B1)
+
+
+def test_a_rotated_key_keeps_the_running_session_and_checks_new_handshakes(
+    keys: tuple[bytes, bytes],
+) -> None:
+    key_a, key_b = keys
+    relay = established(keys)
+    new_a = os.urandom(32)
+    relay.rekey((new_a, key_b))
+    assert relay.confirmed == (A1, B1)
+    # The session running before the rotation still flows, both ways.
+    assert relay.receive(0, A1, transport(0xB0, counter=9), 1.0) == B1
+    assert relay.receive(1, B1, transport(0xA1, counter=9), 1.0) == A1
+    # B's initiation to A is now checked against A's new key: the old one's mac1 is junk.
+    before = dropped(relay)
+    assert relay.receive(1, B1, initiation(key_a, 0xB8), 2.0) is None
+    assert dropped(relay) == before + 1
+    assert relay.receive(1, B1, initiation(new_a, 0xB9), 2.1) == A1
+    assert relay.receive(0, A1, response(key_b, 0xA9, 0xB9), 2.2) == B1
+    # Keys that cannot be change nothing.
+    with pytest.raises(ValueError):
+        relay.rekey((key_b, key_b))
+    assert relay.receive(1, B1, initiation(new_a, 0xBA), 3.0) == A1

@@ -107,6 +107,7 @@ def write_config(
     *,
     site: str = "blk",
     pin: str | None = None,
+    standby: str | None = None,
 ) -> None:
     config = {
         "relays": {
@@ -114,6 +115,7 @@ def write_config(
                 "address": relay[0],
                 "port": relay[1],
                 "fingerprint": pin or certs["relay"].pin,
+                **({"standby_fingerprint": standby} if standby else {}),
             }
         },
         "peers": [{"name": f"peer{port}", "relay": "relay1", "port": port} for port in peers],
@@ -252,6 +254,24 @@ def test_the_sidecar_refuses_a_relay_that_does_not_match_its_pin(setup, certs):
     assert s.relay.datagrams == []
     assert s.counters()["connects"] == 0
     assert any("fingerprint_mismatch" in line for line in s.sidecar.logs)  # type: ignore[attr-defined]
+
+
+def test_a_relay_serving_its_standby_certificate_is_accepted_and_kept_across_new_pins(setup, certs):
+    """A certificate rotation: the relay already serves the certificate the site pinned as the
+    standby; when the site's pins move on (that one first, a new standby), it stays connected."""
+    s = setup(pin=certs["impostor"].pin, standby=certs["relay"].pin)
+    port = s.ports[0]
+    assert s.probe(port) == b"probe"
+    s.write_config([port], pin=certs["relay"].pin, standby=certs["blk"].pin)
+    s.sidecar.request_reload()
+    wait_for(lambda: s.sidecar.config.relays["relay1"].standby_fingerprint == certs["blk"].pin)
+    assert s.probe(port) == b"probe"
+    assert s.counters()["connects"] == 1
+    # Pins that no longer cover the relay's certificate drop the connection, as they must.
+    s.write_config([port], pin=certs["impostor"].pin, standby=certs["blk"].pin)
+    s.sidecar.request_reload()
+    wait_for(lambda: s.counters()["disconnects_fingerprint_mismatch"] >= 1)
+    assert s.counters()["connects"] == 1
 
 
 def test_the_relay_refuses_a_sidecar_whose_certificate_it_does_not_know(setup):

@@ -79,14 +79,21 @@ RELAY_VARS = (
     "mesh_overlay_address",
     "mesh_listen_port",
     "mesh_wg_public_key",  # fact of wg_keypair
-    "relay_tls_fingerprint",  # fact of the relay role
+    "relay_tls_fingerprint",  # facts of the relay role: the certificate it serves,
+    "relay_tls_standby_fingerprint",  # and the one a rotation will serve next
 )
 # Settings of the whole mesh, as every site's variables hold them (group_vars/all).
 MESH_VARS = ("mesh_overlay_network", "mesh_link_kinds", "mesh_keepalive")
 # What the playbook's steps learn on the nodes (facts), as opposed to what the inventory says:
 # without them, a site's key and NAT class come from the state file.
 FACT_VARS = frozenset(
-    {"mesh_wg_public_key", "mesh_nat", "sidecar_certificate", "relay_tls_fingerprint"}
+    {
+        "mesh_wg_public_key",
+        "mesh_nat",
+        "sidecar_certificate",
+        "relay_tls_fingerprint",
+        "relay_tls_standby_fingerprint",
+    }
 )
 # Where the plan and the state file live: a hidden directory beside the inventory, so that an
 # inventory directory never parses them as inventory.
@@ -138,11 +145,14 @@ class RelayState:
 
     public_key: str | None = None
     tls_fingerprint: str | None = None
+    tls_standby_fingerprint: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"public_key": self.public_key}
         if self.tls_fingerprint is not None:
             out["tls_fingerprint"] = self.tls_fingerprint
+        if self.tls_standby_fingerprint is not None:
+            out["tls_standby_fingerprint"] = self.tls_standby_fingerprint
         return out
 
 
@@ -456,6 +466,39 @@ def validate_inventory(inventory: Inventory) -> list[str]:
     return [*found.problems, *shape, *more]
 
 
+def rotation_names(value: object) -> list[str]:
+    """The host names a rotation option gives: a list, or one string of names separated by
+    commas or spaces (as ``-e mesh_rotate_keys=easy1,easy2`` gives it); None gives none."""
+    if value is None or value == "":
+        return []
+    items = value.replace(",", " ").split() if isinstance(value, str) else value
+    if not isinstance(items, Sequence) or not all(isinstance(i, str) for i in items):
+        raise ValueError(f"{value!r} is not a list of host names")
+    return [str(item).strip() for item in items if str(item).strip()]
+
+
+def check_rotations(inventory: Inventory, keys: object, tls: object) -> list[str]:
+    """Problems with what ``mesh_rotate_keys`` (sites and relays) and ``mesh_rotate_tls``
+    (relays) name, each naming the value; [] when every name is a host of its group."""
+    problems: list[str] = []
+    hosts = {**inventory.sites, **inventory.relays}
+    for option, value, known, what in (
+        ("mesh_rotate_keys", keys, hosts, f"a host of {inventory.sites_group} or "),
+        ("mesh_rotate_tls", tls, inventory.relays, ""),
+    ):
+        try:
+            names = rotation_names(value)
+        except ValueError as exc:
+            problems.append(f"{option}: {exc}")
+            continue
+        problems.extend(
+            f"{option}: {name!r} is not {what}a host of {inventory.relays_group}"
+            for name in names
+            if name not in known
+        )
+    return problems
+
+
 # --- the plan, and what the playbooks get from it ---------------------------------------------
 
 
@@ -519,6 +562,16 @@ def plan_inventory(
         for name, host in inventory.relays.items()
         if (fp := host.get("relay_tls_fingerprint") or _saved_relay(state, name).tls_fingerprint)
     }
+    # Taken with the serving one, never mixed from this run's facts and the state file.
+    standby = {
+        name: fp
+        for name, host in inventory.relays.items()
+        if (
+            fp := host.get("relay_tls_standby_fingerprint")
+            if host.get("relay_tls_fingerprint")
+            else _saved_relay(state, name).tls_standby_fingerprint
+        )
+    }
     new_state = State(
         sites={
             name: SiteState(
@@ -531,7 +584,9 @@ def plan_inventory(
         },
         relays={
             relay["name"]: RelayState(
-                public_key=relay["public_key"], tls_fingerprint=fingerprints.get(relay["name"])
+                public_key=relay["public_key"],
+                tls_fingerprint=fingerprints.get(relay["name"]),
+                tls_standby_fingerprint=standby.get(relay["name"]),
             )
             for relay in found.mesh["relays"]
         },
@@ -542,7 +597,7 @@ def plan_inventory(
         for name, host in inventory.relays.items()
     }
     plan_json = plan.to_json()
-    sidecars = sidecar_configs(plan.allocations.values(), blocked, tls_ports, fingerprints)
+    sidecars = sidecar_configs(plan.allocations.values(), blocked, tls_ports, fingerprints, standby)
     wgstun_ports = {
         name: _number(host.get("relay_wgstun_port", DEFAULT_WGSTUN_PORT))
         for name, host in inventory.relays.items()
@@ -615,10 +670,12 @@ def sidecar_configs(
     blocked: Iterable[str],
     tls_ports: Mapping[str, object],
     fingerprints: Mapping[str, str],
+    standby: Mapping[str, str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """For every UDP-blocked site with relayed pairs: its peers (the other site, the relay, its
     own side's port) and the relays it reaches over TLS (address, TLS port, pinned
-    fingerprint)."""
+    fingerprints: the certificate the relay serves and its standby)."""
+    standby = standby or {}
     udp_blocked = set(blocked)
     configs: dict[str, dict[str, Any]] = {}
     for allocation in allocations:
@@ -635,4 +692,8 @@ def sidecar_configs(
                 "port": tls_ports.get(allocation.relay, DEFAULT_RELAY_TLS_PORT),
                 "fingerprint": fingerprints.get(allocation.relay, ""),
             }
+            if allocation.relay in standby:
+                config["relays"][allocation.relay]["standby_fingerprint"] = standby[
+                    allocation.relay
+                ]
     return configs

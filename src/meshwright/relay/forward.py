@@ -204,6 +204,18 @@ def _mac1_hasher(public_key: bytes) -> hashlib.blake2s:
     return hashlib.blake2s(key=key, digest_size=_MAC_SIZE)
 
 
+def _mac1_pair(public_keys: object) -> tuple[hashlib.blake2s, hashlib.blake2s]:
+    """The mac1 hashers of an allocation's two sides; ValueError for keys that cannot be."""
+    if not isinstance(public_keys, tuple | list) or len(public_keys) != 2:
+        raise ValueError("public_keys must be a pair: (side 0's key, side 1's key)")
+    keys = (_check_key(public_keys[0]), _check_key(public_keys[1]))
+    if keys[0] == keys[1]:
+        # Then a message could be reflected back to its own sender with a valid mac1.
+        raise ValueError("the two sides must have different public keys")
+    # Indexed by the side whose *messages* are checked: side 0's are for side 1's key.
+    return (_mac1_hasher(keys[1]), _mac1_hasher(keys[0]))
+
+
 def _check_key(key: object) -> bytes:
     if not isinstance(key, bytes | bytearray | memoryview):
         raise ValueError(f"a public key must be {KEY_SIZE} raw bytes, not {type(key).__name__}")
@@ -277,19 +289,13 @@ class Allocation:
         limits: Limits = Limits(),  # frozen, so one shared default is safe
         confirmed: tuple[Address | None, Address | None] = (None, None),
     ) -> None:
-        if not isinstance(public_keys, tuple | list) or len(public_keys) != 2:
-            raise ValueError("public_keys must be a pair: (side 0's key, side 1's key)")
-        keys = (_check_key(public_keys[0]), _check_key(public_keys[1]))
-        if keys[0] == keys[1]:
-            # Then a message could be reflected back to its own sender with a valid mac1.
-            raise ValueError("the two sides must have different public keys")
+        mac1 = _mac1_pair(public_keys)
         if not isinstance(limits, Limits):
             raise ValueError(f"limits must be a Limits, not {type(limits).__name__}")
         if not isinstance(confirmed, tuple | list) or len(confirmed) != 2:
             raise ValueError("confirmed must be a pair: (side 0's address, side 1's address)")
 
-        # Indexed by the side whose *messages* are checked: side 0's are for side 1's key.
-        self._mac1 = (_mac1_hasher(keys[1]), _mac1_hasher(keys[0]))
+        self._mac1 = mac1
         self._confirmed: list[Address | None] = [_check_address(a) for a in confirmed]
         self._pending: tuple[dict[bytes, _Pending], dict[bytes, _Pending]] = ({}, {})
         # mac1 of the recent handshakes per side, as an insertion-ordered set.
@@ -319,6 +325,14 @@ class Allocation:
         # When each side's confirmed address last sent something accepted (None: not since
         # this allocation began; the first datagram sets both).
         self._heard: list[float | None] = [None, None]
+
+    def rekey(self, public_keys: tuple[bytes, bytes]) -> None:
+        """New public keys for the two sides (a key rotation); ValueError changes nothing.
+
+        What was learned stays: the sessions running now keep flowing through the confirmed
+        addresses until the new keys' handshakes, checked against the new keys, replace them.
+        """
+        self._mac1 = _mac1_pair(public_keys)
 
     @property
     def confirmed(self) -> tuple[Address | None, Address | None]:

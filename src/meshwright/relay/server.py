@@ -141,7 +141,12 @@ class RelayServer:
             self.log(f"relay: keeping the current allocations: {self.config}: {exc}")
             return
         self.limits = limits
-        for key in [k for k, o in self.open.items() if specs.get(k) != o.spec]:
+        for key, opened in list(self.open.items()):
+            spec = specs.get(key)
+            if spec == opened.spec:
+                continue
+            if spec is not None and spec[:2] == opened.spec[:2] and self._rekey(opened, spec):
+                continue  # a key rotation: same ports, what was learned stays
             self._close(key)
         for key, spec in sorted(specs.items()):
             if key not in self.open:
@@ -251,6 +256,15 @@ class RelayServer:
             self.selector.register(sock, selectors.EVENT_READ, (opened, side))
         self.open[key] = opened
         self._dirty = True
+
+    def _rekey(self, opened: _Open, spec: tuple[str, tuple[int, int], tuple[str, str]]) -> bool:
+        try:
+            opened.allocation.rekey((base64.b64decode(spec[2][0]), base64.b64decode(spec[2][1])))
+        except ValueError:
+            return False
+        opened.spec = spec
+        self._dirty = True
+        return True
 
     def _close(self, key: str) -> None:
         opened = self.open.pop(key)

@@ -7,7 +7,8 @@ to the relay's TCP port 443 (:mod:`meshwright.relay.tls` is the other end), in t
 :mod:`meshwright.wire.frames`. The configuration (JSON, written by the playbook)::
 
     {"relays": {"relay1": {"address": "198.51.100.10", "port": 443,
-                           "fingerprint": "sha256:<hex of the SHA-256 of the relay's DER cert>"}},
+                           "fingerprint": "sha256:<hex of the SHA-256 of the relay's DER cert>",
+                           "standby_fingerprint": "sha256:<hex>"}},
      "peers": [{"name": "hard1", "relay": "relay1", "port": 40003}],
      "certificate": "/etc/meshwright/sidecar.crt", "key": "/etc/meshwright/sidecar.key",
      "wireguard_port": 51820}
@@ -19,8 +20,11 @@ to ``127.0.0.1:<wireguard_port>``, so WireGuard sees its peer's endpoint answer.
 
 The relay is authenticated by its pinned certificate fingerprint, not by a CA: the handshake
 runs with ``CERT_NONE`` and the SHA-256 of the DER certificate the relay presented is compared
-with the pin right after it, before any frame is sent; a mismatch closes the connection (and is
-retried with backoff, in case the pin is updated by a reload). Relays are addressed by IP and
+with the pins right after it, before any frame is sent; a mismatch closes the connection (and is
+retried with backoff, in case the pins are updated by a reload). Two pins: the certificate the
+relay serves and its standby, so that a relay can rotate its certificate (serve the standby)
+before the sites' configurations catch up; a reload that only changes the pins keeps a
+connection whose certificate is still pinned. Relays are addressed by IP and
 make their own self-signed certificates, so there is no name to check and no CA to run; a CA
 would also let whoever holds its key impersonate every relay, while a pin trusts exactly one
 certificate. The site authenticates with its own certificate and key (see
@@ -114,6 +118,7 @@ class _Link(FramedStream):
         "last_keepalive",
         "last_received",
         "next_attempt",
+        "presented",
         "spec",
         "started",
         "state",
@@ -130,10 +135,21 @@ class _Link(FramedStream):
     def reset(self, now: float) -> None:
         """The per-connection state, fresh."""
         self.reset_stream()
+        self.presented: str | None = None  # the pinned fingerprint this connection was shown
         self.answered = False  # the relay sent a frame on this connection
         self.started = now
         self.last_received = now
         self.last_keepalive = now
+
+
+def _same_but_pins(spec: TlsRelay, link: _Link) -> bool:
+    """Whether ``spec`` differs from the link's only in pins that still cover its connection."""
+    same_relay = (spec.name, spec.address, spec.port) == (
+        link.spec.name,
+        link.spec.address,
+        link.spec.port,
+    )
+    return same_relay and link.presented is not None and link.presented in spec.pins
 
 
 class Sidecar:
@@ -226,7 +242,10 @@ class Sidecar:
                 self._open_peer(spec)
         wanted = {spec.relay for spec in config.peers.values()}  # relays no peer uses stay idle
         for name, link in list(self._links.items()):
-            if name not in wanted or config.relays.get(name) != link.spec:
+            relay = config.relays.get(name)
+            if relay is not None and relay != link.spec and _same_but_pins(relay, link):
+                link.spec = relay  # a rotation's new pins: this connection is still pinned
+            elif name not in wanted or relay != link.spec:
                 self._drop_link(name)
         for name in sorted(wanted):
             if name not in self._links:
@@ -466,13 +485,14 @@ class Sidecar:
             return
         der = sock.getpeercert(binary_form=True)
         presented = fingerprint(der) if der else "none"
-        if presented != link.spec.fingerprint:
+        if presented not in link.spec.pins:
             self._fail(
                 link,
                 "fingerprint_mismatch",
-                f"the relay presented {presented}, the pin is {link.spec.fingerprint}",
+                f"the relay presented {presented}, the pins are {', '.join(link.spec.pins)}",
             )
             return
+        link.presented = presented
         link.state = _OPEN
         now = self.clock()
         link.last_received = link.last_keepalive = now

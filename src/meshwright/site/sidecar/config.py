@@ -23,7 +23,16 @@ class TlsRelay:
     name: str
     address: str
     port: int
-    fingerprint: str  # "sha256:<hex>"
+    fingerprint: str  # "sha256:<hex>" of the certificate the relay serves
+    # The relay's standby certificate: pinned too, so that the relay may switch to it (a
+    # rotation) before this site's configuration names it alone. RFC 7469's backup pin.
+    standby_fingerprint: str | None = None
+
+    @property
+    def pins(self) -> tuple[str, ...]:
+        """Every fingerprint the relay may present."""
+        standby = () if self.standby_fingerprint is None else (self.standby_fingerprint,)
+        return (self.fingerprint, *standby)
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,13 @@ def _text(value: object, where: str) -> str:
     return value
 
 
+def _pin(value: object, where: str) -> str:
+    try:
+        return normalize_fingerprint(_text(value, where))
+    except ValueError as exc:
+        raise SidecarConfigError(f"{where}: {exc}") from None
+
+
 def parse_config(data: Any) -> Config:
     """The configuration from its JSON value; SidecarConfigError names what is wrong."""
     if not isinstance(data, dict):
@@ -66,15 +82,14 @@ def parse_config(data: Any) -> Config:
         where = f"relays.{name}"
         if not isinstance(entry, dict):
             raise SidecarConfigError(f"{where}: not an object")
-        try:
-            pin = normalize_fingerprint(_text(entry.get("fingerprint"), f"{where}.fingerprint"))
-        except ValueError as exc:
-            raise SidecarConfigError(f"{where}.fingerprint: {exc}") from None
+        pin = _pin(entry.get("fingerprint"), f"{where}.fingerprint")
+        standby = entry.get("standby_fingerprint")
         relays[name] = TlsRelay(
             name,
             _text(entry.get("address"), f"{where}.address"),
             _port(entry.get("port", 443), f"{where}.port"),
             pin,
+            None if standby is None else _pin(standby, f"{where}.standby_fingerprint"),
         )
     wireguard_port = _port(data.get("wireguard_port", 51820), "wireguard_port")
     peers: dict[str, PeerSpec] = {}
