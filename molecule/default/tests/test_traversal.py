@@ -256,6 +256,72 @@ def test_forged_probes_and_control_messages_change_no_endpoint():
     assert grew.get("dropped_probe_unknown", 0) >= 40, grew
 
 
+def rss_mib(site: str, unit: str) -> float:
+    pid = host(site).check_output(f"systemctl show -p MainPID --value {unit}").strip()
+    return int(host(site).check_output(f"grep VmRSS /proc/{pid}/status").split()[1]) / 1024
+
+
+def test_a_flood_at_a_sites_wireguard_port_grows_no_memory_and_moves_no_path():
+    """5,000 datagrams a second for 20 s at easy1's WireGuard port, half of them with the
+    probe magic (they reach the sidecar's probe parser), from a LAN host of its own (lab
+    addresses only): the sidecar drops and counts them, keeps flat memory, and easy1's pair
+    with easy2 stays direct without losing pings."""
+    flood_file = Path(__file__).parents[3] / "src/meshwright/lab/flood.py"
+    lan = INVENTORY["mesh_sites"]["hosts"]["easy1"]["mesh_lan_prefixes"][0]
+    site_address = re.sub(r"\.0/\d+$", ".1", lan)
+    flooder = INVENTORY["lan_hosts"]["hosts"]["easy1-lan1"]["ansible_host"]
+    subprocess.run(
+        ["podman", "cp", str(flood_file), f"{flooder}:/tmp/flood.py"], check=True, timeout=30
+    )
+    before = {"rss": rss_mib("easy1", SIDECAR), "counters": sidecar_status("easy1")["counters"]}
+    ping = PingRun("easy1", "easy2", count=20 * 20, name="mw-flood-ping")
+    flood = {
+        name: subprocess.Popen(
+            [
+                "podman",
+                "exec",
+                flooder,
+                "python3",
+                "/tmp/flood.py",
+                "udp",
+                f"{site_address}:51820",
+                "--allow",
+                lan,
+                "--rate",
+                "2500",
+                "--seconds",
+                "20",
+                "--packets",
+                "50000",
+                *prefix,
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for name, prefix in (("junk", []), ("probe magic", ["--prefix", "ff4d57500100"]))
+    }
+    time.sleep(10)
+    during = rss_mib("easy1", SIDECAR)
+    results = {name: json.loads(proc.communicate(timeout=60)[0]) for name, proc in flood.items()}
+    lost = ping.lost()
+    time.sleep(3)
+    after = rss_mib("easy1", SIDECAR)
+    counters = sidecar_status("easy1")["counters"]
+    grew = {
+        k: v - before["counters"].get(k, 0) for k, v in counters.items() if k.startswith("dropped")
+    }
+    print(
+        f"\nflood at easy1:51820: {json.dumps(results, sort_keys=True)}"
+        f"\nsidecar RSS MiB before {before['rss']:.1f}, during {during:.1f}, after {after:.1f};"
+        f" dropped {grew}; pings easy1 -> easy2: {lost} of 400 lost"
+    )
+    assert sum(r["sent"] for r in results.values()) >= 90_000
+    assert grew.get("dropped_probe_unknown", 0) > 0, grew
+    assert during < before["rss"] + 10 and after < before["rss"] + 10
+    assert lost <= 4  # 1 %
+    assert punch_paths()[("easy1", "easy2")] == "direct"
+
+
 def test_status_shows_every_pair_on_its_true_path_and_the_graph_draws_it(tmp_path):
     """`meshwright status` gathers from every site in one pass; each pair's path must be the
     one the packets take (asserted above pair by pair), and `meshwright graph --live` draws

@@ -8,11 +8,14 @@ with the host's python3. Two kinds:
   server closes is opened again, up to ``--attempts`` connection attempts in all.
 * ``udp``: datagrams to one or more ``ADDRESS:PORT`` targets, round robin, at ``--rate`` per
   second, up to ``--packets`` in all: STUN Binding requests for STUN ports (``--stun``), and
-  random bytes otherwise.
+  random bytes otherwise (after ``--prefix``, such as a protocol's magic, to get past its
+  first check).
 
 Every flood stops after ``--seconds`` or its count, whichever is first, and prints one JSON
 line of what it did. It refuses any target outside the lab's "internet" (the documentation
-ranges 198.51.100.0/24 and 203.0.113.0/24): these tools may never aim anywhere else.
+ranges 198.51.100.0/24 and 203.0.113.0/24) and the lab LANs named with ``--allow`` (private
+networks of /16 or smaller, which the caller takes from its lab's topology): these tools may
+never aim anywhere else.
 """
 
 from __future__ import annotations
@@ -34,11 +37,19 @@ MAX_CONNECTIONS = 5000
 MAX_PACKETS = 2_000_000
 
 
-def lab_target(text: str) -> tuple[str, int]:
+def lab_network(text: str) -> ipaddress.IPv4Network:
+    """A lab LAN given with ``--allow``: private, and no larger than a /16."""
+    network = ipaddress.IPv4Network(text)
+    if not network.is_private or network.prefixlen < 16:
+        raise ValueError(f"{text} is not a private network of /16 or smaller")
+    return network
+
+
+def lab_target(text: str, allowed: Sequence[ipaddress.IPv4Network] = ()) -> tuple[str, int]:
     """``ADDRESS:PORT`` of a lab host; ValueError for anything else."""
     host, _, port = text.rpartition(":")
     address = ipaddress.ip_address(host)
-    if not any(address in network for network in LAB_NETWORKS):
+    if not any(address in network for network in (*LAB_NETWORKS, *allowed)):
         raise ValueError(f"{host} is not a lab address (198.51.100.0/24, 203.0.113.0/24)")
     number = int(port)
     if not 0 < number <= 0xFFFF:
@@ -125,7 +136,12 @@ def tcp_flood(
 
 
 def udp_flood(
-    targets: Sequence[tuple[str, int]], stun: set[int], rate: float, seconds: float, packets: int
+    targets: Sequence[tuple[str, int]],
+    stun: set[int],
+    rate: float,
+    seconds: float,
+    packets: int,
+    prefix: bytes = b"",
 ) -> dict[str, object]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setblocking(False)
@@ -145,7 +161,8 @@ def udp_flood(
         burst = min(int((now - next_send) / interval) + 1, 256, packets - sent - errors)
         for _ in range(burst):
             target = targets[(sent + errors) % len(targets)]
-            payload = stun_request() if target[1] in stun else os.urandom(32 + sent % 120)
+            junk = prefix + os.urandom(32 + sent % 120)
+            payload = stun_request() if target[1] in stun else junk
             try:
                 sock.sendto(payload, target)
                 sent += 1
@@ -174,7 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     tcp.add_argument("--attempts", type=int, default=20000)
     tcp.add_argument("--seconds", type=float, default=20.0)
     udp = kinds.add_parser("udp", help="datagrams to lab ports at a fixed rate")
-    udp.add_argument("targets", type=lab_target, nargs="+", help="ADDRESS:PORT of lab hosts")
+    udp.add_argument("targets", nargs="+", help="ADDRESS:PORT of lab hosts")
+    udp.add_argument("--allow", type=lab_network, action="append", default=[], help="a lab LAN")
+    udp.add_argument("--prefix", type=bytes.fromhex, default=b"", help="hex before the junk")
     udp.add_argument("--stun", type=int, action="append", default=[], help="a STUN port")
     udp.add_argument("--rate", type=float, default=2000.0, help="datagrams per second")
     udp.add_argument("--packets", type=int, default=100_000)
@@ -186,8 +205,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         attempts = min(max(args.attempts, 1), 10 * MAX_CONNECTIONS)
         result = tcp_flood(args.target, connections, max(args.trickle, 0.05), seconds, attempts)
     else:
+        try:
+            targets = [lab_target(target, args.allow) for target in args.targets]
+        except ValueError as exc:
+            parser.error(str(exc))
         packets = min(max(args.packets, 1), MAX_PACKETS)
-        result = udp_flood(args.targets, set(args.stun), max(args.rate, 1.0), seconds, packets)
+        rate = max(args.rate, 1.0)
+        result = udp_flood(targets, set(args.stun), rate, seconds, packets, args.prefix)
     print(json.dumps(result, sort_keys=True), flush=True)
     return 0
 
