@@ -246,6 +246,31 @@ def test_control_with_most_candidates_fits() -> None:
     assert len(candidates) == MAX_CANDIDATES
 
 
+def test_control_that_would_encode_over_the_limit_is_refused() -> None:
+    # Regression: what decode_control accepts must re-encode to what it accepts. 3,980 bytes
+    # of raw UTF-8 in "from" came in under the limit, but encode_control escapes each of those
+    # 1,990 characters to 6 bytes, and its output was then refused as too large.
+    hello: dict[str, Any] = {"v": 1, "type": "hello", "from": "é" * 1990, "session": SESSION.hex()}
+    datagram = json.dumps(hello, ensure_ascii=False).encode()
+    assert len(datagram) <= MAX_CONTROL_SIZE
+    with pytest.raises(MessageError, match="too large"):
+        decode_control(datagram)
+    # Canonical addresses can grow too: a lone zero group is not "::" (RFC 5952 4.2.2).
+    answer: dict[str, Any] = {**control_dict(ANSWER), "candidates": ["[1::1:1:1:1:1:1]:1"] * 16}
+
+    def compact(data: dict[str, Any]) -> bytes:
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    answer["from"] = "x" * (MAX_CONTROL_SIZE - len(compact({**answer, "from": ""})))
+    assert len(compact(answer)) == MAX_CONTROL_SIZE
+    with pytest.raises(MessageError, match="too large"):
+        decode_control(compact(answer))
+    # Non-ASCII that fits either way is accepted, and survives the round trip.
+    hello["from"] = "é" * 100
+    message = decode_control(json.dumps(hello, ensure_ascii=False).encode())
+    assert decode_control(encode_control(message)) == message
+
+
 def test_control_accepts_upper_case_hex() -> None:
     data = control_dict(OFFER)
     data["session"], data["key"] = data["session"].upper(), data["key"].upper()

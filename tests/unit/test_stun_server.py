@@ -195,6 +195,22 @@ def test_unknown_comprehension_required_attributes_get_420() -> None:
     assert reply.software() == "meshwright"
 
 
+def test_a_datagram_full_of_unknown_attributes_costs_linear_time() -> None:
+    # Regression: the largest UDP datagram holds 16,371 distinct unknown comprehension-required
+    # attributes, and checking each against the list of those already seen took about a second
+    # of CPU per request. CPU time, not wall time, so that a loaded machine does not fail it.
+    types = list(range(0x0030, 0x0030 + (65507 - 20) // 4))
+    body = b"".join(struct.pack("!HH", t, 0) for t in types)
+    data = struct.pack("!HHI12s", 0x0001, len(body), stun.MAGIC_COOKIE, bytes(12)) + body
+    r = responder(A, B)
+    started = time.process_time()
+    outcome = r.handle(data, CLIENT, (A, PORT))
+    elapsed = time.process_time() - started
+    assert outcome.reason == "error_420" and outcome.response is not None
+    assert unknown_attributes(stun.decode(outcome.response)) == types
+    assert elapsed < 0.3, f"{elapsed:.2f} s of CPU for one request"
+
+
 def test_unknown_optional_and_known_attributes_are_answered() -> None:
     data = request_with(
         stun.Attribute(stun.USERNAME, b"someone"),
@@ -805,85 +821,68 @@ def test_main_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
         assert exited.value.code == 2
 
 
-def test_stun_over_tcp_answers_on_the_connection_and_survives_garbage():
-    """A UDP-blocked site reaches the relay over TCP: the server answers binding requests
-    there (RFC 8489 section 6.2.2), refuses to reframe garbage, and keeps serving."""
-    import socket as _socket
-    import threading as _threading
-
-    from meshwright.relay.stun_server import StunServer as _Server
-    from meshwright.wire import stun as _stun
-
-    probe = _socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    tcp_port = probe.getsockname()[1]
-    probe.close()
-    udp = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
-    udp.bind(("127.0.0.1", 0))
-    port = udp.getsockname()[1]
-    udp.close()
-    server = _Server(["127.0.0.1"], port, port + 1 if port < 65535 else port - 1, tcp_port=tcp_port)
-    thread = _threading.Thread(target=server.serve_forever, daemon=True)
+@pytest.fixture
+def tcp_server() -> Iterator[tuple[StunServer, int]]:
+    """A STUN server on 127.0.0.1 with a TCP listener, serving in a thread: (server, TCP port)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        tcp_port = probe.getsockname()[1]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind(("127.0.0.1", 0))
+        port = udp.getsockname()[1]
+    alt_port = port + 1 if port < 65535 else port - 1
+    server = StunServer(["127.0.0.1"], port, alt_port, tcp_port=tcp_port)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        with _socket.create_connection(("127.0.0.1", tcp_port), timeout=3) as conn:
-            request = _stun.binding_request()
-            conn.sendall(request[:7])  # split across segments: framing by the length field
-            conn.sendall(request[7:])
-            reply = _stun.decode(conn.recv(2048))
-            assert reply.xor_mapped_address() == conn.getsockname()
-            assert reply.transaction_id == _stun.decode(request).transaction_id
-        with _socket.create_connection(("127.0.0.1", tcp_port), timeout=3) as bad:
-            bad.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert bad.recv(2048) == b""  # closed, not answered
-        with _socket.create_connection(("127.0.0.1", tcp_port), timeout=3) as again:
-            again.sendall(_stun.binding_request())
-            assert _stun.decode(again.recv(2048)).xor_mapped_address() == again.getsockname()
-            # On one connection: a CHANGE-REQUEST asking for no change is served, one asking
-            # for a change and RESPONSE-PORT get 420 (one address, and a stream anyway).
-            again.sendall(request_with(change_request(0)))
-            assert _stun.decode(again.recv(2048)).mapped_address() == again.getsockname()
-            for attribute in (change_request(2), response_port(40001)):
-                again.sendall(request_with(attribute))
-                reply = _stun.decode(again.recv(2048))
-                assert reply.error_code() == (420, "Unknown Attribute")
-                assert unknown_attributes(reply) == [attribute.type]
-        with _socket.create_connection(("127.0.0.1", tcp_port), timeout=3) as classic:
-            classic.sendall(classic_request())
-            assert classic.recv(2048) == b""  # no cookie: not STUN on a stream
-        assert server.stats["tcp_dropped"] == 2
+        yield server, tcp_port
     finally:
         server.stop()
         thread.join(5)
         server.close()
 
 
-def test_stun_over_tcp_bounds_each_source_and_each_slow_connection():
+def test_stun_over_tcp_answers_on_the_connection_and_survives_garbage(tcp_server):
+    """A UDP-blocked site reaches the relay over TCP: the server answers binding requests
+    there (RFC 8489 section 6.2.2), refuses to reframe garbage, and keeps serving."""
+    server, tcp_port = tcp_server
+    with socket.create_connection(("127.0.0.1", tcp_port), timeout=3) as conn:
+        request = stun.binding_request()
+        conn.sendall(request[:7])  # split across segments: framing by the length field
+        conn.sendall(request[7:])
+        reply = stun.decode(conn.recv(2048))
+        assert reply.xor_mapped_address() == conn.getsockname()
+        assert reply.transaction_id == stun.decode(request).transaction_id
+    with socket.create_connection(("127.0.0.1", tcp_port), timeout=3) as bad:
+        bad.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert bad.recv(2048) == b""  # closed, not answered
+    with socket.create_connection(("127.0.0.1", tcp_port), timeout=3) as again:
+        again.sendall(stun.binding_request())
+        assert stun.decode(again.recv(2048)).xor_mapped_address() == again.getsockname()
+        # On one connection: a CHANGE-REQUEST asking for no change is served, one asking
+        # for a change and RESPONSE-PORT get 420 (one address, and a stream anyway).
+        again.sendall(request_with(change_request(0)))
+        assert stun.decode(again.recv(2048)).mapped_address() == again.getsockname()
+        for attribute in (change_request(2), response_port(40001)):
+            again.sendall(request_with(attribute))
+            reply = stun.decode(again.recv(2048))
+            assert reply.error_code() == (420, "Unknown Attribute")
+            assert unknown_attributes(reply) == [attribute.type]
+    with socket.create_connection(("127.0.0.1", tcp_port), timeout=3) as classic:
+        classic.sendall(classic_request())
+        assert classic.recv(2048) == b""  # no cookie: not STUN on a stream
+    assert server.stats["tcp_dropped"] == 2
+
+
+def test_stun_over_tcp_bounds_each_source_and_each_slow_connection(tcp_server):
     """One source holds at most 8 connections, and a connection that trickles bytes without
     completing a request is closed on time: neither starves other clients."""
-    import socket as _socket
-    import threading as _threading
-    import time as _time
-
-    from meshwright.relay.stun_server import StunServer as _Server
-    from meshwright.wire import stun as _stun
-
-    probe = _socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    tcp_port = probe.getsockname()[1]
-    probe.close()
-    udp = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
-    udp.bind(("127.0.0.1", 0))
-    port = udp.getsockname()[1]
-    udp.close()
-    server = _Server(["127.0.0.1"], port, port + 1 if port < 65535 else port - 1, tcp_port=tcp_port)
-    thread = _threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server, tcp_port = tcp_server
     address = ("127.0.0.1", tcp_port)
-    flood: list[_socket.socket] = []
+    flood: list[socket.socket] = []
     try:
         for _ in range(12):
-            flood.append(_socket.create_connection(address, 3, source_address=("127.0.0.2", 0)))
+            flood.append(socket.create_connection(address, 3, source_address=("127.0.0.2", 0)))
         refused = 0
         for sock in flood:
             sock.settimeout(0.1)
@@ -893,30 +892,27 @@ def test_stun_over_tcp_bounds_each_source_and_each_slow_connection():
         assert server.stats["tcp_refused_source"] == 4
         server._streams.answer_seconds = 0.5  # for the connections from here on
         # Another source is served while the flooder holds its 8.
-        with _socket.create_connection(address, timeout=3) as client:
-            client.sendall(_stun.binding_request())
-            assert _stun.decode(client.recv(2048)).xor_mapped_address() == client.getsockname()
+        with socket.create_connection(address, timeout=3) as client:
+            client.sendall(stun.binding_request())
+            assert stun.decode(client.recv(2048)).xor_mapped_address() == client.getsockname()
             # An answered request gives the connection a new window; trickling bytes do not.
-            started = _time.monotonic()
-            client.sendall(_stun.binding_request()[:5])
+            started = time.monotonic()
+            client.sendall(stun.binding_request()[:5])
             client.settimeout(0.1)
             closed_after = None
-            while _time.monotonic() - started < 5:
+            while time.monotonic() - started < 5:
                 try:
                     client.sendall(b"\x00")
                     if client.recv(16) == b"":
-                        closed_after = _time.monotonic() - started
+                        closed_after = time.monotonic() - started
                         break
                 except TimeoutError:
                     continue
                 except OSError:
-                    closed_after = _time.monotonic() - started
+                    closed_after = time.monotonic() - started
                     break
         assert closed_after is not None and closed_after < 0.5 + 1.5
         assert server.stats["tcp_timeouts"] >= 1
     finally:
         for sock in flood:
             sock.close()
-        server.stop()
-        thread.join(5)
-        server.close()

@@ -219,4 +219,11 @@ def decode_control(datagram: bytes) -> Control:
         if not math.isfinite(start_at):
             raise MessageError("start_at: not a time")
     use = _address(data.get("use"), "use") if kind == "nominate" else None
-    return Control(kind, sender, session, key, candidates, start_at, use)
+    message = Control(kind, sender, session, key, candidates, start_at, use)
+    # The limit holds for the message as encode_control writes it too, so that whatever is
+    # accepted can be written again and accepted. Its output can be longer than what came in:
+    # it escapes non-ASCII (2 bytes of UTF-8 become a 6-byte \uXXXX) and writes addresses
+    # canonically (1::1:1:1:1:1:1 as 1:0:1:1:1:1:1:1). Found writing its fuzz target.
+    if len(encode_control(message)) > MAX_CONTROL_SIZE:
+        raise MessageError("too large")
+    return message
