@@ -109,6 +109,17 @@ def _reasons(counters: Mapping[str, Any], known: Iterable[str], prefix: str) -> 
     return known + sorted(found - set(known))
 
 
+def _by_reason(
+    name: str, text: str, counters: Mapping[str, Any], known: Iterable[str], prefix: str
+) -> CounterMetricFamily:
+    """A counter family labelled ``reason``: one sample per ``<prefix><reason>`` counter,
+    the ``known`` reasons always (zero when not counted yet)."""
+    family = CounterMetricFamily(name, text, labels=["reason"])
+    for reason in _reasons(counters, known, prefix):
+        family.add_metric([reason], counters.get(f"{prefix}{reason}", 0))
+    return family
+
+
 def relay_families(state: Mapping[str, Any]) -> list[Metric]:
     """The relay's metrics from its published state: ``allocations`` as
     :meth:`~meshwright.relay.server.RelayServer.snapshot` gives them and ``tls`` (None without
@@ -185,28 +196,28 @@ def _tls_families(tls: Mapping[str, Any]) -> list[Metric]:
         "Bytes received over the TLS sessions (after decryption).",
         value=counters.get("bytes_in", 0),
     )
-    dropped = CounterMetricFamily(
+    dropped = _by_reason(
         "meshwright_relay_tls_dropped_frames_total",
         "Frames dropped by the TLS relay, by reason.",
-        labels=["reason"],
+        counters,
+        TLS_DROP_REASONS,
+        "dropped_",
     )
-    for reason in _reasons(counters, TLS_DROP_REASONS, "dropped_"):
-        dropped.add_metric([reason], counters.get(f"dropped_{reason}", 0))
-    closed = CounterMetricFamily(
+    closed = _by_reason(
         "meshwright_relay_tls_closed_connections_total",
         "TLS connections the relay closed, by reason (idle, handshake_failed, superseded, ...).",
-        labels=["reason"],
+        counters,
+        (),
+        "closed_",
     )
-    for reason in _reasons(counters, (), "closed_"):
-        closed.add_metric([reason], counters.get(f"closed_{reason}", 0))
-    rejected = CounterMetricFamily(
+    rejected = _by_reason(
         "meshwright_relay_tls_rejected_connections_total",
         "Connections to the TLS port closed at once: their source held too many unproven"
         " connections (source_limit), or the relay held too many in all (too_many).",
-        labels=["reason"],
+        counters,
+        ("source_limit", "too_many"),
+        "rejected_",
     )
-    for reason in ("source_limit", "too_many"):
-        rejected.add_metric([reason], counters.get(f"rejected_{reason}", 0))
     return [connected, frames, received, dropped, closed, rejected]
 
 
@@ -281,13 +292,13 @@ def sidecar_families(state: Mapping[str, Any], wall: float) -> list[Metric]:
         received.add_metric([name], device.get("rx_bytes", 0))
         sent.add_metric([name], device.get("tx_bytes", 0))
     counters = {**(state.get("counters") or {}), **(state.get("daemon_counters") or {})}
-    dropped = CounterMetricFamily(
+    dropped = _by_reason(
         "meshwright_sidecar_dropped_messages_total",
         "Control messages, probes and WG-STUN answers dropped, by reason.",
-        labels=["reason"],
+        counters,
+        SIDECAR_DROP_REASONS,
+        "dropped_",
     )
-    for reason in _reasons(counters, SIDECAR_DROP_REASONS, "dropped_"):
-        dropped.add_metric([reason], counters.get(f"dropped_{reason}", 0))
     errors = CounterMetricFamily(
         "meshwright_sidecar_errors_total",
         "Operations that failed (reading WireGuard, setting an endpoint, nftables, sockets).",

@@ -393,25 +393,21 @@ def _linked_row(
     sidecar_a = sidecar_b = None
     if mode == "punch":
         sidecar_a, sidecar_b = _sidecar_entry(sites[a], b), _sidecar_entry(sites[b], a)
-    return {
-        "a": a,
-        "b": b,
-        "planned": mode,
-        "state": state,
-        "path": path,
-        "relay": route.relay if route is not None and path in ("relay", "relay-tcp") else None,
-        "via": None,
-        "a_endpoint": endpoints.get(a),
-        "b_endpoint": endpoints.get(b),
-        "handshake_age_s": age,
-        "rtt_ms": _rtt(sidecar_a, sidecar_b),
-        "bytes_a_to_b": a_to_b,
-        "bytes_b_to_a": b_to_a,
-        "sidecar_a": sidecar_a,
-        "sidecar_b": sidecar_b,
-        "seen_from": [side.site for side in sides],
-        "notes": notes,
-    }
+    row = _empty_row(a, b, mode, state, path)
+    row.update(
+        relay=route.relay if route is not None and path in ("relay", "relay-tcp") else None,
+        a_endpoint=endpoints.get(a),
+        b_endpoint=endpoints.get(b),
+        handshake_age_s=age,
+        rtt_ms=_rtt(sidecar_a, sidecar_b),
+        bytes_a_to_b=a_to_b,
+        bytes_b_to_a=b_to_a,
+        sidecar_a=sidecar_a,
+        sidecar_b=sidecar_b,
+        seen_from=[side.site for side in sides],
+        notes=notes,
+    )
+    return row
 
 
 def _planned_peer(plan: Mapping[str, Any], site: str, peer: str) -> Mapping[str, Any]:
@@ -434,6 +430,7 @@ def _planned_keepalive(plan: Mapping[str, Any], site: str, peer: str) -> bool:
 
 
 def _empty_row(a: str, b: str, mode: str, state: str, path: str | None) -> dict[str, Any]:
+    """A pair's row with nothing measured: every field of the status file's layout."""
     return {
         "a": a,
         "b": b,

@@ -28,7 +28,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tls_harness import DEADLINE, Cert, RelayLoop, make_cert, save_cert, wait_for
+from tls_harness import (
+    DEADLINE,
+    Cert,
+    RelayLoop,
+    make_cert,
+    save_cert,
+    trickle_until_closed,
+    wait_for,
+)
 
 from meshwright.relay.admission import SourceSlots
 from meshwright.relay.tls import site_fingerprints
@@ -566,21 +574,9 @@ def test_a_trickle_of_bytes_does_not_extend_the_handshake_deadline(relay_loop, c
     relay = relay_loop(handshake_timeout=0.5)
     record_header = b"\x16\x03\x01\x02\x00"  # a ClientHello record of 512 bytes, never sent
     with connect_from(relay.address, "127.0.0.2") as slow:
-        started = time.monotonic()
         slow.sendall(record_header)
-        closed_after = None
-        for _ in range(40):  # one byte every 50 ms: far more often than any idle timeout
-            try:
-                slow.sendall(b"\x01")
-                slow.settimeout(0.05)
-                if slow.recv(16) == b"":
-                    closed_after = time.monotonic() - started
-                    break
-            except TimeoutError:
-                continue
-            except OSError:
-                closed_after = time.monotonic() - started
-                break
+        # One byte every 50 ms: far more often than any idle timeout.
+        closed_after = trickle_until_closed(slow, b"\x01", 0.05, give_up=2.0)
     assert closed_after is not None, "the trickling connection was never closed"
     assert closed_after < 0.5 + 1.5  # the deadline plus close_idle's one-second scan
     assert relay.counters()["closed_handshake_timeout"] == 1

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tls_harness import trickle_until_closed
 
 from meshwright.relay.stun_server import (
     UNKNOWN_ATTRIBUTES,
@@ -896,21 +897,8 @@ def test_stun_over_tcp_bounds_each_source_and_each_slow_connection(tcp_server):
             client.sendall(stun.binding_request())
             assert stun.decode(client.recv(2048)).xor_mapped_address() == client.getsockname()
             # An answered request gives the connection a new window; trickling bytes do not.
-            started = time.monotonic()
             client.sendall(stun.binding_request()[:5])
-            client.settimeout(0.1)
-            closed_after = None
-            while time.monotonic() - started < 5:
-                try:
-                    client.sendall(b"\x00")
-                    if client.recv(16) == b"":
-                        closed_after = time.monotonic() - started
-                        break
-                except TimeoutError:
-                    continue
-                except OSError:
-                    closed_after = time.monotonic() - started
-                    break
+            closed_after = trickle_until_closed(client, b"\x00", 0.1, give_up=5.0)
         assert closed_after is not None and closed_after < 0.5 + 1.5
         assert server.stats["tcp_timeouts"] >= 1
     finally:

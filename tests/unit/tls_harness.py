@@ -57,6 +57,25 @@ class Cert:
     pin: str
 
 
+def trickle_until_closed(
+    sock: socket.socket, byte: bytes, interval: float, give_up: float
+) -> float | None:
+    """Send ``byte`` every ``interval`` seconds until the server closes ``sock``: how many
+    seconds that took, or None when it was still open after ``give_up`` seconds."""
+    started = time.monotonic()
+    sock.settimeout(interval)
+    while time.monotonic() - started < give_up:
+        try:
+            sock.sendall(byte)
+            if sock.recv(16) == b"":
+                return time.monotonic() - started
+        except TimeoutError:
+            continue
+        except OSError:
+            return time.monotonic() - started
+    return None
+
+
 def save_cert(
     directory: Path, name: str, certificate: x509.Certificate, key: ec.EllipticCurvePrivateKey
 ) -> Cert:

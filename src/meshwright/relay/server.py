@@ -221,7 +221,7 @@ class RelayServer:
             opened.allocation.counters["dropped_send_error"] += 1
 
     def _open(self, key: str, spec: tuple[str, tuple[int, int], tuple[str, str]]) -> None:
-        address, ports, keys = spec
+        address, ports, _ = spec
         restored = self._restored.get(key, {})
         # A pair when the state file is sound; Allocation rejects any other length.
         confirmed = cast(
@@ -232,7 +232,7 @@ class RelayServer:
             ),
         )
         allocation = Allocation(
-            (base64.b64decode(keys[0]), base64.b64decode(keys[1])),
+            _public_keys(spec),
             self.limits,
             confirmed=confirmed if restored.get("spec") == _spec_json(spec) else (None, None),
         )
@@ -259,7 +259,7 @@ class RelayServer:
 
     def _rekey(self, opened: _Open, spec: tuple[str, tuple[int, int], tuple[str, str]]) -> bool:
         try:
-            opened.allocation.rekey((base64.b64decode(spec[2][0]), base64.b64decode(spec[2][1])))
+            opened.allocation.rekey(_public_keys(spec))
         except ValueError:
             return False
         opened.spec = spec
@@ -368,6 +368,11 @@ class RelayServer:
                 self._send(opened, 1 - side, datagram, destination)
                 if opened.allocation.also is not None:  # an initiation, to a moved site too
                     self._send(opened, 1 - side, datagram, opened.allocation.also)
+
+
+def _public_keys(spec: tuple[str, tuple[int, int], tuple[str, str]]) -> tuple[bytes, bytes]:
+    """An allocation spec's two public keys, as the forwarding core takes them."""
+    return (base64.b64decode(spec[2][0]), base64.b64decode(spec[2][1]))
 
 
 def _spec_json(spec: tuple[str, tuple[int, int], tuple[str, str]]) -> list[Any]:
