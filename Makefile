@@ -19,7 +19,7 @@ export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/$(CACHE)/collections
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 DEB_PACKAGES := podman runc netavark aardvark-dns uidmap fuse-overlayfs debootstrap \
-	wireguard-tools wireguard-go iproute2 nftables iptables conntrack tcpdump iperf3 \
+	wireguard-tools wireguard-go iproute2 nftables iptables conntrack tcpdump iperf3 iputils-ping \
 	ca-certificates python3-venv graphviz prometheus coturn stun-client
 
 .PHONY: help setup deb venv collections artifact collection image demo demo-down test lint unit lab-test molecule clean

@@ -179,6 +179,8 @@ def _run_args(lab: Lab, host: LabHost, image: str) -> list[str]:
         "--sysctl",
         f"net.ipv4.ip_forward={1 if host.forwarding else 0}",
     ]
+    if host.role == ROLE_RELAY:
+        args += ["--sysctl", "net.ipv4.conf.all.send_redirects=0"]  # as the relay role sets it
     for iface in host.interfaces:
         args += ["--network", f"{iface.network}:interface_name={iface.ifname}"]
     return [*args, image]

@@ -496,6 +496,9 @@ def build_lab(top: Topology) -> Lab:
                 role=ROLE_RELAY,
                 site=None,
                 nat=None,
+                # The relay's kernel forwards confirmed sessions (meshwright.relay.kernel); a
+                # container's /proc/sys is read-only, so the lab sets what the role would.
+                forwarding=True,
                 interfaces=[_iface(inet, "wan", *(public_cidr(a) for a in relay.addresses))],
                 shape=relay.wan,
                 public_address=str(relay.addresses[0]),

@@ -334,6 +334,22 @@ class Allocation:
         """
         self._mac1 = _mac1_pair(public_keys)
 
+    def awaits_answer(self, side: int, now: float) -> bool:
+        """Whether a handshake of ``side`` waits for the other side's answer to prove an address
+        (then transport data *to* ``side`` must come through :meth:`receive`, which confirms)."""
+        pending = self._pending[side]
+        _expire(pending, now)
+        # One that went nowhere (a bootstrap's first) can never be answered: it waits for nothing.
+        return any(entry.forwarded_to is not None for entry in pending.values())
+
+    def last_heard(self, side: int) -> float | None:
+        """When ``side``'s confirmed address last sent something accepted (monotonic seconds)."""
+        return self._heard[side]
+
+    def heard(self, side: int, now: float) -> None:
+        """``side``'s confirmed address was heard at ``now`` by another path (the kernel's)."""
+        self._heard[side] = now
+
     @property
     def confirmed(self) -> tuple[Address | None, Address | None]:
         """The proven address of each side's site (None: not known); persist it across restarts."""

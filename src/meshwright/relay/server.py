@@ -30,6 +30,11 @@ UDP-blocked site can still tell "UDP blocked" from "relay down"::
 
 With ``"metrics": {"address": "10.99.0.254", "port": 9588}`` it serves Prometheus metrics there
 (:mod:`meshwright.metrics`; absent is off), from the state the loop publishes once a second.
+
+With ``"kernel": true`` the kernel forwards the transport data of confirmed sessions
+(:mod:`.kernel`: nftables rules that this service installs, follows and removes; it needs
+CAP_NET_ADMIN and ``net.ipv4.ip_forward`` on, and stays on the code's path, saying why, when it
+has neither). Handshakes still come here; the rules' counters are folded into the allocations'.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import os
 import selectors
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -54,13 +60,16 @@ from meshwright.metrics import MetricsEndpoint, parse_setting, relay_families
 from meshwright.relay.stun_server import StunResponder, StunStreams, StunTcpClient
 from meshwright.wire.endpoint import format_endpoint
 
-from .forward import Address, Allocation, Limits
+from . import kernel
+from .forward import FORWARDED, FORWARDED_BYTES, Address, Allocation, Limits
 from .tls import TlsClients
 
 __all__ = ["RelayServer", "main"]
 
 _BATCH = 256  # datagrams read from one socket per wake-up, so one busy pair cannot starve others
 _MAX_DATAGRAM = 65535
+_TRANSPORT = 4  # a WireGuard transport data message's type byte
+KERNEL_FORWARDED = "kernel_forwarded"  # of "forwarded": the packets the kernel forwarded
 
 
 @dataclass
@@ -118,6 +127,10 @@ class RelayServer:
         self._reload = True
         self._stop = False
         self._dirty = False
+        # Kernel forwarding (None: off): the routes installed, by arrival port, and the last
+        # reading of their counters.
+        self.kernel: dict[int, kernel.Route] | None = None
+        self.kernel_counts: dict[int, tuple[int, int, int]] = {}
         self._restored = self._read_state()
 
     # --- configuration --------------------------------------------------------------------
@@ -141,6 +154,7 @@ class RelayServer:
             self.log(f"relay: keeping the current allocations: {self.config}: {exc}")
             return
         self.limits = limits
+        self._kernel_switch(bool(data.get("kernel")) if isinstance(data, dict) else False)
         for key, opened in list(self.open.items()):
             spec = specs.get(key)
             if spec == opened.spec:
@@ -268,6 +282,7 @@ class RelayServer:
 
     def _close(self, key: str) -> None:
         opened = self.open.pop(key)
+        self._kernel_withdraw(opened, {})
         for sock in opened.sockets:
             self.selector.unregister(sock)
             sock.close()
@@ -338,6 +353,7 @@ class RelayServer:
                     self.stun.close_idle()
                 if now >= next_save:
                     next_save = now + 1.0
+                    self._kernel_tick(now)
                     self.publish()
                     counts = {k: sum(o.allocation.counters.values()) for k, o in self.open.items()}
                     if self._dirty or counts != last_counts:
@@ -348,6 +364,7 @@ class RelayServer:
             self.save()
             for open_key in list(self.open):
                 self._close(open_key)
+            self._kernel_switch(False)
             if self.tls is not None:
                 self.tls.close()
             if self.stun is not None:
@@ -363,11 +380,122 @@ class RelayServer:
                 return
             except OSError:
                 continue  # an ICMP error queued on the socket: nothing to forward
-            destination: Address | None = receive(side, source[:2], datagram, time.monotonic())
+            now = time.monotonic()
+            destination: Address | None = receive(side, source[:2], datagram, now)
+            if self.kernel is not None and datagram[:1] != b"\x04":
+                # A handshake may have started waiting for an answer, or moved an address:
+                # what the kernel forwards must change before that answer is forwarded.
+                self._kernel_withdraw(opened, self._kernel_routes(opened, now))
             if destination is not None:
                 self._send(opened, 1 - side, datagram, destination)
                 if opened.allocation.also is not None:  # an initiation, to a moved site too
                     self._send(opened, 1 - side, datagram, opened.allocation.also)
+
+    # --- kernel forwarding (:mod:`.kernel`) ---------------------------------------------------
+
+    def _nft(self, script: str) -> str:
+        """Run an nft script (or, with a leading "-j", a listing); OSError/CalledProcessError."""
+        if script.startswith("-j"):
+            command = ["nft", *script.split()]
+            done = subprocess.run(command, check=True, capture_output=True, text=True, timeout=10)
+        else:
+            done = subprocess.run(
+                ["nft", "-f", "-"],
+                input=script,
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+        return done.stdout
+
+    def _kernel_switch(self, on: bool) -> None:
+        """Turn kernel forwarding on or off; on stays off, logged, when it cannot be."""
+        if on == (self.kernel is not None):
+            return
+        if on:
+            try:
+                forwarding = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
+                if forwarding != "1":
+                    raise OSError("net.ipv4.ip_forward is not 1")
+                self._nft(kernel.setup())
+            except (OSError, subprocess.SubprocessError) as exc:
+                self.log(f"relay: kernel forwarding off, forwarding in the relay's code: {exc}")
+                return
+            self.kernel, self.kernel_counts = {}, {}
+            self.log("relay: kernel forwarding on for confirmed sessions")
+            return
+        self.kernel = None
+        try:
+            self._nft(kernel.teardown())
+        except (OSError, subprocess.SubprocessError) as exc:
+            self.log(f"relay: could not remove the kernel forwarding rules: {exc}")
+
+    def _kernel_routes(self, opened: _Open, now: float) -> dict[int, kernel.Route]:
+        return kernel.routes(opened.spec[0], opened.spec[1], opened.allocation, now)
+
+    def _kernel_apply(self, script: str) -> bool:
+        try:
+            self._nft(script)
+        except (OSError, subprocess.SubprocessError) as exc:
+            # The code's path forwards everything the rules would have: nothing is lost.
+            self.log(f"relay: kernel forwarding off after a failed change: {exc}")
+            self._kernel_switch(False)
+            return False
+        return True
+
+    def _kernel_withdraw(self, opened: _Open, wanted: dict[int, kernel.Route]) -> None:
+        """Remove, now, the installed routes of ``opened`` that ``wanted`` does not hold."""
+        installed = self.kernel
+        if installed is None:
+            return
+        stale = [
+            installed[port]
+            for port in opened.spec[1]
+            if port in installed and wanted.get(port) != installed[port]
+        ]
+        if stale and self._kernel_apply("".join(kernel.withdraw(route) for route in stale)):
+            for route in stale:
+                del installed[route.port]
+
+    def _kernel_tick(self, now: float) -> None:
+        """Fold the rules' counters into the allocations, then bring the routes up to date."""
+        if self.kernel is None:
+            return
+        try:
+            counts = kernel.counters(self._nft(f"-j list counters table ip {kernel.TABLE}"))
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+            self.log(f"relay: cannot read the kernel forwarding counters: {exc}")
+            counts = self.kernel_counts
+        for port, (packets, octets, limited) in counts.items():
+            last = self.kernel_counts.get(port, (0, 0, 0))
+            # A counter below its last reading was made anew: all of it is new.
+            delta = [
+                now_ - last_ if now_ >= last_ else now_
+                for now_, last_ in zip((packets, octets, limited), last, strict=True)
+            ]
+            entry = self.by_port.get(port)
+            if entry is None or not any(delta):
+                continue
+            opened, side = entry
+            tally = opened.allocation.counters
+            tally[FORWARDED] += delta[0]
+            tally[KERNEL_FORWARDED] += delta[0]
+            tally[FORWARDED_BYTES] += delta[1]
+            tally["dropped_rate_limited"] += delta[2]
+            if delta[0]:
+                opened.allocation.heard(side, now)
+        self.kernel_counts = counts
+        added: list[kernel.Route] = []
+        for opened in self.open.values():
+            wanted = self._kernel_routes(opened, now)
+            self._kernel_withdraw(opened, wanted)
+            if self.kernel is None:
+                return  # a failed change turned it off
+            added += [route for port, route in wanted.items() if port not in self.kernel]
+        script = "".join(kernel.install(route, self.limits) for route in added)
+        if added and self._kernel_apply(script) and self.kernel is not None:
+            self.kernel.update((route.port, route) for route in added)
 
 
 def _public_keys(spec: tuple[str, tuple[int, int], tuple[str, str]]) -> tuple[bytes, bytes]:
