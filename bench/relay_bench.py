@@ -72,6 +72,9 @@ STATE = WORK / ".meshwright" / "state.json"
 DIRECT = ("easy1", "public")  # sender site, receiver site
 RELAYED = ("hard1", "hard2")
 TCP_RELAYED = ("blocked", "public")  # the sender is the UDP-blocked site
+# One pair both ways: direct (the sidecars upgraded it) and through its relay (sidecars
+# stopped, endpoints set to the allocation): the same sites and NATs, only the relay differs.
+SAME = ("easy1", "easy2")
 IPERF_PORT = 5299  # not iperf3's default, so a stray server elsewhere cannot answer
 IPERF_PIDFILE = "/run/mwbench-iperf3.pid"
 RELAY_UNIT = "meshwright-relay.service"
@@ -307,7 +310,7 @@ def unit_pid(host: str, unit: str) -> int:
 class Route:
     """One measured pair, as the plan and the live mesh have it (filled in by `check_route`)."""
 
-    name: str  # "direct", "relay", "relay-code", "tcp"
+    name: str  # "direct", "relay", "relay-code", "tcp", "same-direct", "same-relay"
     label: str
     sites: tuple[str, str]  # sender, receiver
     mode: str  # the plan's mode for the pair
@@ -330,6 +333,14 @@ def check_route(plan: dict[str, Any], rows: list[dict[str, Any]], route: Route) 
         raise BenchError(f"{PLAN}: {a} <-> {b} is {pair['mode']!r}, not {route.mode!r}")
     route.address = lan_address(rows, route.hosts[1])
     route.endpoints = {a: live_endpoint(plan, a, b), b: live_endpoint(plan, b, a)}
+    if route.mode == "punch":
+        allocation = relay_allocation(plan, a, b)
+        route.relay = allocation["relay"]
+        route.allocation_key = f"{allocation['a']}--{allocation['b']}"
+        ports = dict(zip((allocation["a"], allocation["b"]), allocation["ports"], strict=True))
+        route.endpoints = {site: f"{allocation['address']}:{ports[site]}" for site in (a, b)}
+        route.processes = [("relay", route.relay, unit_pid(route.relay, RELAY_UNIT))]
+        return
     if route.mode == "direct":
         relays = {x["address"] for x in plan.get("allocations", [])} | {"127.0.0.1"}
         for site, endpoint in route.endpoints.items():
@@ -463,6 +474,28 @@ def relay_counters(relay: str, key: str) -> dict[str, int]:
         return {}
 
 
+def pin_to_relay(plan: dict[str, Any], route: Route, pinned: bool) -> None:
+    """Pinned: both sites' sidecars stopped and WireGuard's endpoints set to the pair's relay
+    allocation. Not pinned: the sidecars started, and back on a direct path (waited for)."""
+    a, b = route.sites
+    if pinned:
+        for site in (a, b):
+            podman_exec(site, "systemctl", "stop", SIDECAR_UNIT)
+        for site, peer in ((a, b), (b, a)):
+            key = plan_peer(plan, site, peer)["public_key"]
+            podman_exec(
+                site, "wg", "set", WG_INTERFACE, "peer", key, "endpoint", route.endpoints[site]
+            )
+        return
+    for site in (a, b):
+        podman_exec(site, "systemctl", "start", SIDECAR_UNIT)
+    deadline = time.monotonic() + 60
+    while any(live_endpoint(plan, s, p) == route.endpoints[s] for s, p in ((a, b), (b, a))):
+        if time.monotonic() > deadline:
+            raise BenchError(f"{a} <-> {b} did not go direct again within 60 s")
+        time.sleep(0.5)
+
+
 def set_kernel_path(relay: str, on: bool) -> None:
     """Turn the relay service's kernel forwarding on or off (its config, then a reload), and
     wait until its nftables table is there with routes, or gone."""
@@ -521,6 +554,8 @@ def bench(args: argparse.Namespace) -> int:
             Route("relay", "udp relay (kernel path)", RELAYED, "relay"),
             Route("relay-code", "udp relay (code path only)", RELAYED, "relay"),
             Route("tcp", "tcp relay (TLS, sidecar)", TCP_RELAYED, "relay-tcp"),
+            Route("same-direct", "easy1->easy2 direct (upgraded)", SAME, "punch"),
+            Route("same-relay", "easy1->easy2 via its relay (kernel path)", SAME, "punch"),
         )
     }
     for route in routes.values():
@@ -577,11 +612,17 @@ def bench(args: argparse.Namespace) -> int:
             sender, receiver = route.hosts
             if route.relay:
                 set_kernel_path(route.relay, name != "relay-code")
+            if name == "same-relay":
+                pin_to_relay(plan, route, True)
             counted = relay_counters(route.relay, route.allocation_key) if route.relay else {}
             before = {what: cpu_ticks(host, pid) for what, host, pid in route.processes}
             busy_before, total_before = machine_ticks()
             start = time.monotonic()
-            bits, retransmits = iperf(sender, receiver, route.address, args.seconds, mss)
+            try:
+                bits, retransmits = iperf(sender, receiver, route.address, args.seconds, mss)
+            finally:
+                if name == "same-relay":
+                    pin_to_relay(plan, route, False)
             elapsed = time.monotonic() - start
             busy_after, total_after = machine_ticks()
             s = series[name]
@@ -662,6 +703,10 @@ def bench(args: argparse.Namespace) -> int:
                 series["direct-mss"].bits
             )
             print(f"{prefix}/direct throughput at MSS {args.mss}: {mss_ratio:.2f}")
+    ratios["same"] = statistics.median(series["same-relay"].bits) / statistics.median(
+        series["same-direct"].bits
+    )
+    print(f"easy1->easy2 relayed (kernel path)/direct throughput, same pair: {ratios['same']:.2f}")
     for name, prefix in prefixes:
         rtt = statistics.median(series[name].rtt_ms)
         print(
@@ -670,7 +715,7 @@ def bench(args: argparse.Namespace) -> int:
         )
     for name, _, _ in variants:
         route = routes[name.removesuffix("-mss")]
-        if not route.relay:
+        if not route.relay or name == "same-direct":
             continue
         counted = series[name].relay_counters
         shown = ", ".join(f"{k} +{v}" for k, v in sorted(counted.items()) if v) or "none"
@@ -683,7 +728,7 @@ def bench(args: argparse.Namespace) -> int:
         print(f"{host} sidecar, last logged (cumulative, every 60 s): {line or 'nothing yet'}")
     verdicts = []
     for name, what, target in (
-        ("relay", "udp-relayed (kernel path)", TARGET_RATIO),
+        ("same", "udp-relayed (kernel path, same pair)", TARGET_RATIO),
         ("tcp", "tcp-relayed", TCP_TARGET_RATIO),
     ):
         verdict = "PASS" if ratios[name] >= target else "FAIL"

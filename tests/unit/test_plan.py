@@ -408,6 +408,7 @@ def test_to_dict_shape_and_json_round_trip():
         "pairs",
         "unreachable",
         "allocations",
+        "standby_allocations",
         "relays",
     }
     assert data["link_kinds"] == ["direct"]

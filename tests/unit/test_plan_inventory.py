@@ -14,6 +14,7 @@ import pytest
 
 from meshwright.plan import DEFAULT_RELAY_FIRST_PORT, DEFAULT_RELAY_LAST_PORT, PlanError
 from meshwright.plan.inventory import (
+    TLS_RELAY_MAX_MTU,
     Inventory,
     RelayState,
     SiteState,
@@ -28,6 +29,7 @@ from meshwright.plan.inventory import (
     validate_inventory,
 )
 from meshwright.plan.synthetic import public_key
+from meshwright.wire.frames import MAX_PAYLOAD
 
 OVERLAY = "10.99.0.0/24"
 
@@ -294,6 +296,48 @@ def test_a_blocked_site_gets_its_sidecar_peers_and_relays():
     assert peer(result, "a", "b")["endpoint"] == f"127.0.0.1:{ports[('a', 'b')][0]}"
 
 
+def test_a_tls_relayed_pair_carries_mtu_2016_and_no_more():
+    """A TLS relay's frame holds 2048 bytes of WireGuard datagram: MTU + 32 (header and tag).
+    Both ends of a relay-tcp pair are checked (the UDP side's datagrams go into the TLS
+    connection too); pairs that no TLS relay carries may use any MTU."""
+    assert TLS_RELAY_MAX_MTU == MAX_PAYLOAD - 32 == 2016
+    relays = {"relay1": relay()}
+    fits = {
+        "a": site(1, "blocked", sidecar_certificate="PEM a", wireguard_mtu=2016),
+        "b": site(2, "open", wireguard_mtu="2016"),  # -e gives text
+        "c": site(3, "hard", wireguard_mtu=9000),
+        "d": site(4, "open", wireguard_mtu=9000, mesh_policy={"allow_relay": False}),
+    }
+    with pytest.raises(PlanError) as raised:
+        planned(fits, relays)
+    assert raised.value.problems == (
+        "site c: wireguard_mtu 9000 is too big for its TLS-relayed pair a-c: a TLS relay"
+        " carries WireGuard datagrams (MTU + 32 bytes) of at most 2048 bytes, so the MTU must be"
+        " at most 2016",
+    )
+    fits["c"]["wireguard_mtu"] = 1420
+    result = planned(fits, relays)
+    modes = {(p["a"], p["b"]): p["mode"] for p in result.facts()["mesh_plan"]["pairs"]}
+    assert modes[("a", "b")] == modes[("a", "c")] == "relay-tcp"
+    assert modes[("b", "d")] == modes[("c", "d")] == "direct"  # 9000 is d's business
+    assert "a" not in {p["name"] for p in site_plan(result, "d")["peers"]}
+
+
+def test_the_blocked_sides_mtu_names_every_pair_once():
+    sites = {
+        "a": site(1, "blocked", sidecar_certificate="PEM a", wireguard_mtu=2017),
+        "b": site(2, "open"),
+        "c": site(3, "hard"),
+    }
+    with pytest.raises(PlanError) as raised:
+        planned(sites, {"relay1": relay()})
+    assert raised.value.problems == (
+        "site a: wireguard_mtu 2017 is too big for its TLS-relayed pairs a-b, a-c: a TLS relay"
+        " carries WireGuard datagrams (MTU + 32 bytes) of at most 2048 bytes, so the MTU must be"
+        " at most 2016",
+    )
+
+
 def test_certificates_and_fingerprints_outside_the_run_come_from_the_state_file():
     state = State(
         sites={
@@ -482,11 +526,14 @@ def test_static_validation_names_hosts_and_values():
         "b": site(2, None, mesh_overlay_address="10.98.0.2", mesh_policy={"hubs": ["z"]}),
         "c": site(3, None, mesh_lan_prefixes=["10.99.0.128/25"], mesh_listen_port=70000),
         "d": site(1, None, mesh_lan_prefixes=["172.16.0.1/24"]),
-        "e": site(5, None, mesh_endpoint="2001:db8::1:51820"),
+        "e": site(5, None, mesh_endpoint="2001:db8::1:51820", wireguard_mtu="big"),
     }
     del sites["e"]["mesh_overlay_address"]
+    sites["b"]["wireguard_mtu"] = 67
     assert validate_inventory(inventory(sites, {"a": relay()})) == [
+        "site b: wireguard_mtu 67 is not a whole number in 68-65535",
         "site e: mesh_overlay_address is not set",
+        "site e: wireguard_mtu 'big' is not a whole number in 68-65535",
         "relay a: a site has the same name (WireGuard peers are named uniquely)",
         "site b: overlay address 10.98.0.2 is outside the overlay network 10.99.0.0/24",
         "site b: hubs name unknown site(s) z",

@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from meshwright.plan import DEFAULT_RELAY_FIRST_PORT as FIRST_PORT
-from meshwright.plan.relays import RelayPorts, allocate
+from meshwright.plan.relays import RelayPorts, allocate, allocate_with_standby
 
 RELAYS = {"r1": "198.51.100.10", "r2": "203.0.113.10"}
 
@@ -120,3 +120,34 @@ def test_an_allocation_outside_a_narrowed_range_moves():
 def test_an_ipv6_relay_address_is_written_in_brackets():
     (allocation,) = allocate(pairs("ab"), {"r1": "2001:db8::10"}, {}).values()
     assert allocation.endpoint_of("a") == f"[2001:db8::10]:{FIRST_PORT}"
+
+
+# --- standby allocations (relay failover) ---------------------------------------------------
+
+
+def test_every_udp_relayed_pair_has_a_standby_on_another_relay():
+    rtt = {n: {"r1": 5.0, "r2": 50.0} for n in "abcd"}
+    kinds = [("a", "b", "relay"), ("a", "c", "punch"), ("b", "c", "relay-tcp"), ("c", "d", "relay")]
+    preferred, standby = allocate_with_standby(kinds, RELAYS, rtt)
+    assert {a.relay for a in preferred.values()} == {"r1"}  # the near one
+    # The TLS site's pair follows its connection: no standby.
+    assert sorted(standby) == [("a", "b"), ("a", "c"), ("c", "d")]
+    assert all(a.relay == "r2" and a.standby for a in standby.values())
+    assert all(not a.standby for a in preferred.values())
+    assert standby[("a", "b")].to_dict()["standby"] is True
+    ports = [p for a in [*preferred.values(), *standby.values()] for p in a.ports]
+    assert len(ports) == len(set(ports))  # unique across relays, preferred and standby alike
+    # One relay: nothing to fail over to.
+    assert allocate_with_standby(kinds, {"r1": RELAYS["r1"]}, rtt)[1] == {}
+
+
+def test_standby_allocations_are_kept_by_the_next_plan():
+    rtt = {n: {"r1": 5.0, "r2": 50.0} for n in "abcd"}
+    first = allocate_with_standby(pairs("abcd"), RELAYS, rtt)
+    previous = [a.to_dict() for a in first[0].values()]
+    previous_standby = [a.to_dict() for a in first[1].values()]
+    flipped = {n: {"r1": 50.0, "r2": 5.0} for n in "abcd"}
+    second = allocate_with_standby(
+        pairs("abcd"), RELAYS, flipped, previous, None, None, previous_standby
+    )
+    assert second == first

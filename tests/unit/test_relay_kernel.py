@@ -24,12 +24,12 @@ import pytest
 from test_relay_forward import A1, B1, established, initiation, keys, response, transport
 from wireguard_tools import WireguardKey
 
+from meshwright.lab.netns import RELAY, RelayLine
 from meshwright.relay import kernel
 from meshwright.relay.forward import Allocation, Limits
 
 __all__ = ["keys"]  # the fixture, used by name
 
-RELAY = "198.51.100.1"
 PORTS = (40000, 40001)
 
 
@@ -119,21 +119,13 @@ def test_the_rules_name_the_route_and_the_limits() -> None:
 
 # -- the real thing: nftables, the relay service, two wireguard-go sites ---------------------------
 
-PREFIX = f"mwk{os.getpid() % 100000}"
-NS = {name: f"{PREFIX}{name}" for name in ("a", "r", "b")}
-SITE_A, SITE_B = "203.0.113.5", "198.51.100.7"
 SOCKETS = Path("/var/run/wireguard")
-
-
-def sh(*argv: str, check: bool = True) -> str:
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if check and done.returncode:
-        raise AssertionError(f"{' '.join(argv)}: {done.returncode}: {done.stderr.strip()}")
-    return done.stdout
+LINE = RelayLine(f"mwk{os.getpid() % 100000}")
+PREFIX = LINE.prefix
 
 
 def ns(name: str, *argv: str, check: bool = True) -> str:
-    return sh("ip", "netns", "exec", NS[name], *argv, check=check)
+    return LINE.run(name, *argv, check=check)
 
 
 def wait_for(what: str, condition: Callable[[], bool], seconds: float = 20.0) -> None:
@@ -145,31 +137,17 @@ def wait_for(what: str, condition: Callable[[], bool], seconds: float = 20.0) ->
 
 @pytest.fixture(scope="module")
 def network() -> Iterator[None]:
-    """a (203.0.113.5) -- r (the relay: 203.0.113.1, 198.51.100.1) -- b (198.51.100.7)."""
+    """a (203.0.113.5) -- r (the relay) -- b (198.51.100.7): meshwright.lab.netns."""
     if os.geteuid() != 0:
         pytest.fail("test_relay_kernel needs root (network namespaces, nftables)")
     for tool in ("nft", "wireguard-go", "wg", "ip", "ping"):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is missing: apt-get install -y nftables wireguard-go iputils-ping")
-    for name in NS.values():
-        sh("ip", "netns", "add", name)
+    LINE.up()
     try:
-        for side, net, site in (("a", "203.0.113", SITE_A), ("b", "198.51.100", SITE_B)):
-            outer, inner = f"{PREFIX}{side}0", f"{PREFIX}{side}1"
-            sh("ip", "link", "add", outer, "netns", NS[side], "type", "veth", "peer", inner)
-            sh("ip", "link", "set", inner, "netns", NS["r"])
-            ns(side, "ip", "addr", "add", f"{site}/24", "dev", outer)
-            ns(side, "ip", "link", "set", outer, "up")
-            ns(side, "ip", "link", "set", "lo", "up")
-            ns(side, "ip", "route", "add", "default", "via", f"{net}.1")
-            ns("r", "ip", "addr", "add", f"{net}.1/24", "dev", inner)
-            ns("r", "ip", "link", "set", inner, "up")
-        ns("r", "ip", "link", "set", "lo", "up")
-        ns("r", "sysctl", "-q", "-w", "net.ipv4.conf.all.send_redirects=0")
         yield
     finally:
-        for name in NS.values():
-            sh("ip", "netns", "del", name, check=False)
+        LINE.down()
 
 
 @dataclass
@@ -191,8 +169,9 @@ def sites(network: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
     try:
         for name in ("a", "b"):
             interface = f"{PREFIX}w{name}"
-            process = subprocess.Popen(
-                ["ip", "netns", "exec", NS[name], "wireguard-go", "-f", interface],
+            process = LINE.popen(
+                name,
+                ["wireguard-go", "-f", interface],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
@@ -242,7 +221,7 @@ def start_relay(sites: dict[str, Site], tmp_path: Path) -> Iterator[Callable[[bo
     started: list[Relay] = []
 
     def start(forwarding: bool) -> Relay:
-        ns("r", "sysctl", "-q", "-w", f"net.ipv4.ip_forward={int(forwarding)}")
+        LINE.forwarding(forwarding)
         config = tmp_path / "relay.json"
         allocation = {
             "a": "a",
@@ -254,10 +233,11 @@ def start_relay(sites: dict[str, Site], tmp_path: Path) -> Iterator[Callable[[bo
         config.write_text(json.dumps({"allocations": [allocation], "kernel": True}))
         state = tmp_path / "state.json"
         state.unlink(missing_ok=True)
-        process = subprocess.Popen(
+        process = LINE.popen(
+            "r",
             [
-                *("ip", "netns", "exec", NS["r"], sys.executable, "-m", "meshwright.cli"),
-                *("relay", "--config", str(config), "--state", str(state)),
+                *(sys.executable, "-m", "meshwright.cli", "relay"),
+                *("--config", str(config), "--state", str(state)),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

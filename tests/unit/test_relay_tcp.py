@@ -33,6 +33,7 @@ from tls_harness import (
     Cert,
     RelayLoop,
     make_cert,
+    record_sends,
     save_cert,
     trickle_until_closed,
     wait_for,
@@ -53,6 +54,7 @@ from meshwright.wire.frames import (
     looks_like_tls,
     normalize_fingerprint,
 )
+from meshwright.wire.stream import WRITE_CHUNK
 
 # --- framing ----------------------------------------------------------------------------------
 
@@ -151,6 +153,24 @@ def test_random_bytes_give_frames_or_frame_error_nothing_else(data):
         return
     for _, payload in frames:
         assert 0 < len(payload) <= MAX_PAYLOAD
+
+
+def test_reads_go_into_the_decoder_and_always_find_room_behind_a_partial_frame():
+    decoder = FrameDecoder(room=100)
+    # The worst partial frame: all but the last byte of the largest one.
+    stream = encode(7, b"a" * 60) + encode(8, b"b" * MAX_PAYLOAD) + encode(9, b"c")
+    got: list[tuple[int, bytes]] = []
+    position = 0
+    while position < len(stream):
+        space = decoder.space()
+        assert len(space) >= 100
+        size = min(100, len(stream) - position)
+        space[:size] = stream[position : position + size]
+        position += size
+        got += decoder.commit(size)
+        assert decoder.buffered < 4 + MAX_PAYLOAD
+    assert got == [(7, b"a" * 60), (8, b"b" * MAX_PAYLOAD), (9, b"c")]
+    assert decoder.buffered == 0
 
 
 def test_feeding_many_small_frames_is_linear():
@@ -468,6 +488,26 @@ def test_a_full_write_buffer_drops_frames_without_blocking_or_reordering(relay_l
         numbers = [int.from_bytes(payload[:4], "big") for _, payload in frames]
         assert numbers == sorted(numbers) and len(set(numbers)) == sent
         assert numbers[0] == 0
+
+
+@pytest.mark.parametrize("count", [40, 300])
+def test_the_datagrams_of_one_wake_up_go_out_together_in_order(relay_loop, certs, count):
+    """What RelayServer hands over in one wake-up goes out in few writes, none larger than
+    WRITE_CHUNK (four TLS records), all of it and in order (300 full-size frames fit in the
+    default buffer, so none may be dropped)."""
+    relay = relay_loop()
+    with tls_client(relay.address, certs["alpha"]) as alpha:
+        accepted(alpha)
+        sizes = relay.call(lambda: record_sends(relay.clients._by_site["alpha"].sock))
+        payloads = [number.to_bytes(4, "big") + os.urandom(1448) for number in range(count)]
+        assert relay.call(lambda: [relay.clients.send("alpha", 40000, p) for p in payloads])
+        frames = read_frames(alpha, FrameDecoder(), count)
+    assert frames == [(40000, payload) for payload in payloads]
+    assert relay.counters()["dropped_buffer_full"] == 0
+    assert sizes and max(sizes) <= WRITE_CHUNK
+    total = count * (4 + 1452)
+    # Repeated attempts (the socket was full) may add a few; one write per frame would be 40+.
+    assert len(sizes) <= total // WRITE_CHUNK + 4 if count == 40 else len(sizes) < count // 4
 
 
 def test_send_to_a_site_without_a_connection_is_dropped_and_counted(relay_loop):

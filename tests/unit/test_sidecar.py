@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import socket
 import ssl
@@ -24,11 +25,12 @@ from typing import Any
 
 import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from tls_harness import DEADLINE, HOST, Cert, RelayLoop, make_cert, wait_for
+from tls_harness import DEADLINE, HOST, Cert, RelayLoop, make_cert, record_sends, wait_for
 
 from meshwright.site.sidecar import Sidecar, SidecarConfigError, main
 from meshwright.site.sidecar.config import parse_config
 from meshwright.wire.frames import KEEPALIVE, FrameDecoder, encode, fingerprint
+from meshwright.wire.stream import UDP_BUFFER, WRITE_CHUNK, tune, widen_buffers
 
 # --- certificates -----------------------------------------------------------------------------
 
@@ -243,6 +245,71 @@ def test_datagrams_not_from_wireguard_or_too_big_are_dropped(setup):
     wait_for(lambda: s.counters()["dropped_bad_size"] == 1)
     assert s.probe(port) == b"probe"
     assert all(payload == b"probe" for _, _, payload in s.relay.datagrams)
+
+
+@contextlib.contextmanager
+def loop_paused(sidecar: Sidecar) -> Iterator[None]:
+    """Hold the sidecar's loop before its next select(): what arrives meanwhile is read in
+    one wake-up when the block ends."""
+    release, paused = threading.Event(), threading.Event()
+    timers = sidecar._timers
+
+    def held(now: float) -> float:
+        if not release.is_set():
+            paused.set()
+            release.wait(DEADLINE)
+        return timers(now)
+
+    sidecar._timers = held  # type: ignore[method-assign]
+    try:
+        assert paused.wait(DEADLINE)
+        yield
+    finally:
+        release.set()
+
+
+@pytest.mark.parametrize("count", [40, 150])
+def test_the_datagrams_of_one_wake_up_go_to_the_relay_together_in_order(setup, count):
+    """Full-size datagrams read in one wake-up: few writes, none larger than WRITE_CHUNK (four
+    TLS records), all of them in order (150 fit in MAX_BUFFER: none may be dropped)."""
+    s = setup()
+    port = s.ports[0]
+    s.probe(port)
+    before = len(s.relay.datagrams)
+    payloads = [number.to_bytes(4, "big") + os.urandom(1448) for number in range(count)]
+    with loop_paused(s.sidecar):
+        sizes = record_sends(s.sidecar._links["relay1"].sock)
+        for payload in payloads:
+            s.wireguard.sendto(payload, (HOST, port))
+    wait_for(lambda: len(s.relay.datagrams) - before == count)
+    assert [payload for _, _, payload in s.relay.datagrams[before:]] == payloads
+    assert s.counters()["dropped_buffer_full"] == 0
+    assert sizes and max(sizes) <= WRITE_CHUNK
+    # Repeated attempts (the socket was full) may add a few; one write per frame would be 40+.
+    assert len(sizes) <= count * (4 + 1452) // WRITE_CHUNK + 4
+
+
+def test_peer_sockets_get_wide_buffers_and_tcp_keeps_autotuning(setup):
+    s = setup()
+    s.probe(s.ports[0])
+    # Without privileges (no SO_*BUFFORCE) the system's maximum caps them; the kernel reports
+    # twice what it was given.
+    limits = {
+        name: int(Path(f"/proc/sys/net/core/{name}").read_text())
+        for name in ("rmem_max", "wmem_max")
+    }
+    [peer] = s.sidecar._peers.values()
+    for option, limit in ((socket.SO_RCVBUF, "rmem_max"), (socket.SO_SNDBUF, "wmem_max")):
+        assert peer.sock.getsockopt(socket.SOL_SOCKET, option) >= min(UDP_BUFFER, limits[limit])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        widen_buffers(sock, 1 << 20)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= min(
+            1 << 20, limits["rmem_max"]
+        )
+    with socket.socket() as tcp:
+        default = tcp.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        tune(tcp, keepalive_idle=30)
+        assert tcp.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == default
 
 
 def test_the_sidecar_refuses_a_relay_that_does_not_match_its_pin(setup, certs):

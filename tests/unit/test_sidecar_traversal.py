@@ -1207,3 +1207,133 @@ def _shared_probing_pair() -> Sim:
     if not _SHARED:
         _SHARED.append(probing_pair())
     return _SHARED[0]
+
+
+# --- relay failover ------------------------------------------------------------------------------
+
+STANDBY = "198.51.100.201"
+
+
+def _failover_core(upgrade: bool = False) -> Traversal:
+    """Alpha with bravo on relay r1 (port 40001), its standby on r2 (port 40101)."""
+    peer = PeerConfig(
+        "bravo",
+        KEY_BETA,
+        "10.200.0.2",
+        (RELAY, 40001),
+        relay="r1",
+        standby_endpoint=(STANDBY, 40101),
+        standby_relay="r2",
+        upgrade=upgrade,
+    )
+    return Traversal("alpha", KEY_ALPHA, [peer], random.Random(3).randbytes)
+
+
+def _seconds(core: Traversal, start: float, seconds: int, answering: set[str]) -> list[Action]:
+    """`seconds` of the daemon's relay checks (each relay asked every second; those in
+    `answering` answer at once), ticking the core in between."""
+    actions: list[Action] = []
+    for second in range(seconds):
+        now = start + second
+        for relay in ("r1", "r2"):
+            core.relay_asked(relay, now)
+            if relay in answering:
+                core.relay_answered(relay, now + 0.01)
+        for step in range(10):
+            actions += core.tick(now + step / 10, now + step / 10 + WALL)
+    return actions
+
+
+def test_a_relayed_peer_moves_to_its_standby_relay_when_its_relay_dies() -> None:
+    core = _failover_core()
+    assert _seconds(core, T0, 5, {"r1", "r2"}) == []
+    # r1 dies: nothing for RELAY_DEAD_AFTER (4 s), then one move, with a new session.
+    died = T0 + 5
+    actions = _seconds(core, died, 3, {"r2"})
+    assert not [a for a in actions if isinstance(a, SetEndpoint)]
+    actions = _seconds(core, died + 3, 3, {"r2"})
+    moves = [a for a in actions if isinstance(a, SetEndpoint)]
+    assert moves == [SetEndpoint("bravo", KEY_BETA, (STANDBY, 40101))]
+    assert traversal.ResetSession("bravo", KEY_BETA) in actions
+    status = core.status(died + 6)["peers"]["bravo"]
+    assert status["on_standby"] and status["relay"] == "r2"
+    assert status["relay_endpoint"] == f"{STANDBY}:40101"
+    # r1 returns: nothing moves back (no flap); it stays the plan's choice for a fallback.
+    assert _seconds(core, died + 6, 60, {"r1", "r2"}) == []
+    assert core.counters["relays_down"] == 1 and core.counters["relays_back"] == 1
+
+
+def test_with_both_relays_down_nothing_moves() -> None:
+    core = _failover_core()
+    _seconds(core, T0, 2, {"r1", "r2"})
+    assert not [a for a in _seconds(core, T0 + 2, 20, set()) if isinstance(a, SetEndpoint)]
+
+
+def test_a_peer_the_plan_keeps_relayed_never_offers_nor_follows_to_direct() -> None:
+    core = _failover_core(upgrade=False)
+    core.set_candidates([("10.1.0.2", WG), ("198.51.100.10", WG)])
+    assert core.links["bravo"].controlling  # alpha's key is the smaller: it would offer
+    actions = _seconds(core, T0, 10, {"r1", "r2"})
+    assert not [a for a in actions if isinstance(a, SendControl)]
+    assert core.on_counters("bravo", 100, 100, T0 + 10.5, ("203.0.113.20", WG)) == []
+
+
+def test_a_direct_peer_whose_relay_died_falls_back_to_the_standby() -> None:
+    core = _failover_core(upgrade=True)
+    link = core.links["bravo"]
+    _seconds(core, T0, 2, {"r1", "r2"})
+    core._to_direct(link, ("203.0.113.20", WG), 0.01, T0 + 2)
+    actions = _seconds(core, T0 + 2, 6, {"r2"})
+    # Direct: only where a fallback would go changes.
+    assert not [a for a in actions if isinstance(a, SetEndpoint | traversal.ResetSession)]
+    assert link.path == "direct" and link.on_standby
+    fallback = core._fall_back(link, T0 + 9, "test")
+    assert SetEndpoint("bravo", KEY_BETA, (STANDBY, 40101)) in fallback
+    # The standby relay has seen no handshake of the pair: a new session, through it.
+    assert traversal.ResetSession("bravo", KEY_BETA) in fallback
+
+
+def test_a_fallback_goes_back_to_the_plans_relay_once_it_is_up() -> None:
+    core = _failover_core(upgrade=True)
+    link = core.links["bravo"]
+    _seconds(core, T0, 2, {"r1", "r2"})
+    _seconds(core, T0 + 2, 6, {"r2"})  # r1 down: bravo moves to r2
+    assert link.on_standby
+    _seconds(core, T0 + 8, 2, {"r1", "r2"})  # r1 back: nothing moves
+    core._to_direct(link, ("203.0.113.20", WG), 0.01, T0 + 10)
+    fallback = core._fall_back(link, T0 + 11, "test")
+    assert SetEndpoint("bravo", KEY_BETA, (RELAY, 40001)) in fallback
+    assert traversal.ResetSession("bravo", KEY_BETA) in fallback
+    assert not link.on_standby
+
+
+def test_a_restart_after_a_failover_starts_the_session_anew_on_the_plans_relay() -> None:
+    core = _failover_core()
+    (peer,) = [link.config for link in core.links.values()]
+    core.configure([])
+    back = core.configure([peer], {"bravo": (STANDBY, 40101)})
+    assert SetEndpoint("bravo", KEY_BETA, (RELAY, 40001)) in back
+    assert traversal.ResetSession("bravo", KEY_BETA) in back
+    core.configure([])
+    assert not [
+        a
+        for a in core.configure([peer], {"bravo": (RELAY, 40001)})
+        if isinstance(a, traversal.ResetSession)
+    ]
+
+
+def test_a_relay_silent_while_the_other_was_not_heard_since_moves_nothing() -> None:
+    # Both relays stop answering, one a little before the other (or this site's own WireGuard
+    # went away): the other relay has not answered since, so it is no better.
+    core = _failover_core()
+    _seconds(core, T0, 2, {"r1", "r2"})
+    core.relay_asked("r1", T0 + 2)
+    actions = []
+    for step in range(80):
+        now = T0 + 2.5 + step / 10
+        if step % 10 == 0:
+            core.relay_asked("r1", now)
+            core.relay_asked("r2", now)
+        actions += core.tick(now, now + WALL)
+    assert not [a for a in actions if isinstance(a, SetEndpoint)]
+    assert core.relays_down == {"r1", "r2"}

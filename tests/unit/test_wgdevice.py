@@ -238,6 +238,27 @@ def test_preshared_keys_are_set_changed_and_removed(wg: Wg):
     assert wg.show("preshared-keys") == {PUBLIC["a"]: "(none)", PUBLIC["b"]: "(none)"}
 
 
+def test_a_restarted_session_keeps_the_peer_as_it_was(wg: Wg):
+    # The traversal sidecar's failover to another relay: the peer is removed and added back,
+    # so WireGuard forgets its session; everything configured, the preshared key too, stays.
+    endpoint = "127.0.0.1:40001"
+    wanted = want(
+        peer("a", endpoint=endpoint, keepalive=25),
+        peer("b"),
+        preshared_keys=True,
+        preshared_dir="/unused",
+    )
+    sync(wg, wanted)
+    shown = {field: wg.show(field) for field in ("preshared-keys", "endpoints", "allowed-ips")}
+    with wg.open() as live:
+        live.restart_session(PUBLIC["a"])
+        assert wgstate.diff(live.read(), wanted) == []
+    assert {field: wg.show(field) for field in shown} == shown
+    assert wg.show("persistent-keepalive")[PUBLIC["a"]] == "25"
+    with wg.open() as live, pytest.raises(wgdevice.DeviceError, match="no peer"):
+        live.restart_session(PUBLIC["c"])
+
+
 def test_listen_port_and_private_key(wg: Wg):
     before = wg.ifindex()
     sync(wg, want(listen_port=51999))

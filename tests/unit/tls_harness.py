@@ -46,6 +46,20 @@ def wait_for(condition: Callable[[], Any], timeout: float = DEADLINE) -> Any:
         time.sleep(0.005)
 
 
+def record_sends(sock: socket.socket) -> list[int]:
+    """From now on, note the size of every write on ``sock`` (an ``ssl.SSLSocket``, which has
+    an instance dict), attempts that must be repeated included."""
+    sizes: list[int] = []
+    send = sock.send
+
+    def recorded(data: Any, flags: int = 0) -> int:
+        sizes.append(len(data))
+        return send(data, flags)
+
+    sock.send = recorded  # type: ignore[method-assign]
+    return sizes
+
+
 # --- certificates -----------------------------------------------------------------------------
 
 

@@ -8,16 +8,21 @@ import json
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import yaml
 from mesh_lab import (
     PLAN,
+    PROJECT,
+    SITES,
     endpoint_of,
     host,
     lan_address,
     pair,
     ping_loss,
     public_addresses,
+    relay_counters,
 )
 
 HARD = ("hard1", "hard2")
@@ -32,11 +37,11 @@ def relay_state() -> dict:
     return json.loads(text)["allocations"]["hard1--hard2"]
 
 
-def udp_payloads(pcap: bytes) -> list[tuple[int, bytes]]:
-    """(destination port, UDP payload) of a classic pcap file of Ethernet or Linux-cooked
-    IPv4 frames."""
+def udp_packets(pcap: bytes) -> list[tuple[bytes, bytes]]:
+    """(IPv4 header, UDP header and payload) of the UDP packets of a classic pcap file of
+    Ethernet or Linux-cooked IPv4 frames."""
     link = int.from_bytes(pcap[20:24], "little")
-    offset, payloads = 24, []
+    offset, packets = 24, []
     header = {1: 14, 113: 16, 276: 20}[link]
     while offset + 16 <= len(pcap):
         length = int.from_bytes(pcap[offset + 8 : offset + 12], "little")
@@ -45,8 +50,14 @@ def udp_payloads(pcap: bytes) -> list[tuple[int, bytes]]:
         ip = frame[header:]
         if len(ip) >= 28 and ip[9] == 17:
             ihl = (ip[0] & 15) * 4
-            payloads.append((int.from_bytes(ip[ihl + 2 : ihl + 4], "big"), ip[ihl + 8 :]))
-    return payloads
+            packets.append((ip[:ihl], ip[ihl:]))
+    return packets
+
+
+def udp_payloads(pcap: bytes) -> list[tuple[int, bytes]]:
+    """(destination port, UDP payload) of a classic pcap file of Ethernet or Linux-cooked
+    IPv4 frames."""
+    return [(int.from_bytes(udp[2:4], "big"), udp[8:]) for _, udp in udp_packets(pcap)]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -101,6 +112,32 @@ def test_the_relay_sees_only_wireguard_messages():
     assert b"meshwright" not in raw  # the ping pattern
     inner = [bytes(map(int, lan_address(s).split("."))) for s in HARD]
     assert not any(address in p for p in payloads for address in inner)  # no inner IP header
+
+
+def kernel_routes() -> str:
+    return host(RELAY).run("nft list map ip meshwright_forward arrive").stdout
+
+
+def test_confirmed_sessions_go_through_the_kernel_and_are_still_counted():
+    # The relay service handed the pair's transport data to the kernel (meshwright.relay.kernel):
+    # a route each way (a handshake takes them back to the code for a moment: wait for them).
+    wanted = [f"{port} : jump a{port}" for port in PORTS.values()]
+    deadline = time.monotonic() + 20
+    while not all(route in kernel_routes() for route in wanted):
+        assert time.monotonic() < deadline, kernel_routes()
+        time.sleep(0.5)
+    before = relay_state()["counters"]
+    assert ping_loss("hard1-lan1", lan_address("hard2"), count=20) == 0
+    # What the kernel forwarded is counted, as forwarded too.
+    assert relay_state_after(
+        lambda s: (
+            s["counters"].get("kernel_forwarded", 0) >= before.get("kernel_forwarded", 0) + 40
+            and s["counters"]["forwarded"] >= before["forwarded"] + 40
+        )
+    )
+    # The relay routes nothing else.
+    chain = host(RELAY).check_output("nft list chain inet meshwright_relay forward")
+    assert "policy drop;" in chain and "0x4d570000" in chain, chain
 
 
 def _send_from(sender: str, payloads: list[bytes], port: int) -> None:
@@ -163,6 +200,154 @@ def test_the_udp_blocked_site_reaches_its_peers_through_its_sidecar_and_tls():
     assert ping_loss("blocked-lan1", lan_address("hard2")) == 0
 
 
+# Full-size packets (docs/relays.md, "MTU and full-size packets"): the interface MTU the roles
+# set, the largest ICMP echo payload that fills it (20 bytes of IPv4, 8 of ICMP), and the
+# WireGuard transport message that carries it (16-byte header, the packet, 16-byte tag).
+WIREGUARD_DEFAULTS = PROJECT / "roles/wireguard/defaults/main.yml"
+MTU = int(yaml.safe_load(WIREGUARD_DEFAULTS.read_text())["wireguard_mtu"])
+FULL = MTU - 28
+DATAGRAM = MTU + 32
+FULL_PINGS = 3
+TOO_BIG = re.compile(r"message too long, mtu=(\d+)|Frag needed and DF set \(mtu = (\d+)\)")
+
+
+def allocation_of(a: str, b: str) -> dict | None:
+    low, high = sorted((a, b))
+    return next((x for x in PLAN["allocations"] if (x["a"], x["b"]) == (low, high)), None)
+
+
+def live_path(a: str, b: str) -> str:
+    """Where a pair's packets go now, from the WireGuard endpoints both sides hold: "via"
+    (the plan routes it through other sites), "relay-tcp" (a side's endpoint is its TLS
+    sidecar), "relay" (both hold their relay allocation) or "direct"."""
+    if pair(a, b)["mode"].startswith("via"):
+        return "via"
+    ends = {a: endpoint_of(a, b), b: endpoint_of(b, a)}
+    if any((end or "").startswith("127.0.0.1:") for end in ends.values()):
+        return "relay-tcp"
+    allocation = allocation_of(a, b)
+    if allocation and all(
+        ends[site] == f"{allocation['address']}:{port}"
+        for site, port in zip((allocation["a"], allocation["b"]), allocation["ports"], strict=True)
+    ):
+        return "relay"
+    return "direct"
+
+
+def full_size_pings(source: str, target: str) -> tuple[str, str]:
+    """From source's LAN host to target's, with don't-fragment: FULL_PINGS pings that fill the
+    tunnel's MTU, then one a byte bigger (which the source's own gateway must refuse)."""
+    lan = host(f"{source}-lan1")
+    address = lan_address(target)
+    fits = lan.run(f"ping -M do -s {FULL} -c {FULL_PINGS} -i 0.3 -W 2 -q {address}")
+    over = lan.run(f"ping -M do -s {FULL + 1} -c 2 -i 0.3 -W 2 {address}")
+    return fits.stdout + fits.stderr, over.stdout + over.stderr
+
+
+def answers(source: str, target: str) -> bool:
+    """Whether one of three ordinary pings from source's LAN host to target's is answered."""
+    return host(f"{source}-lan1").run(f"ping -c 3 -i 0.3 -W 2 -q {lan_address(target)}").rc == 0
+
+
+def captured_full_size() -> tuple[int, int]:
+    """In the relay's capture of the hard pair: datagrams of DATAGRAM bytes in one unfragmented
+    IPv4 packet, and IPv4 fragments of anything."""
+    raw = base64.b64decode(host(RELAY).check_output(f"base64 -w0 {CAPTURE}"))
+    whole = fragments = 0
+    for ip, udp in udp_packets(raw):
+        fragmented = int.from_bytes(ip[6:8], "big") & 0x3FFF  # MF flag and fragment offset
+        if fragmented:
+            fragments += 1
+        elif len(udp) - 8 == DATAGRAM and int.from_bytes(ip[2:4], "big") == DATAGRAM + 28:
+            whole += 1
+    return whole, fragments
+
+
+def test_every_sites_wireguard_interface_has_the_mtu_the_roles_set():
+    # Set explicitly: wg-quick would derive 65456 from a UDP-blocked site's loopback endpoints.
+    mtus = {site: host(site).check_output("cat /sys/class/net/mesh0/mtu").strip() for site in SITES}
+    assert mtus == {site: str(MTU) for site in SITES}
+
+
+def test_full_size_packets_pass_every_path_and_one_byte_more_is_refused():
+    """Every pair of the plan, all at once (eight at a time): pings that fill the tunnel's MTU
+    pass whole (don't-fragment), a relayed pair's relay forwarded them, and a byte more is
+    refused at the source's gateway with the MTU we say."""
+    pairs = [(p["a"], p["b"]) for p in PLAN["pairs"]]
+    # Only size may fail here: a path still coming back (a relay just redeployed or restarted,
+    # a sidecar reconnecting) is waited for with ordinary pings first.
+    deadline = time.monotonic() + 60
+    with ThreadPoolExecutor(8) as pool:
+        while True:
+            answered = dict(zip(pairs, pool.map(lambda p: answers(*p), pairs), strict=True))
+            if all(answered.values()):
+                break
+            silent = [p for p, ok in answered.items() if not ok]
+            assert time.monotonic() < deadline, f"no answer to small pings: {silent}"
+            time.sleep(1)
+        before, captured = relay_counters(), captured_full_size()
+        outputs = dict(zip(pairs, pool.map(lambda p: full_size_pings(*p), pairs), strict=True))
+    time.sleep(1.5)  # the relays save their counters each second
+    after = relay_counters()
+    paths = {p: live_path(*p) for p in pairs}
+    # Both kinds of relay, and direct paths: multi-hop ones too when the plan has any.
+    assert {"direct", "relay", "relay-tcp"} <= set(paths.values()), paths
+    wrong = []
+    for (a, b), path in paths.items():
+        fits, over = outputs[(a, b)]
+        if f"{FULL_PINGS} received" not in fits:
+            small = "pass" if answers(a, b) else "fail too"
+            wrong.append(f"{a}-{b} ({path}): full-size pings lost, small ones {small}: {fits}")
+        refused = TOO_BIG.search(over)
+        if refused is None or int(refused.group(1) or refused.group(2)) != MTU:
+            wrong.append(f"{a}-{b}: {FULL + 1} bytes with don't-fragment not refused: {over}")
+        name = f"{min(a, b)}--{max(a, b)}"
+        grew = {
+            key: after.get(name, {}).get(key, 0) - before.get(name, {}).get(key, 0)
+            for key in ("forwarded", "forwarded_bytes")
+        }
+        if path in ("relay", "relay-tcp"):
+            # Each ping and its answer, one datagram each, of DATAGRAM bytes at least.
+            if grew["forwarded"] < 2 * FULL_PINGS or grew["forwarded_bytes"] < (
+                2 * FULL_PINGS * DATAGRAM
+            ):
+                wrong.append(f"{a}-{b} ({path}): the relay forwarded only {grew}")
+        elif path == "direct" and grew["forwarded"]:
+            wrong.append(f"{a}-{b} (direct): {grew['forwarded']} datagrams through the relay")
+    assert wrong == []
+    # The UDP relay's pair on the wire: whole datagrams of DATAGRAM bytes, no IPv4 fragment
+    # (each datagram is captured twice on the relay: in, then out).
+    whole, fragments = captured_full_size()
+    assert whole - captured[0] >= 4 * FULL_PINGS
+    assert fragments == captured[1]
+
+
+def test_full_size_packets_pass_multi_hop_paths_through_their_transit_sites():
+    """A pair the plan routes through other sites: each transit site decrypts and re-encrypts
+    the packet with the same MTU, so full-size pings pass, and they are seen arriving on every
+    transit site's interface (one at a time, so no other ping adds to its counter)."""
+    routed = [(p["a"], p["b"], p["path"][1:-1]) for p in PLAN["pairs"] if len(p["path"]) > 2]
+    if not routed:
+        pytest.skip("the plan routes no pair through another site")
+    wrong = []
+    for a, b, transits in routed:
+        before = {t: mesh0_received_bytes(t) for t in transits}
+        fits, over = full_size_pings(a, b)
+        if f"{FULL_PINGS} received" not in fits:
+            wrong.append(f"{a}-{b} via {transits}: full-size pings lost: {fits.strip()[-200:]}")
+        for transit in transits:
+            grew = mesh0_received_bytes(transit) - before[transit]
+            if grew < 2 * FULL_PINGS * MTU:  # each ping and its answer pass the transit
+                wrong.append(f"{a}-{b}: only {grew} bytes arrived on {transit}'s mesh0")
+        if not TOO_BIG.search(over):
+            wrong.append(f"{a}-{b}: {FULL + 1} bytes with don't-fragment not refused: {over}")
+    assert wrong == []
+
+
+def mesh0_received_bytes(site: str) -> int:
+    return int(host(site).check_output("cat /sys/class/net/mesh0/statistics/rx_bytes"))
+
+
 def direct_pairs_losing_pings() -> list[str]:
     """Every direct pair, LAN host to LAN host, 5 pings each, all at once per source."""
     direct = [(p["a"], p["b"]) for p in PLAN["pairs"] if p["mode"] == "direct"]
@@ -195,7 +380,8 @@ def test_stopping_the_relay_stops_its_pairs_and_no_direct_pair():
 @pytest.mark.parametrize(
     ("node", "unit", "capabilities"),
     [
-        ("relay1", "meshwright-relay", "cap_net_bind_service"),
+        # 443, and its own nftables table (kernel forwarding of confirmed sessions)
+        ("relay1", "meshwright-relay", "cap_net_bind_service cap_net_admin"),
         ("relay1", "meshwright-stun", ""),
         ("blocked", "meshwright-sidecar", ""),
     ],

@@ -23,7 +23,16 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
-from mesh_lab import EPHEMERAL, INVENTORY, PLAN, SITES, endpoint_of, host, lan_address
+from mesh_lab import (
+    EPHEMERAL,
+    INVENTORY,
+    PLAN,
+    SITES,
+    endpoint_of,
+    host,
+    lan_address,
+    relay_counters,
+)
 
 NODE = "/opt/meshwright/lib/meshwright-node.pyz"
 SIDECAR = "meshwright-sidecar"
@@ -108,12 +117,7 @@ def settled():
 
 def relay_forwarded() -> dict[str, int]:
     """Allocation (a--b) -> datagrams forwarded so far, from every relay's state file."""
-    counts = {}
-    for relay in INVENTORY["mesh_relays"]["hosts"]:
-        state = json.loads(host(relay).check_output("cat /var/lib/meshwright-relay/state.json"))
-        for name, allocation in state["allocations"].items():
-            counts[name] = allocation["counters"].get("forwarded", 0)
-    return counts
+    return {name: counters.get("forwarded", 0) for name, counters in relay_counters().items()}
 
 
 def ping_from_lan(source: str, target: str, count: int = 3, interval: float = 0.3) -> int:

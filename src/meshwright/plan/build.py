@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from .links import Blocker, LinkGraph
 from .model import LINK_KINDS, RELAY_KINDS, Mesh, PlanError
 from .output import Plan
-from .relays import RelayAllocation, RelayPorts, allocate
+from .relays import RelayAllocation, RelayPorts, allocate_with_standby
 from .routing import Routing
 from .validate import Node, Skip, check_mesh
 
@@ -48,11 +48,12 @@ def check(mesh: Mesh, skip: Skip = frozenset()) -> tuple[list[str], Plan | None]
     # removed site changes no pair whose path it was not on.
     routings = [Routing(graph, c) for c in components if len(c) > 1]
     try:
-        allocations = _allocations(mesh, graph, routings)
+        allocations, standby = _allocations(mesh, graph, routings)
     except ValueError as exc:
         return [f"relays: {exc}"], None
     plan = Plan(
         allocations=allocations,
+        standby_allocations=standby,
         relays=mesh.relays,
         overlay_network=str(mesh.overlay_network),
         link_kinds=tuple(k for k in LINK_KINDS if k in kinds),
@@ -67,9 +68,10 @@ def check(mesh: Mesh, skip: Skip = frozenset()) -> tuple[list[str], Plan | None]
 
 def _allocations(
     mesh: Mesh, graph: LinkGraph, routings: Sequence[Routing]
-) -> dict[tuple[str, str], RelayAllocation]:
+) -> tuple[dict[tuple[str, str], RelayAllocation], dict[tuple[str, str], RelayAllocation]]:
     """A relay allocation for every pair that the routing links with a relay kind, and for
-    every punch pair: it starts on the relay (connect first) and the sidecar upgrades it."""
+    every punch pair: it starts on the relay (connect first) and the sidecar upgrades it; and
+    their standby allocations on other relays (:func:`.relays.allocate_with_standby`)."""
     nodes = graph.nodes
     relayed = []
     for routing in routings:
@@ -84,12 +86,14 @@ def _allocations(
                         a, b = sorted((nodes[i].name, nodes[local[d]].name))
                         relayed.append((a, b, kind))
     if not relayed:
-        return {}
+        return {}, {}
     relays = {r.name: r.addresses[0] for r in mesh.relays if r.addresses}
     ports = {r.name: RelayPorts(r.first_port, r.last_port, r.listen_port) for r in mesh.relays}
     rtt = {node.name: dict(node.site.relay_rtt_ms) for node in nodes}
     keys = {node.name: node.site.public_key or "" for node in nodes}
-    return allocate(relayed, relays, rtt, mesh.previous_allocations, keys, ports)
+    previous = [a for a in mesh.previous_allocations if not a.get("standby")]
+    standby = [a for a in mesh.previous_allocations if a.get("standby")]
+    return allocate_with_standby(relayed, relays, rtt, previous, keys, ports, standby)
 
 
 def build_plan(mesh: Mesh) -> Plan:

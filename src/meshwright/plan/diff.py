@@ -147,12 +147,14 @@ class Allocation:
 
 @dataclass(frozen=True, kw_only=True)
 class AllocationChange:
-    """A relayed pair's allocation added (``old`` None), removed (``new`` None) or moved."""
+    """A relayed pair's allocation added (``old`` None), removed (``new`` None) or moved;
+    ``standby``: its standby allocation (relay failover)."""
 
     a: str
     b: str
     old: Allocation | None
     new: Allocation | None
+    standby: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -268,7 +270,10 @@ def diff_plans(
             for name in sorted(set(old_sites) & set(new_sites))
             if (change := _site(name, old_sites[name], new_sites[name])) is not None
         ),
-        allocations=_allocations(old.get("allocations", []), new.get("allocations", [])),
+        allocations=_allocations(old.get("allocations", []), new.get("allocations", []))
+        + _allocations(
+            old.get("standby_allocations", []), new.get("standby_allocations", []), standby=True
+        ),
         disturbed=_disturbed({**old_sites, **old_relays}, {**new_sites, **new_relays}),
     )
 
@@ -403,13 +408,13 @@ def _allocation(data: Mapping[str, Any]) -> Allocation:
 
 
 def _allocations(
-    old: Iterable[Mapping[str, Any]], new: Iterable[Mapping[str, Any]]
+    old: Iterable[Mapping[str, Any]], new: Iterable[Mapping[str, Any]], standby: bool = False
 ) -> tuple[AllocationChange, ...]:
     before = {(a["a"], a["b"]): _allocation(a) for a in old}
     after = {(a["a"], a["b"]): _allocation(a) for a in new}
     # A kind alone changing (punch -> relay on the same ports) is a pair's change, shown there.
     return tuple(
-        AllocationChange(a=a, b=b, old=before.get((a, b)), new=after.get((a, b)))
+        AllocationChange(a=a, b=b, old=before.get((a, b)), new=after.get((a, b)), standby=standby)
         for a, b in sorted(set(before) | set(after))
         if before.get((a, b)) != after.get((a, b))
     )
@@ -642,7 +647,7 @@ def _where(allocation: Allocation) -> str:
 
 
 def _allocation_line(change: AllocationChange) -> str:
-    pair = f"{change.a} -- {change.b}"
+    pair = f"{change.a} -- {change.b}" + (" (standby)" if change.standby else "")
     if change.old is None and change.new is not None:
         return f"added: {pair} on {_where(change.new)}"
     if change.new is None and change.old is not None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..wire.endpoint import format_endpoint
+from ..wire.frames import MAX_PAYLOAD
 from .build import check
 from .model import DEFAULT_LISTEN_PORT, PlanError
 from .output import Plan, format_table
@@ -69,6 +70,7 @@ SITE_VARS = (
     "mesh_wg_public_key",  # fact of wg_keypair
     "mesh_nat",  # fact of nat_probe
     "sidecar_certificate",  # fact of the sidecar role (UDP-blocked sites)
+    "wireguard_mtu",  # the wireguard role's, checked against what a TLS relay can carry
 )
 # The variables (and facts) of a relay host the planner reads.
 RELAY_VARS = (
@@ -105,6 +107,14 @@ STATE_FILE = "state.json"
 DEFAULT_WGSTUN_PORT = 3480
 DEFAULT_RELAY_TLS_PORT = 443
 STATE_VERSION = 1
+
+# MTU (docs/relays.md, "MTU and full-size packets"): the wireguard role's default; a full-size
+# packet travels in a transport message of MTU + 32 bytes (16-byte header, 16-byte tag), and
+# the TLS relay's frames carry at most MAX_PAYLOAD bytes.
+DEFAULT_MTU = 1420
+WIREGUARD_OVERHEAD = 32
+TLS_RELAY_MAX_MTU = MAX_PAYLOAD - WIREGUARD_OVERHEAD
+MIN_MTU, MAX_MTU = 68, 65535  # Linux's bounds for an IPv4 interface (wgstate's too)
 
 _FACT_FIELDS = ("public_key", "nat_class")  # what only this run's facts (or the state) give
 _UNSET = object()
@@ -223,16 +233,24 @@ def _entries(
 
 
 def previous_allocations(plan_text: str | None) -> list[dict[str, Any]]:
-    """The allocations of the previous plan file; a broken file is rewritten, not trusted."""
+    """The allocations of the previous plan file, its standby ones too (marked ``standby``);
+    a broken file is rewritten, not trusted."""
     if plan_text is None:
         return []
     try:
-        allocations = json.loads(plan_text).get("allocations", [])
+        data = json.loads(plan_text)
+        lists = [data.get("allocations", []), data.get("standby_allocations", [])]
     except (ValueError, AttributeError):
         return []
-    if not isinstance(allocations, list):
-        return []
-    return [dict(a) for a in allocations if isinstance(a, Mapping)]
+    found = []
+    for standby, allocations in enumerate(lists):
+        if isinstance(allocations, list):
+            found += [
+                {**a, "standby": True} if standby else dict(a)
+                for a in allocations
+                if isinstance(a, Mapping)
+            ]
+    return found
 
 
 # --- from host variables to the planner's input -----------------------------------------------
@@ -328,6 +346,7 @@ class _Input:
     skip: set[tuple[str, str]]
     sites: dict[str, dict[str, Any]]  # name -> the site's dict, as the planner reads it
     pending: list[str] = field(default_factory=list)  # sites left out: no key or NAT facts yet
+    mtus: dict[str, int] = field(default_factory=dict)  # name -> WireGuard MTU, when valid
 
 
 def _settings(inventory: Inventory, problems: list[str]) -> dict[str, Any]:
@@ -406,6 +425,13 @@ def _site(
         found.skip.update((name, key) for key in _FACT_FIELDS)
     if "mesh_endpoint" in host:  # an operator's override wins, even null (no endpoint)
         site["endpoint"] = host["mesh_endpoint"]
+    mtu = _number(host.get("wireguard_mtu", DEFAULT_MTU))
+    if isinstance(mtu, int) and not isinstance(mtu, bool) and MIN_MTU <= mtu <= MAX_MTU:
+        found.mtus[name] = mtu
+    else:
+        found.problems.append(
+            f"site {name}: wireguard_mtu {mtu!r} is not a whole number in {MIN_MTU}-{MAX_MTU}"
+        )
     return site
 
 
@@ -548,6 +574,8 @@ def plan_inventory(
     mesh, shape, skip = read_mesh(found.mesh)
     more, plan = check(mesh, skip | frozenset(found.skip))
     problems = [*found.problems, *shape, *more]
+    if plan is not None:
+        problems += _tls_mtu_problems(plan.allocations.values(), found.mtus)
     if problems or plan is None:
         raise PlanError(problems)
     # TLS for UDP-blocked sites: public certificates and fingerprints only (every private key
@@ -620,6 +648,25 @@ def plan_inventory(
     )
 
 
+def _tls_mtu_problems(allocations: Iterable[RelayAllocation], mtus: Mapping[str, int]) -> list[str]:
+    """Sites whose full-size packets a TLS relay would drop: both ends of a relay-tcp link send
+    datagrams of up to their MTU + 32 bytes into the TLS connection (the UDP side through the
+    relay), and a frame holds at most MAX_PAYLOAD."""
+    too_big: dict[str, list[str]] = {}
+    for allocation in allocations:
+        if allocation.kind == "relay-tcp":
+            for site in (allocation.a, allocation.b):
+                if mtus.get(site, DEFAULT_MTU) > TLS_RELAY_MAX_MTU:
+                    too_big.setdefault(site, []).append(f"{allocation.a}-{allocation.b}")
+    return [
+        f"site {site}: wireguard_mtu {mtus[site]} is too big for its TLS-relayed"
+        f" {'pairs' if len(pairs) > 1 else 'pair'} {', '.join(sorted(pairs))}: a TLS relay"
+        f" carries WireGuard datagrams (MTU + {WIREGUARD_OVERHEAD} bytes) of at most"
+        f" {MAX_PAYLOAD} bytes, so the MTU must be at most {TLS_RELAY_MAX_MTU}"
+        for site, pairs in sorted(too_big.items())
+    ]
+
+
 def _saved_site(state: State, name: str) -> SiteState:
     return state.sites.get(name, SiteState())
 
@@ -631,28 +678,44 @@ def _saved_relay(state: State, name: str) -> RelayState:
 def traversal_configs(
     plan: Mapping[str, Any], wgstun_ports: Mapping[str, object], keys: Mapping[str, Any]
 ) -> dict[str, dict[str, Any]]:
-    """For every site with punch peers, what its sidecar's traversal needs: its own key,
-    overlay address and listen port; each punch peer's key, overlay address and relay
-    endpoint (where the pair starts, and falls back to); the relays whose WG-STUN service
-    tells where they see its WireGuard socket (their overlay addresses)."""
+    """For every site with punch or UDP-relayed peers, what its sidecar's traversal needs: its
+    own key, overlay address and listen port; each such peer's key, overlay address, relay
+    endpoint (where the pair starts, and falls back to) and relay, its standby endpoint and
+    relay (where it goes when that relay dies), and whether it may go direct (``upgrade``:
+    punch peers); the relays whose WG-STUN service tells where they see its WireGuard socket
+    (their overlay addresses) and whether they are alive."""
     sites = plan.get("sites", {})
     relays = [
         {"name": name, "overlay_address": relay["overlay_address"], "port": wgstun_ports[name]}
         for name, relay in sorted(plan.get("relays", {}).items())
         if name in wgstun_ports and relay.get("overlay_address")
     ]
+    preferred = _by_pair(plan.get("allocations", []))
+    standby = _by_pair(plan.get("standby_allocations", []))
     configs: dict[str, dict[str, Any]] = {}
     for name, site in sorted(sites.items()):
-        peers = [
-            {
-                "name": peer["name"],
+        peers = []
+        for peer in site.get("peers", []):
+            other = peer["name"]
+            if peer.get("mode") not in ("punch", "relay") or not peer.get("endpoint"):
+                continue
+            if other not in sites:
+                continue
+            pair = (min(name, other), max(name, other))
+            entry = {
+                "name": other,
                 "public_key": peer["public_key"],
-                "overlay_address": sites[peer["name"]]["overlay_address"],
+                "overlay_address": sites[other]["overlay_address"],
                 "relay_endpoint": peer["endpoint"],
+                "relay": preferred.get(pair, {}).get("relay", ""),
+                "upgrade": peer["mode"] == "punch",
             }
-            for peer in site.get("peers", [])
-            if peer.get("mode") == "punch" and peer.get("endpoint") and peer["name"] in sites
-        ]
+            spare = standby.get(pair)
+            if spare is not None:
+                port = spare["ports"][0 if name == pair[0] else 1]
+                entry["standby_endpoint"] = format_endpoint(spare["address"], port)
+                entry["standby_relay"] = spare["relay"]
+            peers.append(entry)
         if peers:
             configs[name] = {
                 "site": name,
@@ -663,6 +726,10 @@ def traversal_configs(
                 "relays": relays,
             }
     return configs
+
+
+def _by_pair(allocations: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], Mapping[str, Any]]:
+    return {(a["a"], a["b"]): a for a in allocations}
 
 
 def sidecar_configs(

@@ -122,6 +122,7 @@ class Plan:
         "_part",
         "_prefixes",
         "_routings",
+        "_standby",
         "link_kinds",
         "overlay_network",
         "unreachable",
@@ -138,10 +139,12 @@ class Plan:
         routings: Sequence[Routing],
         unreachable: Mapping[str, str],
         allocations: Mapping[tuple[str, str], RelayAllocation] | None = None,
+        standby_allocations: Mapping[tuple[str, str], RelayAllocation] | None = None,
         relays: Sequence[Relay] = (),
     ) -> None:
         self.overlay_network = overlay_network
         self._allocations = dict(allocations or {})
+        self._standby = dict(standby_allocations or {})
         # Relays that are WireGuard peers of the sites (control plane only).
         self._control = sorted(
             (r for r in relays if r.public_key and r.overlay_address and r.addresses),
@@ -173,6 +176,11 @@ class Plan:
     def allocations(self) -> Mapping[tuple[str, str], RelayAllocation]:
         """The relay allocation of every relayed pair, by (a, b)."""
         return self._allocations
+
+    @property
+    def standby_allocations(self) -> Mapping[tuple[str, str], RelayAllocation]:
+        """The standby allocation (another relay: failover) of every pair that has one."""
+        return self._standby
 
     @property
     def keepalive(self) -> int:
@@ -221,6 +229,7 @@ class Plan:
             "pairs": [pair.to_dict() for pair in self.pairs],
             "unreachable": dict(self.unreachable),
             "allocations": [a.to_dict() for a in self._allocations.values()],
+            "standby_allocations": [a.to_dict() for a in self._standby.values()],
             "relays": {r.name: self._relay_plan(r) for r in self._control},
         }
 

@@ -16,6 +16,11 @@ relay and ports still exist, so a new plan never moves a working pair. A new pai
 relay with the lowest round trip (the two sites' probe RTTs added up), spread: among relays
 within ``NEAR_MS`` of the best it takes the one carrying fewest pairs; then the lowest free slot
 (a full relay passes the pair on to the next one).
+
+Standby: with two relays or more, every pair of a :data:`STANDBY_KINDS` kind also gets a
+*standby* allocation on the best *other* relay (the same ranking), kept stable the same way. The
+traversal sidecar moves the pair there when its relay dies (docs/relays.md, "Relay failover"):
+no new plan, no Ansible run. The plan's choice stays the preferred one.
 """
 
 from __future__ import annotations
@@ -26,7 +31,11 @@ from dataclasses import dataclass
 from ..wire.endpoint import format_endpoint
 from .model import DEFAULT_RELAY_FIRST_PORT, DEFAULT_RELAY_LAST_PORT
 
-__all__ = ["RelayAllocation", "RelayPorts", "allocate"]
+__all__ = ["STANDBY_KINDS", "RelayAllocation", "RelayPorts", "allocate", "allocate_with_standby"]
+
+# The kinds whose pairs get a standby allocation: the UDP-relayed ones. A UDP-blocked site's
+# pairs (relay-tcp) follow its TLS connection, which does not fail over yet.
+STANDBY_KINDS = ("relay", "punch")
 
 NEAR_MS = 10.0
 UNKNOWN_RTT_MS = 500.0  # a site with no RTT to a relay (a UDP-blocked site): ranks it last
@@ -61,6 +70,7 @@ class RelayAllocation:
     slot: int
     ports: tuple[int, int]
     public_keys: tuple[str, str]  # a's and b's: the relay checks each handshake's mac1
+    standby: bool = False  # the pair's standby allocation (its relay's failover), not its own
 
     def endpoint_of(self, site: str) -> str:
         """The WireGuard endpoint ``site`` holds for the other site of the pair."""
@@ -82,6 +92,7 @@ class RelayAllocation:
             "slot": self.slot,
             "ports": list(self.ports),
             "public_keys": list(self.public_keys),
+            **({"standby": True} if self.standby else {}),
         }
 
 
@@ -100,6 +111,36 @@ def allocate(
     ``public_keys``: every site's WireGuard public key, by name. ``ports``: each relay's
     allocation ports (default :class:`RelayPorts`). ValueError when every port is taken.
     """
+    return _allocate(pairs, relays, rtt_ms, previous, public_keys, ports, (), ())[0]
+
+
+def allocate_with_standby(
+    pairs: Iterable[tuple[str, str, str]],
+    relays: Mapping[str, str],
+    rtt_ms: Mapping[str, Mapping[str, float]],
+    previous: Sequence[Mapping[str, object]] = (),
+    public_keys: Mapping[str, str] | None = None,
+    ports: Mapping[str, RelayPorts] | None = None,
+    previous_standby: Sequence[Mapping[str, object]] = (),
+) -> tuple[dict[tuple[str, str], RelayAllocation], dict[tuple[str, str], RelayAllocation]]:
+    """:func:`allocate`'s allocations, and the standby ones (see the module's docstring) of
+    the pairs of :data:`STANDBY_KINDS` kinds, on other relays; ``previous_standby``: the last
+    plan's, kept while still valid. Both draw on the same ports."""
+    return _allocate(
+        pairs, relays, rtt_ms, previous, public_keys, ports, previous_standby, STANDBY_KINDS
+    )
+
+
+def _allocate(
+    pairs: Iterable[tuple[str, str, str]],
+    relays: Mapping[str, str],
+    rtt_ms: Mapping[str, Mapping[str, float]],
+    previous: Sequence[Mapping[str, object]],
+    public_keys: Mapping[str, str] | None,
+    ports: Mapping[str, RelayPorts] | None,
+    previous_standby: Sequence[Mapping[str, object]],
+    standby_kinds: Sequence[str],
+) -> tuple[dict[tuple[str, str], RelayAllocation], dict[tuple[str, str], RelayAllocation]]:
     keys = public_keys or {}
     ranges = {name: (ports or {}).get(name, RelayPorts()) for name in relays}
     used: dict[str, set[int]] = {name: set() for name in relays}  # each relay's slots (load)
@@ -113,47 +154,75 @@ def allocate(
         pair = span.pair(slot)
         return span.reserved not in pair and taken.isdisjoint(pair)
 
-    def take(pair: tuple[str, str], kind: str, relay: str, slot: int) -> RelayAllocation:
+    def take(
+        pair: tuple[str, str], kind: str, relay: str, slot: int, standby: bool = False
+    ) -> RelayAllocation:
         used[relay].add(slot)
         taken.update(ranges[relay].pair(slot))
         pair_keys = (keys.get(pair[0], ""), keys.get(pair[1], ""))
         return RelayAllocation(
-            *pair, kind, relay, relays[relay], slot, ranges[relay].pair(slot), pair_keys
+            *pair, kind, relay, relays[relay], slot, ranges[relay].pair(slot), pair_keys, standby
         )
 
-    wanted = {(a, b): kind for a, b, kind in sorted(pairs)}
-    result: dict[tuple[str, str], RelayAllocation] = {}
-    for old in previous:
-        key = (str(old.get("a")), str(old.get("b")))
-        relay, slot = old.get("relay"), old.get("slot")
-        if (
-            key in wanted
-            and key not in result
-            and isinstance(relay, str)
-            and relay in relays
-            and isinstance(slot, int)
-            and not isinstance(slot, bool)
-            and free(relay, slot)
-        ):
-            result[key] = take(key, wanted[key], relay, slot)
-    for key, kind in wanted.items():
-        if key in result:
-            continue
-        for relay in _preference(key, relays, rtt_ms, used):
-            slot = cursor[relay]
-            while slot < ranges[relay].slots and not free(relay, slot):
-                slot += 1
-            cursor[relay] = slot
-            if slot < ranges[relay].slots:
-                result[key] = take(key, kind, relay, slot)
-                break
-        else:
-            raise ValueError(
-                f"no free port pair for {key[0]} and {key[1]}: every relay's allocation ports"
-                f" are taken ({len(result)} relayed pairs; widen relay_first_port to"
-                " relay_last_port, or add a relay)"
+    def place(
+        wanted: Mapping[tuple[str, str], str],
+        old_ones: Sequence[Mapping[str, object]],
+        avoid: Mapping[tuple[str, str], RelayAllocation],
+        standby: bool,
+    ) -> dict[tuple[str, str], RelayAllocation]:
+        """An allocation for each wanted pair, never on the relay ``avoid`` has for it."""
+        what = " (standby)" if standby else ""
+
+        def allowed(key: tuple[str, str], relay: object) -> bool:
+            return (
+                isinstance(relay, str)
+                and relay in relays
+                and (key not in avoid or avoid[key].relay != relay)
             )
-    return dict(sorted(result.items()))
+
+        result: dict[tuple[str, str], RelayAllocation] = {}
+        for old in old_ones:
+            key = (str(old.get("a")), str(old.get("b")))
+            relay, slot = old.get("relay"), old.get("slot")
+            if (
+                key in wanted
+                and key not in result
+                and allowed(key, relay)
+                and isinstance(slot, int)
+                and not isinstance(slot, bool)
+                and free(str(relay), slot)
+            ):
+                result[key] = take(key, wanted[key], str(relay), slot, standby)
+        for key, kind in wanted.items():
+            if key in result:
+                continue
+            for relay in _preference(key, relays, rtt_ms, used):
+                if not allowed(key, relay):
+                    continue
+                slot = cursor[relay]
+                while slot < ranges[relay].slots and not free(relay, slot):
+                    slot += 1
+                cursor[relay] = slot
+                if slot < ranges[relay].slots:
+                    result[key] = take(key, kind, relay, slot, standby)
+                    break
+            else:
+                count = sum(len(slots) for slots in used.values())
+                counted = "allocations" if what else "relayed pairs"
+                raise ValueError(
+                    f"no free port pair for {key[0]} and {key[1]}{what}: every relay's"
+                    f" allocation ports are taken ({count} {counted}; widen"
+                    " relay_first_port to relay_last_port, or add a relay)"
+                )
+        return dict(sorted(result.items()))
+
+    wanted = {(a, b): kind for a, b, kind in sorted(pairs)}
+    preferred = place(wanted, previous, {}, standby=False)
+    spares: dict[tuple[str, str], RelayAllocation] = {}
+    if len(relays) >= 2:
+        spare = {key: kind for key, kind in wanted.items() if kind in standby_kinds}
+        spares = place(spare, previous_standby, preferred, standby=True)
+    return preferred, spares
 
 
 def _preference(

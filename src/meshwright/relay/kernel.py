@@ -38,7 +38,8 @@ One table, ``ip meshwright_forward``, made whole at start and removed at exit::
     prerouting (priority raw): type 4 and long enough -> udp dport vmap @arrive
     chain a<port>:  from the source: over the packet limit -> count d<port>, drop
                                      over the byte limit   -> count d<port>, drop
-                                     count f<port>, notrack, mark MARK|out port,
+                                     not a fragment: count f<port>, notrack,
+                                     mark MARK|out port, don't-fragment cleared,
                                      destination := the receiver's address
     postrouting: meta mark vmap @leave
     chain l<out port>: source := the relay's address and the receiver's port
@@ -78,6 +79,8 @@ MARK_MASK = 0xFFFF0000
 # A session whose sender sent nothing for this long has ended (WireGuard: 180 s at most).
 ROUTE_IDLE = 200.0
 _TRANSPORT_MIN_UDP_LENGTH = 8 + 32  # the UDP header and the smallest transport message
+_U32 = 0xFFFFFFFF
+_MAX_BYTE_RATE = 10_000_000_000
 
 
 class Route(NamedTuple):
@@ -155,19 +158,26 @@ def install(route: Route, limits: Limits) -> str:
     mark = MARK | out
     match = f"ip saddr {route.source[0]} udp sport {route.source[1]}"
     packets = max(1, round(limits.packets_per_second))
-    octets = max(1, round(limits.bytes_per_second))
+    # The kernel's limit overflows past about 10 GB/s; beyond that it is no limit anyway.
+    octets = min(max(1, round(limits.bytes_per_second)), _MAX_BYTE_RATE)
+    # nftables keeps a burst in 32 bits.
+    packets_burst, octets_burst = min(packets, _U32), min(octets, _U32)
     lines = [
         f"add counter ip {TABLE} f{port}",
         f"add counter ip {TABLE} d{port}",
         f"add chain ip {TABLE} a{port}",
         f"flush chain ip {TABLE} a{port}",
         f"add rule ip {TABLE} a{port} {match} limit rate over {packets}/second"
-        f' burst {packets} packets counter name "d{port}" drop',
+        f' burst {packets_burst} packets counter name "d{port}" drop',
         f"add rule ip {TABLE} a{port} {match} limit rate over {octets} bytes/second"
-        f' burst {octets} bytes counter name "d{port}" drop',
-        f'add rule ip {TABLE} a{port} {match} counter name "f{port}" notrack'
-        f" meta mark set {mark:#x} ip daddr set {route.destination[0]}"
-        f" udp dport set {route.destination[1]}",
+        f' burst {octets_burst} bytes counter name "d{port}" drop',
+        # Whole datagrams only (a fragment goes to the code, which reassembles it), and their
+        # don't-fragment bit cleared: the kernel ignores learned path MTUs when it forwards,
+        # so a smaller path behind the relay would drop every full-size packet, where the
+        # relay's own socket would fragment after the first.
+        f"add rule ip {TABLE} a{port} {match} ip frag-off & 0x3fff == 0"
+        f' counter name "f{port}" notrack meta mark set {mark:#x} ip frag-off set 0'
+        f" ip daddr set {route.destination[0]} udp dport set {route.destination[1]}",
         f"add chain ip {TABLE} l{out}",
         f"flush chain ip {TABLE} l{out}",
         f"add rule ip {TABLE} l{out} ip saddr set {route.relay} udp sport set {out}",

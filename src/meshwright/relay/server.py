@@ -59,6 +59,7 @@ from typing import Any, cast
 from meshwright.metrics import MetricsEndpoint, parse_setting, relay_families
 from meshwright.relay.stun_server import StunResponder, StunStreams, StunTcpClient
 from meshwright.wire.endpoint import format_endpoint
+from meshwright.wire.stream import widen_buffers
 
 from . import kernel
 from .forward import FORWARDED, FORWARDED_BYTES, Address, Allocation, Limits
@@ -257,8 +258,7 @@ class RelayServer:
                     socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM
                 )
                 sockets.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+                widen_buffers(sock)
                 sock.bind((address, port))
                 sock.setblocking(False)
         except OSError:
@@ -439,7 +439,8 @@ class RelayServer:
             self._nft(script)
         except (OSError, subprocess.SubprocessError) as exc:
             # The code's path forwards everything the rules would have: nothing is lost.
-            self.log(f"relay: kernel forwarding off after a failed change: {exc}")
+            said = getattr(exc, "stderr", None) or ""
+            self.log(f"relay: kernel forwarding off after a failed change: {exc} {said}".strip())
             self._kernel_switch(False)
             return False
         return True

@@ -44,10 +44,14 @@ one host from filling the connection table that UDP-blocked sites need (docs/rel
 A site that connects again supersedes its older connection, which is closed:
 :meth:`TlsClients.send` always goes to the newest.
 
-Writes are queued per connection, up to ``max_buffer`` bytes, and written at once when the
-socket takes them; ``EVENT_WRITE`` is registered only while some are pending. A full buffer
-drops the frame (``dropped_buffer_full``): WireGuard copes with loss, a stalled loop would hurt
-every pair on the relay.
+Writes are queued per connection, up to ``max_buffer`` bytes. The frames queued in one wake-up
+of the loop (RelayServer drains up to 256 datagrams from a socket at a time) are written
+together on the next ``EVENT_WRITE``, or as soon as a full batch of 64 KiB is queued: a few TLS
+records and one send for many datagrams, where a record and a send per datagram took half the
+relay's time (``bench/tls_relay_bench.py``). ``EVENT_WRITE`` is registered only while some are
+pending. A full buffer drops the frame
+(``dropped_buffer_full``): WireGuard copes with loss, a stalled loop would hurt every pair on
+the relay.
 
 Not thread-safe: call everything from the loop's thread. Standard library only.
 """
@@ -61,14 +65,13 @@ import re
 import selectors
 import socket
 import ssl
-import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 
 from meshwright.relay.admission import SourceSlots
 from meshwright.wire.frames import (
-    KEEPALIVE,
+    KEEPALIVE_PAYLOAD,
     KEEPALIVE_PORT,
     MAX_PAYLOAD,
     FrameError,
@@ -92,8 +95,6 @@ _FIRST_BYTES = 2048  # handed to on_other: as much as a STUN-over-TCP message ma
 _PEM_CERTIFICATE = re.compile(
     r"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+-----END CERTIFICATE-----"
 )
-
-_FRAME_HEADER = struct.Struct(">HH")  # tcp.encode's, without its checks (done in send)
 
 _SNIFF, _HANDSHAKE, _OPEN = "sniff", "handshake", "open"
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
@@ -419,7 +420,9 @@ class TlsClients:
     # --- sending --------------------------------------------------------------------------
 
     def send(self, site: str, port: int, payload: bytes) -> bool:
-        """Queue a frame to ``site``'s newest connection; False (counted) when it is dropped."""
+        """Queue a frame to ``site``'s newest connection; False (counted) when it is dropped.
+
+        It is written with the others queued in this wake-up, on the next writable event."""
         connection = self._by_site.get(site)
         if connection is None:
             self.counters["dropped_no_connection"] += 1
@@ -428,18 +431,16 @@ class TlsClients:
         if not 0 < size <= MAX_PAYLOAD or not 0 < port <= 0xFFFF:
             self.counters["dropped_bad_size"] += 1
             return False
-        return self._queue(connection, _FRAME_HEADER.pack(port, size) + bytes(payload))
+        return self._queue(connection, port, payload)
 
-    def _queue(self, connection: _Connection, frame: bytes) -> bool:
-        if len(connection.out) + len(frame) > self.max_buffer:
+    def _queue(self, connection: _Connection, port: int, payload: bytes) -> bool:
+        selector: selectors.BaseSelector = self.selector  # type: ignore[assignment]  # registered
+        if not connection.queue(port, payload, self.max_buffer, selector):
             self.counters["dropped_buffer_full"] += 1
             return False
-        pending = bool(connection.out)
-        connection.out += frame
         self.counters["frames_out"] += 1
-        if not pending:
-            # Nothing queued: write now rather than wait a loop turn for EVENT_WRITE.
-            self._flush(connection)
+        if connection.batch_full:
+            self._flush(connection)  # a full write's worth: no reason to wait for the loop
         return True
 
     def _flush(self, connection: _Connection) -> None:
@@ -571,7 +572,7 @@ class TlsClients:
                         self.log(f"relay tls: on_datagram failed: {exc!r}")
             elif port == KEEPALIVE_PORT:
                 self.counters["keepalives"] += 1
-                self._queue(connection, KEEPALIVE)
+                self._queue(connection, KEEPALIVE_PORT, KEEPALIVE_PAYLOAD)
             else:
                 self.counters["dropped_port_not_allowed"] += 1
             if connection.closed:

@@ -194,6 +194,38 @@ class LiveInterface:
 
     # --- changing ------------------------------------------------------------------------------
 
+    def restart_session(self, public_key: str) -> None:
+        """Remove the peer and add it back as it was, so that WireGuard forgets its session
+        and starts a handshake with the next packet (its keepalive, at once). The preshared
+        key is read and put back, never kept or shown."""
+        peer = self._read_wireguard()[2].get(public_key)
+        if peer is None:
+            raise DeviceError(f"{self.name}: no peer {public_key[:8]}...")
+        again = SetPeer(
+            public_key,
+            "",
+            new=True,
+            allowed_ips=peer.allowed_ips,
+            endpoint=peer.endpoint,
+            keepalive=peer.keepalive,
+            preshared_changed=peer.preshared_digest is not None,
+            preshared_key=self._preshared_key(public_key),
+        )
+        self.apply([RemovePeer(public_key), again])
+
+    def _preshared_key(self, public_key: str) -> WireguardKey | None:
+        if self.netlink is not None:
+            for part in self.netlink.info(self.name):
+                for peer in part.get("WGDEVICE_A_PEERS") or []:
+                    attrs = dict(peer["attrs"])
+                    psk = attrs.get("WGPEER_A_PRESHARED_KEY")
+                    if attrs["WGPEER_A_PUBLIC_KEY"].decode() == public_key and psk:
+                        return WireguardKey(psk.decode())
+            return None
+        peer = self.device.get_config().peers.get(WireguardKey(public_key))
+        psk = None if peer is None else peer.preshared_key
+        return WireguardKey(psk) if psk else None
+
     def apply(self, changes: Iterable[Change], private_key: WireguardKey | None = None) -> None:
         """Apply the changes in order; ``private_key`` is needed for a SetPrivateKey."""
         for change in changes:

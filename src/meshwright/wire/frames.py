@@ -34,10 +34,13 @@ __all__ = [
     "HEADER_SIZE",
     "KEEPALIVE",
     "KEEPALIVE_INTERVAL",
+    "KEEPALIVE_PAYLOAD",
     "KEEPALIVE_PORT",
     "MAX_PAYLOAD",
+    "READ_ROOM",
     "FrameDecoder",
     "FrameError",
+    "append",
     "could_be_tls",
     "encode",
     "fingerprint",
@@ -50,9 +53,12 @@ HEADER_SIZE = 4
 MAX_PAYLOAD = 2048
 KEEPALIVE_PORT = 0
 KEEPALIVE_INTERVAL = 30.0
+# What the decoder has room for per read: one TLS record's plaintext (16 KiB), and some.
+READ_ROOM = 16 * 1024 + 256
 _HEADER = struct.Struct(">HH")
 # A keepalive frame carries one byte: a zero length is malformed by definition.
-KEEPALIVE = _HEADER.pack(KEEPALIVE_PORT, 1) + b"\x00"
+KEEPALIVE_PAYLOAD = b"\x00"
+KEEPALIVE = _HEADER.pack(KEEPALIVE_PORT, 1) + KEEPALIVE_PAYLOAD
 _STUN_COOKIE = b"\x21\x12\xa4\x42"
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
@@ -79,60 +85,96 @@ def encode(port: int, payload: bytes) -> bytes:
     return _HEADER.pack(port, size) + bytes(payload)
 
 
+def append(out: bytearray, port: int, payload: bytes | bytearray | memoryview) -> None:
+    """Append the frame of :func:`encode` to ``out``, unchecked (the caller checked the port
+    and size): the per-datagram path, with no frame built apart and copied again."""
+    out += _HEADER.pack(port, len(payload))
+    out += payload
+
+
 class FrameDecoder:
     """Turns a byte stream into ``(port, payload)`` frames, buffering partial ones.
 
-    Once :meth:`feed` has raised :class:`FrameError` every later call raises it again.
+    Reads can go straight into the decoder's own buffer, with no copy of the chunk: write at
+    most ``len(space())`` bytes at the start of :meth:`space`, then :meth:`commit` that many.
+    :meth:`feed` does that for bytes that are already somewhere else. The buffer never holds
+    more than one partial frame and ``room`` free bytes after it (allocated at the first use).
+
+    Once :meth:`feed` or :meth:`commit` has raised :class:`FrameError` every later call raises
+    it again.
     """
 
-    __slots__ = ("_buffer", "_error", "max_payload")
+    __slots__ = ("_buffer", "_end", "_error", "_view", "max_payload", "room")
 
-    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
+    def __init__(self, max_payload: int = MAX_PAYLOAD, room: int = READ_ROOM) -> None:
         self.max_payload = max_payload
+        self.room = room
         self._buffer = bytearray()
+        self._view = memoryview(self._buffer)
+        self._end = 0  # bytes held: the start of a frame that has not arrived completely yet
         self._error: str | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes held for a frame that has not arrived completely yet."""
-        return len(self._buffer)
+        return self._end
 
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        """The frames completed by ``data``, in stream order; FrameError on a malformed stream."""
+    def space(self) -> memoryview:
+        """Where the next bytes go: at least ``room`` bytes after the partial frame held."""
+        if not self._buffer:
+            # A partial frame is shorter than a whole one, so this much always leaves `room`.
+            self._buffer = bytearray(self.room + HEADER_SIZE + self.max_payload)
+            self._view = memoryview(self._buffer)
+        return self._view[self._end :]
+
+    def commit(self, size: int) -> list[tuple[int, bytes]]:
+        """The frames completed by the ``size`` bytes just written at the start of
+        :meth:`space`, in stream order; FrameError on a malformed stream."""
         if self._error is not None:
             raise FrameError(self._error)
-        buffer = self._buffer
-        # Fast path: with nothing buffered, parse straight out of `data` (no copy of the chunk);
-        # only the incomplete tail, at most one frame, is kept.
-        source: bytes | bytearray
-        if buffer:
-            buffer += data
-            source = buffer
-        else:
-            source = data
-        end = len(source)
+        end = self._end + size
+        buffer, view = self._buffer, self._view
         frames: list[tuple[int, bytes]] = []
         position = 0
         unpack = _HEADER.unpack_from
         limit = self.max_payload
-        with memoryview(source) as view:
-            while end - position >= HEADER_SIZE:
-                port, size = unpack(source, position)
-                if size == 0 or size > limit:
-                    self._error = f"a frame's length must be 1..{limit}, not {size}"
-                    self._buffer = bytearray()
-                    raise FrameError(self._error, frames)
-                start = position + HEADER_SIZE
-                if end - start < size:
-                    break
-                frames.append((port, bytes(view[start : start + size])))
-                position = start + size
-        if source is buffer:
-            # One memmove of the (short) tail per call: never quadratic.
-            del buffer[:position]
-        elif position < end:
-            buffer += data[position:]
+        while end - position >= HEADER_SIZE:
+            port, length = unpack(buffer, position)
+            if length == 0 or length > limit:
+                self._error = f"a frame's length must be 1..{limit}, not {length}"
+                self._end = 0
+                raise FrameError(self._error, frames)
+            start = position + HEADER_SIZE
+            if end - start < length:
+                break
+            frames.append((port, view[start : start + length].tobytes()))
+            position = start + length
+        tail = end - position
+        if position and tail:
+            # The partial frame moves to the front: a short copy (less than one frame), made
+            # apart first because the two ranges may overlap.
+            buffer[:tail] = view[position:end].tobytes()
+        self._end = tail
         return frames
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[int, bytes]]:
+        """The frames completed by ``data``, in stream order; FrameError on a malformed stream."""
+        if self._error is not None:
+            raise FrameError(self._error)
+        frames: list[tuple[int, bytes]] = []
+        with memoryview(data) as source:
+            offset, total = 0, len(source)
+            while True:
+                space = self.space()
+                size = min(len(space), total - offset)
+                space[:size] = source[offset : offset + size]
+                offset += size
+                try:
+                    frames += self.commit(size)
+                except FrameError as exc:
+                    raise FrameError(str(exc), frames + exc.frames) from None
+                if offset >= total:
+                    return frames
 
 
 def looks_like_tls(first_bytes: bytes) -> bool:

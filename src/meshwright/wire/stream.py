@@ -7,8 +7,12 @@ selector for events; what is then closed, counted, logged or retried stays with 
 :meth:`FramedStream.receive` and :meth:`FramedStream.flush` return why a connection has to go
 rather than deciding what happens next.
 
-Writes are queued in :attr:`FramedStream.out` and written as far as the socket takes them;
-OpenSSL wants a write that failed with WANT_WRITE repeated with the same length, which
+Writes are queued in :attr:`FramedStream.out` by :meth:`FramedStream.queue` and written as
+far as the socket takes them by :meth:`FramedStream.flush`, which the owner calls on
+``EVENT_WRITE`` (watched while frames wait) or as soon as a full batch (:data:`WRITE_CHUNK`)
+is queued: the frames queued in one wake-up of the loop go out in order, in a few TLS records
+and one send, not a record and a send per datagram. Reads go straight into the decoder's
+buffer. OpenSSL wants a write that failed with WANT_WRITE repeated with the same length, which
 :attr:`FramedStream.retry` remembers. A read or the handshake may also have to wait for
 writability (a TLS 1.3 key update, a full send buffer): :attr:`FramedStream.read_wants_write`
 and :attr:`FramedStream.wants_write` say so, and :meth:`FramedStream.watch` then asks the
@@ -26,20 +30,27 @@ import ssl
 from collections.abc import Callable
 from typing import Self
 
-from .frames import FrameDecoder, FrameError
+from .frames import HEADER_SIZE, READ_ROOM, FrameDecoder, FrameError, append
 
 __all__ = [
     "FRAME_ERROR",
     "PEER_CLOSED",
     "READ_ERROR",
+    "UDP_BUFFER",
+    "WRITE_CHUNK",
     "FramedStream",
     "Frames",
     "tune",
+    "widen_buffers",
 ]
 
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
-READ_SIZE = 16 * 1024 + 256  # one TLS record's plaintext, with room to spare
+# At most this much per send: four full TLS records (16 KiB of plaintext each), so a batch
+# costs four records' framing and one system call, and waits for no more than itself.
 WRITE_CHUNK = 64 * 1024
+# UDP has no autotuning: the default (about 208 KiB) holds some 140 full-size datagrams, a
+# few milliseconds of a busy tunnel, while the loop serves its other sockets.
+UDP_BUFFER = 4 << 20
 
 # Why :meth:`FramedStream.receive` ended: the peer closed the stream (TLS close_notify or EOF),
 # the socket or TLS failed, or the stream is not made of frames.
@@ -50,7 +61,13 @@ Frames = list[tuple[int, bytes]]
 
 def tune(sock: socket.socket, keepalive_idle: int) -> None:
     """Small frames must not wait for Nagle; a dead peer or path must eventually be noticed
-    (TCP keepalive after ``keepalive_idle`` seconds of silence)."""
+    (TCP keepalive after ``keepalive_idle`` seconds of silence).
+
+    The buffer sizes are left to the kernel: TCP autotuning grows them with the connection up to
+    ``tcp_rmem``/``tcp_wmem``'s maximum (6 and 4 MiB by default), while a fixed ``SO_RCVBUF``
+    or ``SO_SNDBUF`` turns it off and is capped at ``rmem_max``/``wmem_max`` (208 KiB by
+    default), which would bound a long path to a few Mbit/s.
+    """
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -58,6 +75,24 @@ def tune(sock: socket.socket, keepalive_idle: int) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive_idle)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
+
+
+def widen_buffers(sock: socket.socket, size: int = UDP_BUFFER) -> None:
+    """Give a UDP socket ``size`` bytes of receive and send buffer, best effort: past
+    ``rmem_max``/``wmem_max`` when privileged (``SO_*BUFFORCE``, as wireguard-go does), else as
+    much as they allow."""
+    for forced, plain in (
+        (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
+        (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF),
+    ):
+        for option in (forced, plain):
+            if option is None:
+                continue
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, size)
+            except OSError:
+                continue
+            break
 
 
 class FramedStream:
@@ -74,7 +109,7 @@ class FramedStream:
 
     def reset_stream(self) -> None:
         """The per-connection state, fresh (the socket is the owner's to set)."""
-        self.decoder = FrameDecoder()
+        self.decoder = FrameDecoder(room=READ_ROOM)
         self.out = bytearray()
         self.retry = 0  # OpenSSL wants a write that hit WANT_WRITE repeated with this length
         self.events = 0  # what the selector watches for now
@@ -149,7 +184,8 @@ class FramedStream:
         reads = 0
         while True:
             try:
-                data = sock.recv(READ_SIZE)
+                # Straight into the decoder's buffer, behind the partial frame it holds.
+                size = sock.recv_into(decoder.space())
             except ssl.SSLWantReadError:
                 return None
             except ssl.SSLWantWriteError:
@@ -159,11 +195,11 @@ class FramedStream:
                 return PEER_CLOSED, None
             except (ssl.SSLError, OSError) as exc:
                 return READ_ERROR, exc
-            if not data:
+            if not size:
                 return PEER_CLOSED, None
-            on_data(self, len(data))
+            on_data(self, size)
             try:
-                frames = decoder.feed(data)
+                frames = decoder.commit(size)
             except FrameError as exc:
                 return FRAME_ERROR, exc
             if not on_frames(self, frames):
@@ -172,6 +208,32 @@ class FramedStream:
             # Plaintext already decrypted inside OpenSSL raises no readiness event: drain it.
             if reads >= budget and not sock.pending():
                 return None
+
+    def queue(
+        self,
+        port: int,
+        payload: bytes | bytearray | memoryview,
+        limit: int,
+        selector: selectors.BaseSelector,
+    ) -> bool:
+        """Append a frame (port and size already checked) to :attr:`out` of an open connection,
+        unless that would make it longer than ``limit`` bytes: then False, and the frame is
+        dropped (never reordered). Nothing is written here: ``selector`` watches for
+        ``EVENT_WRITE``, on which the owner calls :meth:`flush` for all that this wake-up
+        queued; or sooner, when :attr:`batch_full`."""
+        out = self.out
+        if len(out) + HEADER_SIZE + len(payload) > limit:
+            return False
+        append(out, port, payload)
+        if not self.events & WRITE:
+            self.watch(selector)
+        return True
+
+    @property
+    def batch_full(self) -> bool:
+        """Whether a full write (:data:`WRITE_CHUNK`) is queued and may go now; a write that
+        waits for the socket (:attr:`retry`) goes on the writable event instead."""
+        return len(self.out) >= WRITE_CHUNK and not self.retry
 
     def flush(self, selector: selectors.BaseSelector) -> OSError | None:
         """Write from :attr:`out` until it is empty or the socket takes no more, then

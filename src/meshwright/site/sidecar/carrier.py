@@ -37,7 +37,10 @@ accepted the certificate. A keepalive frame goes out every 30 s and the relay an
 a relay silent for 90 s is considered gone. While a relay is not connected, WireGuard's
 datagrams for it are dropped and counted: WireGuard retransmits its handshakes itself, and a
 queue would only deliver stale ones. Writes are queued up to a bound; beyond it frames are
-dropped and counted, never reordered.
+dropped and counted, never reordered. The datagrams read in one wake-up (up to 256 per peer
+socket) go out together on the next writable event, or as soon as 64 KiB are queued: a few TLS
+records and one send for all of them, not one each per datagram. The peer sockets get 4 MiB
+buffers where the system allows (:func:`meshwright.wire.stream.widen_buffers`).
 
 One thread, one ``selectors`` loop, non-blocking sockets. SIGHUP re-reads the configuration
 (unchanged peers keep their sockets, unchanged relays their connections; a changed certificate
@@ -56,7 +59,6 @@ import selectors
 import signal
 import socket
 import ssl
-import struct
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -64,14 +66,14 @@ from pathlib import Path
 
 from meshwright.wire.endpoint import format_endpoint
 from meshwright.wire.frames import (
-    KEEPALIVE,
     KEEPALIVE_INTERVAL,
+    KEEPALIVE_PAYLOAD,
     KEEPALIVE_PORT,
     MAX_PAYLOAD,
     FrameError,
     fingerprint,
 )
-from meshwright.wire.stream import PEER_CLOSED, FramedStream, Frames, tune
+from meshwright.wire.stream import PEER_CLOSED, FramedStream, Frames, tune, widen_buffers
 
 from .config import Config, PeerSpec, SidecarConfigError, TlsRelay, load_config
 
@@ -84,7 +86,6 @@ SILENT_TIMEOUT = 3 * KEEPALIVE_INTERVAL  # the relay answers every keepalive
 MAX_BUFFER = 256 * 1024
 LOG_INTERVAL = 60.0
 _BATCH = 256  # datagrams or reads per wake-up, so one busy peer cannot starve the others
-_FRAME_HEADER = struct.Struct(">HH")
 
 _IDLE, _CONNECTING, _HANDSHAKE, _OPEN = "idle", "connecting", "handshake", "open"
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
@@ -180,6 +181,9 @@ class Sidecar:
         self._peers: dict[str, _Peer] = {}
         self._routes: dict[tuple[str, int], _Peer] = {}  # (relay, port) -> peer
         self._links: dict[str, _Link] = {}
+        # WireGuard's datagrams are read into this, one at a time: one byte more than a frame
+        # may carry, so a longer datagram is cut there and still counted as too big.
+        self._datagram = memoryview(bytearray(MAX_PAYLOAD + 1))
         self._reload = False
         self._stopping = False
         # A socketpair wakes select() up for stop(); PEP 475 would otherwise resume the wait.
@@ -260,8 +264,7 @@ class Sidecar:
             socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_DGRAM
         )
         try:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            widen_buffers(sock)
             sock.bind((self.host, spec.port))
             sock.setblocking(False)
         except OSError as exc:
@@ -355,7 +358,7 @@ class Sidecar:
                 elif now - link.last_keepalive >= KEEPALIVE_INTERVAL:
                     # Even while data flows out: only the answers show the relay is there.
                     link.last_keepalive = now
-                    self._queue(link, KEEPALIVE)
+                    self._queue(link, KEEPALIVE_PORT, KEEPALIVE_PAYLOAD)
                     self.counters["keepalives_sent"] += 1
             if link.state == _IDLE:
                 wait = min(wait, max(0.0, link.next_attempt - now))
@@ -370,9 +373,10 @@ class Sidecar:
         expected = (self.host, config.wireguard_port)
         link = self._links.get(peer.spec.relay)
         port = peer.spec.port
+        buffer = self._datagram
         for _ in range(_BATCH):
             try:
-                datagram, source = peer.sock.recvfrom(65535)
+                size, source = peer.sock.recvfrom_into(buffer)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -382,17 +386,15 @@ class Sidecar:
             if source[:2] != expected:
                 self.counters["dropped_foreign_source"] += 1
                 continue
-            size = len(datagram)
             if not 0 < size <= MAX_PAYLOAD:
                 self.counters["dropped_bad_size"] += 1
                 continue
+            # Checked for every datagram: a full batch's write may have failed and closed it.
             if link is None or link.state != _OPEN:
                 self.counters["dropped_disconnected"] += 1
                 continue
-            if self._queue(link, _FRAME_HEADER.pack(port, size) + datagram):
+            if self._queue(link, port, buffer[:size]):
                 self.counters["datagrams_to_relay"] += 1
-            if link.state != _OPEN:
-                link = None  # the write failed and closed it: drop (and count) the rest
 
     def _to_wireguard(self, link: _Link, frames: list[tuple[int, bytes]]) -> None:
         config = self.config
@@ -500,7 +502,7 @@ class Sidecar:
         relay = format_endpoint(link.spec.address, link.spec.port)
         self.log(f"sidecar: connected to {link.spec.name} ({relay})")
         # Its answer proves the relay took our certificate (TLS 1.3 tells the client only later).
-        self._queue(link, KEEPALIVE)
+        self._queue(link, KEEPALIVE_PORT, KEEPALIVE_PAYLOAD)
         if link.state == _OPEN:
             self._read(link)
 
@@ -526,14 +528,12 @@ class Sidecar:
         self._to_wireguard(link, frames)
         return True
 
-    def _queue(self, link: _Link, frame: bytes) -> bool:
-        if len(link.out) + len(frame) > MAX_BUFFER:
+    def _queue(self, link: _Link, port: int, payload: bytes | memoryview) -> bool:
+        if not link.queue(port, payload, MAX_BUFFER, self.selector):
             self.counters["dropped_buffer_full"] += 1
             return False
-        pending = bool(link.out)
-        link.out += frame
-        if not pending:
-            self._flush(link)  # nothing queued: write now, not a loop turn later
+        if link.batch_full:
+            self._flush(link)  # a full write's worth: no reason to wait for the loop
         return True
 
     def _flush(self, link: _Link) -> None:

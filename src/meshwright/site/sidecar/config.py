@@ -150,6 +150,10 @@ class PunchPeer:
     public_key: str
     overlay_address: str
     relay_endpoint: tuple[str, int]
+    relay: str = ""
+    standby_endpoint: tuple[str, int] | None = None
+    standby_relay: str = ""
+    upgrade: bool = True
 
 
 @dataclass(frozen=True)
@@ -187,6 +191,14 @@ def _object(value: object, where: str) -> dict[str, Any]:
     return value
 
 
+def _endpoint(value: object, where: str) -> tuple[str, int]:
+    try:
+        endpoint = parse_endpoint(_text(value, where))
+    except EndpointError as exc:
+        raise SidecarConfigError(f"{where}: {exc}") from None
+    return (endpoint.host, endpoint.port)
+
+
 def parse_traversal(data: Any) -> TraversalConfig:
     """The ``traversal`` part of the sidecar's configuration."""
     data = _object(data, "traversal")
@@ -214,17 +226,21 @@ def parse_traversal(data: Any) -> TraversalConfig:
         if name in seen:
             raise SidecarConfigError(f"{where}: peer {name!r} appears twice")
         seen.add(name)
-        relay = _text(entry.get("relay_endpoint"), f"{where}.relay_endpoint")
-        try:
-            endpoint = parse_endpoint(relay)
-        except EndpointError as exc:
-            raise SidecarConfigError(f"{where}.relay_endpoint: {exc}") from None
+        endpoint = _endpoint(entry.get("relay_endpoint"), f"{where}.relay_endpoint")
+        standby = entry.get("standby_endpoint")
+        upgrade = entry.get("upgrade", True)
+        if not isinstance(upgrade, bool):
+            raise SidecarConfigError(f"{where}.upgrade: not true or false")
         peers.append(
             PunchPeer(
                 name,
                 _text(entry.get("public_key"), f"{where}.public_key"),
                 _address(entry.get("overlay_address"), f"{where}.overlay_address"),
-                (endpoint.host, endpoint.port),
+                endpoint,
+                str(entry.get("relay") or ""),
+                None if standby is None else _endpoint(standby, f"{where}.standby_endpoint"),
+                str(entry.get("standby_relay") or ""),
+                upgrade,
             )
         )
     return TraversalConfig(

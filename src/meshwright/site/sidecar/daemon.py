@@ -47,6 +47,7 @@ from .traversal import (
     Mute,
     PeerConfig,
     Remap,
+    ResetSession,
     SendControl,
     SendProbe,
     SetEndpoint,
@@ -62,6 +63,9 @@ Address = tuple[str, int]
 SAMPLE_BUSY = 0.25
 SAMPLE_IDLE = 1.0
 STUN_INTERVAL = 25.0  # libtelio re-polls WG-STUN every 25 s; mappings live longer than that
+# With standby relays, each relay is asked every second too: an answer says it is up, and four
+# missed ones (traversal.RELAY_DEAD_AFTER) move the peers on it to their standby.
+RELAY_CHECK = 1.0
 STATE_INTERVAL = 1.0
 LOOP_INTERVAL = 0.25  # the longest sleep; the core's next_wakeup makes it shorter
 IP_FREEBIND = 15
@@ -74,6 +78,8 @@ class WireGuardControl(Protocol):
         seconds or None for none yet) of every peer."""
 
     def set_endpoint(self, public_key: str, endpoint: Address) -> None: ...
+
+    def reset_session(self, public_key: str) -> None: ...
 
     def close(self) -> None: ...
 
@@ -159,15 +165,7 @@ class TraversalDaemon:
         self.clock = clock
         self.wall = wall
         self.counters: Counter[str] = Counter()
-        self.core = Traversal(
-            config.site,
-            config.public_key,
-            [
-                PeerConfig(p.name, p.public_key, p.overlay_address, p.relay_endpoint)
-                for p in config.peers
-            ],
-            os.urandom,
-        )
+        self.core = Traversal(config.site, config.public_key, self._peer_configs(), os.urandom)
         self.probes = probes or ProbeSocket(config.listen_port)
         self.muter = muter or NftMuter(config.listen_port)
         self._addresses = addresses or (lambda: local_addresses([config.interface]))
@@ -235,9 +233,28 @@ class TraversalDaemon:
 
     def _peer_configs(self) -> list[PeerConfig]:
         return [
-            PeerConfig(p.name, p.public_key, p.overlay_address, p.relay_endpoint)
+            PeerConfig(
+                p.name,
+                p.public_key,
+                p.overlay_address,
+                p.relay_endpoint,
+                p.relay,
+                p.standby_endpoint,
+                p.standby_relay,
+                p.upgrade,
+            )
             for p in self.config.peers
         ]
+
+    def _live_endpoints(self) -> dict[str, Address | None]:
+        """WireGuard's endpoint for each peer now (none known when it cannot be read)."""
+        try:
+            sampled = self.wireguard.sample()
+        except (OSError, RuntimeError):
+            return {}
+        return {
+            p.name: sampled[p.public_key][0] for p in self.config.peers if p.public_key in sampled
+        }
 
     # --- actions --------------------------------------------------------------------------
 
@@ -252,6 +269,8 @@ class TraversalDaemon:
                     self.probes.send(action.destination, action.data)
                 elif isinstance(action, SetEndpoint):
                     self.wireguard.set_endpoint(action.public_key, action.endpoint)
+                elif isinstance(action, ResetSession):
+                    self.wireguard.reset_session(action.public_key)
                 elif isinstance(action, Mute):
                     self.muter.mute(action.peer, action.relay, action.direct)
                 elif isinstance(action, Unmute):
@@ -285,11 +304,15 @@ class TraversalDaemon:
             self.ask_relays()
 
     def ask_relays(self) -> None:
+        now = self.clock()
         for relay in self.config.relays:
             request = stun.binding_request(software="meshwright sidecar")
             self._stun_pending[request[8:20]] = relay.name
-            with contextlib.suppress(OSError):
+            try:
                 self.stun_socket.sendto(request, (relay.overlay_address, relay.port))
+            except OSError:
+                continue  # this site's WireGuard is not up: that says nothing of the relay
+            self.core.relay_asked(relay.name, now)
         if len(self._stun_pending) > 64:
             self._stun_pending = dict(list(self._stun_pending.items())[-16:])
 
@@ -305,6 +328,7 @@ class TraversalDaemon:
         if relay is None or mapped is None:
             self.counters["dropped_stun"] += 1
             return
+        self.core.relay_answered(relay, self.clock())
         also = message.also_mapped()
         if self.mapped.get(relay) != mapped or self.also_mapped.get(relay) != also:
             self.mapped[relay], self.also_mapped[relay] = mapped, also
@@ -363,7 +387,7 @@ class TraversalDaemon:
         self.ask_relays()
         # Every punch peer starts on its relay: whatever a previous run left is undone.
         self.carry_out(self.core.configure([]))
-        self.carry_out(self.core.configure(self._peer_configs()))
+        self.carry_out(self.core.configure(self._peer_configs(), self._live_endpoints()))
         self.core.start(self.clock())
         self.log(
             f"sidecar: traversal for {len(self.config.peers)} punch peers on port "
@@ -371,6 +395,7 @@ class TraversalDaemon:
         )
         now = self.clock()
         next_sample, next_stun, next_state = now, now + STUN_INTERVAL, now
+        next_check = now + RELAY_CHECK
         # The first offer waits for the relays' answers (or at most half a second).
         settle = now + 0.5
         while not self._stopping:
@@ -378,7 +403,7 @@ class TraversalDaemon:
                 self._reload = False
                 self.reload()
             now = self.clock()
-            wakeup = min(self.core.next_wakeup(now), next_sample, next_state)
+            wakeup = min(self.core.next_wakeup(now), next_sample, next_state, next_check)
             if now < settle:
                 wakeup = min(wakeup, settle)
             wait = min(LOOP_INTERVAL, max(0.0, wakeup - now))
@@ -399,6 +424,11 @@ class TraversalDaemon:
                 self.refresh_candidates()
                 self.ask_relays()
                 next_stun = now + STUN_INTERVAL
+                next_check = now + RELAY_CHECK
+            elif now >= next_check:
+                next_check = now + RELAY_CHECK
+                if any(p.standby_endpoint is not None for p in self.config.peers):
+                    self.ask_relays()
             if now >= next_state:
                 self.write_state(now)
                 next_state = now + STATE_INTERVAL

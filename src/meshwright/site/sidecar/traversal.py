@@ -32,13 +32,22 @@ it (docs/sidecar.md has the design, its timers and why):
    that holds :data:`STABLE_AFTER` resets it.
 6. **Restarts.** A starting sidecar says hello, a stopping one bye (:meth:`Traversal.start`,
    :meth:`Traversal.stop`), so that both sides of a pair stay in step.
+7. **Relay failover.** A peer may have a standby allocation on another relay. The daemon asks
+   every relay where it sees WireGuard's socket each second (:meth:`Traversal.relay_asked`,
+   :meth:`Traversal.relay_answered`); a relay that has answered nothing for
+   :data:`RELAY_DEAD_AFTER` is down. A peer on a relay that is down moves to its other relay,
+   if that one is up, and its WireGuard session is started anew (:class:`ResetSession`: the
+   other relay has seen none of its handshakes, so it cannot have proven the two addresses).
+   Both sides see the same relay die, so both move. Nothing moves back when the relay
+   returns (no flap): a peer falls back to its plan's relay, when up, after a direct path dies.
+   Peers the plan keeps relayed (``upgrade`` off: two hard NATs) never offer.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +76,7 @@ __all__ = [
     "PeerConfig",
     "PeerLink",
     "Remap",
+    "ResetSession",
     "SendControl",
     "SendProbe",
     "SetEndpoint",
@@ -95,6 +105,9 @@ RELAY_KEEPALIVE = 20.0  # while direct: under the 30 s a Linux NAT keeps an unan
 KEEPALIVE_BYTES = 32  # a WireGuard keepalive: a transport header and tag, no payload
 MAX_PONGS_PER_SECOND = 50  # per peer: an attacker replaying pings cannot make us a reflector
 PING_WINDOW = 1024  # a ping this far behind the newest one of its session counts as a replay
+# A relay asked every second (the daemon's RELAY_CHECK) that answered nothing this long is down:
+# four lost answers in a row, and the peers on it are over in well under 10 s.
+RELAY_DEAD_AFTER = 4.0
 
 
 @dataclass(frozen=True)
@@ -105,6 +118,10 @@ class PeerConfig:
     public_key: str
     overlay_address: str
     relay_endpoint: Address  # this side's relay allocation port: WireGuard's relayed endpoint
+    relay: str = ""  # the relay of that allocation (the plan's choice)
+    standby_endpoint: Address | None = None  # this side's port of the standby allocation
+    standby_relay: str = ""
+    upgrade: bool = True  # False: a pair the plan keeps relayed (it only fails over)
 
 
 @dataclass(frozen=True)
@@ -141,6 +158,15 @@ class Unmute:
 
 
 @dataclass(frozen=True)
+class ResetSession:
+    """Start the peer's WireGuard session anew (a handshake now): its path moved to a relay
+    that has seen none of its handshakes."""
+
+    peer: str
+    public_key: str
+
+
+@dataclass(frozen=True)
 class Remap:
     """Ask the relays again where they see WireGuard's socket: this site's NAT mapping may
     have moved (a flushed or rebooted NAT, a conntrack clash), and the next offer must say
@@ -153,7 +179,7 @@ class Log:
     text: str
 
 
-Action = SendControl | SendProbe | SetEndpoint | Mute | Unmute | Remap | Log
+Action = SendControl | SendProbe | SetEndpoint | ResetSession | Mute | Unmute | Remap | Log
 
 
 LAN_NETWORKS = tuple(
@@ -214,7 +240,24 @@ class PeerLink:
     pong_budget: float = MAX_PONGS_PER_SECOND
     pong_budget_at: float = 0.0
     peer_run: bytes | None = None  # the peer sidecar's run, from its hello
+    on_standby: bool = False  # the relay path is the standby allocation's
     counters: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def relay_endpoint(self) -> Address:
+        """The relay path in use: the plan's allocation, or its standby after a failover."""
+        standby = self.config.standby_endpoint
+        return standby if self.on_standby and standby is not None else self.config.relay_endpoint
+
+    @property
+    def relay(self) -> str:
+        return self.config.standby_relay if self.on_standby else self.config.relay
+
+    def is_relay_endpoint(self, endpoint: Address | None) -> bool:
+        return endpoint is not None and endpoint in (
+            self.config.relay_endpoint,
+            self.config.standby_endpoint,
+        )
 
     def status(self, now: float) -> dict[str, Any]:
         def age(t: float | None) -> float | None:
@@ -224,7 +267,9 @@ class PeerLink:
             "peer": self.config.name,
             "path": self.path,
             "endpoint": None if self.endpoint is None else format_endpoint(*self.endpoint),
-            "relay_endpoint": format_endpoint(*self.config.relay_endpoint),
+            "relay_endpoint": format_endpoint(*self.relay_endpoint),
+            "relay": self.relay,
+            "on_standby": self.on_standby,
             "rtt_ms": None if self.rtt is None else round(self.rtt * 1000, 2),
             "last_proof_age_s": age(self.last_proof),
             "direct_for_s": age(self.direct_since),
@@ -238,7 +283,10 @@ class PeerLink:
             "failures": self.failures,
             "next_attempt_in_s": (
                 round(max(0.0, self.next_attempt - now), 3)
-                if self.path == "relay" and self.phase == "idle" and self.controlling
+                if self.path == "relay"
+                and self.phase == "idle"
+                and self.controlling
+                and self.config.upgrade
                 else None
             ),
             "suspect": self.suspect_since is not None,
@@ -272,6 +320,11 @@ class Traversal:
         self.counters: Counter[str] = Counter()
         self.run = random(SESSION_SIZE)  # this run of the sidecar, named in its hellos
         self.hellos: list[float] = []
+        # Per relay: since when it was asked and has not answered (absent: it answered), and
+        # when it last answered.
+        self.unanswered_since: dict[str, float] = {}
+        self.answered_at: dict[str, float] = {}
+        self.relays_down: set[str] = set()  # found down, and not answering since
         self.configure(peers)
 
     def start(self, now: float) -> None:
@@ -289,9 +342,13 @@ class Traversal:
 
     # --- configuration --------------------------------------------------------------------
 
-    def configure(self, peers: Sequence[PeerConfig]) -> list[Action]:
+    def configure(
+        self, peers: Sequence[PeerConfig], live: Mapping[str, Address | None] | None = None
+    ) -> list[Action]:
         """Apply a new peer list: new peers start on their relay, removed ones are dropped,
-        a peer whose relay allocation moved goes back to it."""
+        a peer whose relay allocation moved goes back to it. ``live``: WireGuard's endpoints
+        now, by peer; one on the peer's other relay (a failover before a restart) means the
+        plan's relay has not seen the session: it starts anew."""
         actions: list[Action] = []
         wanted = {p.name: p for p in peers}
         for name in list(self.links):
@@ -304,7 +361,9 @@ class Traversal:
                 continue
             link = PeerLink(config, controlling=self.public_key < config.public_key)
             self.links[name] = link
-            actions += self._to_relay(link, "configured")
+            now_at = (live or {}).get(name)
+            reset = now_at is not None and now_at == config.standby_endpoint
+            actions += self._to_relay(link, "configured", reset=reset)
             if old is not None and old.path == "direct" and old.session is not None:
                 # The peer still sends to us directly: tell it, so both start over on relays.
                 message = Control("fallback", self.name, old.session)
@@ -316,6 +375,55 @@ class Traversal:
         At most what an offer may carry, public ones kept first (they reach other sites)."""
         kept = sorted(set(candidates), key=lambda c: (is_private(c), _rank(c)))[:MAX_CANDIDATES]
         self.candidates = tuple(sorted(kept, key=_rank))
+
+    # --- relays' health -------------------------------------------------------------------
+
+    def relay_asked(self, relay: str, now: float) -> None:
+        """The daemon asked ``relay`` where it sees WireGuard's socket."""
+        self.unanswered_since.setdefault(relay, now)
+
+    def relay_answered(self, relay: str, now: float) -> None:
+        """``relay`` answered: it is up (again; what moved away stays where it is)."""
+        self.unanswered_since.pop(relay, None)
+        self.answered_at[relay] = now
+        if relay in self.relays_down:
+            self.relays_down.discard(relay)
+            self.counters["relays_back"] += 1
+
+    def relay_up(self, relay: str, now: float) -> bool:
+        since = self.unanswered_since.get(relay)
+        return not relay or since is None or now - since < RELAY_DEAD_AFTER
+
+    def _failovers(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        for relay, since in self.unanswered_since.items():
+            if now - since >= RELAY_DEAD_AFTER and relay not in self.relays_down:
+                self.relays_down.add(relay)
+                self.counters["relays_down"] += 1
+        for link in self.links.values():
+            if link.config.standby_endpoint is None or self.relay_up(link.relay, now):
+                continue
+            other = link.config.relay if link.on_standby else link.config.standby_relay
+            silent_since = self.unanswered_since[link.relay]
+            if other in self.unanswered_since or self.answered_at.get(other, -1.0) < silent_since:
+                # Both silent (or the other not heard since this one went quiet): perhaps this
+                # site's own WireGuard is what is down. Nothing better to go to.
+                continue
+            link.counters["failovers"] += 1
+            if link.path != "relay":
+                # Direct: only where a fallback would go changes.
+                link.on_standby = not link.on_standby
+                actions.append(Log(link.config.name, f"relay {link.relay} is the fallback now"))
+                continue
+            was = link.relay
+            link.on_standby = not link.on_standby
+            if link.phase != "idle":
+                # The attempt's messages went through the dead relay: drop it, offer again.
+                link.phase = "idle"
+                link.outstanding.clear()
+            link.next_attempt = max(link.next_attempt, now + BACKOFF_MIN)
+            actions += self._to_relay(link, f"relay {was} is down", reset=True)
+        return actions
 
     # --- time -----------------------------------------------------------------------------
 
@@ -335,7 +443,12 @@ class Traversal:
                 times.append(link.next_relay_keepalive)
                 if link.mute_until is not None:
                     times.append(link.mute_until)
-            elif link.path == "relay" and link.controlling and self.candidates:
+            elif (
+                link.path == "relay"
+                and link.controlling
+                and link.config.upgrade
+                and self.candidates
+            ):
                 times.append(link.next_attempt)
         return min(times)
 
@@ -345,13 +458,19 @@ class Traversal:
             del self.hellos[0]
             hello = encode_control(Control("hello", self.name, self.run))
             actions += [SendControl(name, hello) for name in self.links]
+        actions += self._failovers(now)
         for link in self.links.values():
             actions += self._tick_link(link, now, wall)
         return actions
 
     def _tick_link(self, link: PeerLink, now: float, wall: float) -> list[Action]:
         if link.phase == "idle" and link.path == "relay":
-            if link.controlling and self.candidates and now >= link.next_attempt:
+            if (
+                link.controlling
+                and link.config.upgrade
+                and self.candidates
+                and now >= link.next_attempt
+            ):
                 return self._offer(link, now, wall)
             return []
         if link.phase == "offered":
@@ -439,24 +558,25 @@ class Traversal:
         link.unanswered_since = link.suspect_since = None
         link.unanswered_bytes = 0
         link.counters["upgrades"] += 1
-        relay = link.config.relay_endpoint
+        relay = link.relay_endpoint
         return [
             Mute(link.config.name, relay, endpoint),
             SetEndpoint(link.config.name, link.config.public_key, endpoint),
             Log(link.config.name, f"direct via {format_endpoint(*endpoint)}"),
         ]
 
-    def _to_relay(self, link: PeerLink, why: str) -> list[Action]:
+    def _to_relay(self, link: PeerLink, why: str, reset: bool = False) -> list[Action]:
+        """Onto the relay path in use; ``reset``: a relay that has not seen this session."""
         link.path = "relay"
         link.phase = "idle"
-        link.endpoint = link.config.relay_endpoint
+        link.endpoint = link.relay_endpoint
         link.direct_since = link.mute_until = None
         link.suspect_since = link.unanswered_since = None
-        return [
-            Unmute(link.config.name),
-            SetEndpoint(link.config.name, link.config.public_key, link.config.relay_endpoint),
-            Log(link.config.name, f"relay ({why})"),
-        ]
+        name, key = link.config.name, link.config.public_key
+        actions: list[Action] = [Unmute(name), SetEndpoint(name, key, link.relay_endpoint)]
+        if reset:
+            actions.append(ResetSession(name, key))
+        return [*actions, Log(name, f"relay {link.relay or ''} ({why})".replace("  ", " "))]
 
     def _no_answer(self, link: PeerLink, now: float) -> list[Action]:
         # Most often the peer's sidecar is (re)starting: ask again soon (and its hello brings
@@ -493,7 +613,7 @@ class Traversal:
                 # relay's first datagram then finds it, instead of clashing with its expiry.
                 link.next_relay_keepalive = now + RELAY_KEEPALIVE
                 link.counters["relay_keepalives"] += 1
-                return [SendProbe(link.config.relay_endpoint, MAGIC)]
+                return [SendProbe(link.relay_endpoint, MAGIC)]
             return []
         if now - link.suspect_since >= DEAD_AFTER:
             return self._fall_back(link, now, "direct path silent")
@@ -507,8 +627,16 @@ class Traversal:
         link.failed_session = link.session
         link.failures += 1
         link.next_attempt = now + backoff(link.failures)
+        # Back to the plan's relay when it is up, else the standby. The plan's relay proved
+        # both addresses when the pair started there (and the keepalives kept them); another
+        # relay may never have seen a handshake of the pair: a new session, through it.
+        was = link.on_standby
+        link.on_standby = link.config.standby_endpoint is not None and not self.relay_up(
+            link.config.relay, now
+        )
+        reset = link.on_standby or was != link.on_standby
         # The message goes through WireGuard: after the switch, or it takes the dead path.
-        actions = [*self._to_relay(link, why), Remap()]
+        actions = [*self._to_relay(link, why, reset=reset), Remap()]
         if link.session is not None:
             message = Control("fallback", self.name, link.session)
             actions.append(SendControl(link.config.name, encode_control(message)))
@@ -528,7 +656,7 @@ class Traversal:
         link.rx, link.tx = rx, tx
         if link.path != "direct":
             return self._follow_to_direct(link, endpoint, now)
-        if endpoint == link.config.relay_endpoint and link.mute_until is None:
+        if link.is_relay_endpoint(endpoint) and link.mute_until is None:
             # WireGuard followed an authenticated packet from the relay: the peer is there
             # (its fallback message may not have come through: a NAT that moved, say).
             # Not counted as a failure: a restarted peer is there too. A fallback message
@@ -572,7 +700,8 @@ class Traversal:
         died one way would come and go)."""
         if (
             endpoint is None
-            or endpoint == link.config.relay_endpoint
+            or not link.config.upgrade
+            or link.is_relay_endpoint(endpoint)
             or link.phase != "idle"
             or link.session is None
             or now < link.next_attempt
@@ -608,7 +737,7 @@ class Traversal:
         return handler(link, message, now, wall)
 
     def _on_offer(self, link: PeerLink, message: Control, now: float, wall: float) -> list[Action]:
-        if link.controlling:
+        if link.controlling or not link.config.upgrade:
             self.counters["dropped_control_unexpected"] += 1
             return []
         actions: list[Action] = []

@@ -89,5 +89,16 @@ class LiveWireGuard:
                 f"{self.interface}: wireguard-go refused the endpoint (errno {errno})"
             )
 
+    def reset_session(self, public_key: str) -> None:
+        """Have WireGuard start the peer's session anew (remove it, add it back as it was)."""
+        try:
+            self._open().restart_session(public_key)
+        except DeviceError:
+            self._reset()
+            raise
+        except (OSError, RuntimeError) as exc:
+            self._reset()
+            raise DeviceError(f"{self.interface}: restart the session: {exc}") from None
+
     def close(self) -> None:
         self._reset()
