@@ -111,7 +111,9 @@ def allocate(
     ``public_keys``: every site's WireGuard public key, by name. ``ports``: each relay's
     allocation ports (default :class:`RelayPorts`). ValueError when every port is taken.
     """
-    return _allocate(pairs, relays, rtt_ms, previous, public_keys, ports, (), ())[0]
+    return allocate_with_standby(
+        pairs, relays, rtt_ms, previous, public_keys, ports, standby_kinds=()
+    )[0]
 
 
 def allocate_with_standby(
@@ -122,25 +124,12 @@ def allocate_with_standby(
     public_keys: Mapping[str, str] | None = None,
     ports: Mapping[str, RelayPorts] | None = None,
     previous_standby: Sequence[Mapping[str, object]] = (),
+    *,
+    standby_kinds: Sequence[str] = STANDBY_KINDS,
 ) -> tuple[dict[tuple[str, str], RelayAllocation], dict[tuple[str, str], RelayAllocation]]:
     """:func:`allocate`'s allocations, and the standby ones (see the module's docstring) of
-    the pairs of :data:`STANDBY_KINDS` kinds, on other relays; ``previous_standby``: the last
+    the pairs of ``standby_kinds`` kinds, on other relays; ``previous_standby``: the last
     plan's, kept while still valid. Both draw on the same ports."""
-    return _allocate(
-        pairs, relays, rtt_ms, previous, public_keys, ports, previous_standby, STANDBY_KINDS
-    )
-
-
-def _allocate(
-    pairs: Iterable[tuple[str, str, str]],
-    relays: Mapping[str, str],
-    rtt_ms: Mapping[str, Mapping[str, float]],
-    previous: Sequence[Mapping[str, object]],
-    public_keys: Mapping[str, str] | None,
-    ports: Mapping[str, RelayPorts] | None,
-    previous_standby: Sequence[Mapping[str, object]],
-    standby_kinds: Sequence[str],
-) -> tuple[dict[tuple[str, str], RelayAllocation], dict[tuple[str, str], RelayAllocation]]:
     keys = public_keys or {}
     ranges = {name: (ports or {}).get(name, RelayPorts()) for name in relays}
     used: dict[str, set[int]] = {name: set() for name in relays}  # each relay's slots (load)
