@@ -98,7 +98,7 @@ demo-down: venv
 lint: venv collections artifact
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy src
+	$(BIN)/mypy
 	$(BIN)/ansible-lint --profile production
 
 unit: venv artifact

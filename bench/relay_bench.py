@@ -15,10 +15,10 @@ host to LAN host, over three pairs, each checked in the plan and in the live Wir
 
 - direct: easy1-lan1 -> public-lan1 (plan mode `direct`, no relay address as endpoint);
 - udp relay: hard1-lan1 -> hard2-lan1 (mode `relay`: both sides' endpoints are the relay's
-  address and their own allocation port);
-- tcp relay: blocked-lan1 -> public-lan1 (mode `relay-tcp`: blocked's endpoint is its sidecar,
-  127.0.0.1:<its allocation port>, which holds a TLS connection to the relay's TCP 443; public's
-  is the relay's address and its port),
+  address and their own site port);
+- tcp relay: blocked-lan1 -> public-lan1 (mode `relay-tcp`: blocked's endpoint is its
+  sidecar's socket for the relay on 127.0.0.1, which holds a TLS connection to the relay's TCP
+  443; public's is the relay's address and its site port),
 
 - with --same-pair, same-direct and same-relay: easy1-lan1 -> easy2-lan1 (mode `punch`), first
   on the direct path the sidecars found, then through its relay (the direct path cut at easy2's
@@ -213,7 +213,10 @@ def lab_command(action: str, *extra: str) -> list[str]:
 
 
 def lab_status() -> list[dict[str, Any]]:
-    return json.loads(run(lab_command("status", "--json"), timeout=120).stdout)
+    rows: list[dict[str, Any]] = json.loads(
+        run(lab_command("status", "--json"), timeout=120).stdout
+    )
+    return rows
 
 
 def lab_up() -> None:
@@ -260,14 +263,16 @@ def check_no_delayer(rows: list[dict[str, Any]]) -> int:
 
 
 def plan_pair(plan: dict[str, Any], a: str, b: str) -> dict[str, Any]:
-    for pair in plan.get("pairs", []):
+    pairs: list[dict[str, Any]] = plan.get("pairs", [])
+    for pair in pairs:
         if {pair.get("a"), pair.get("b")} == {a, b}:
             return pair
     raise BenchError(f"{PLAN}: no pair {a} <-> {b}")
 
 
 def relay_allocation(plan: dict[str, Any], a: str, b: str) -> dict[str, Any]:
-    for allocation in plan.get("allocations", []):
+    allocations: list[dict[str, Any]] = plan.get("allocations", [])
+    for allocation in allocations:
         if {allocation.get("a"), allocation.get("b")} == {a, b}:
             return allocation
     raise BenchError(f"{PLAN}: the relayed pair {a} <-> {b} has no allocation")
@@ -361,11 +366,11 @@ def check_route(plan: dict[str, Any], rows: list[dict[str, Any]], route: Route) 
     route.allocation_key = f"{allocation['a']}--{allocation['b']}"
     ports = dict(zip((allocation["a"], allocation["b"]), allocation["ports"], strict=True))
     for site, peer in ((a, b), (b, a)):
-        # The UDP-blocked sender reaches its side through its sidecar on loopback.
-        host = "127.0.0.1" if route.mode == "relay-tcp" and site == a else allocation["address"]
-        expected = f"{host}:{ports[site]}"
         planned = plan_peer(plan, site, peer).get("endpoint")
-        if planned != expected:
+        # The UDP-blocked sender reaches the relay through its sidecar's socket on loopback.
+        tls = route.mode == "relay-tcp" and site == a
+        expected = planned if tls else f"{allocation['address']}:{ports[site]}"
+        if planned != expected or not str(planned).startswith("127.0.0.1:" if tls else ""):
             raise BenchError(f"{PLAN}: {site}'s endpoint for {peer} is {planned}, not {expected}")
         if route.endpoints[site] != expected:
             raise BenchError(
@@ -473,10 +478,10 @@ def machine_ticks() -> tuple[int, int]:
 
 
 def relay_counters(relay: str, key: str) -> dict[str, int]:
-    """The relay's counters for allocation `key` ("a--b") from its state file."""
+    """What the relay forwarded between the pair `key` ("a--b"), from its state file."""
     text = podman_exec(relay, "cat", RELAY_STATE, check=False)
     try:
-        return dict(json.loads(text)["allocations"][key]["counters"])
+        return dict(json.loads(text)["pairs"][key])
     except (json.JSONDecodeError, KeyError, TypeError):
         return {}
 

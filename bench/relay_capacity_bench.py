@@ -4,13 +4,14 @@ path only, and plain kernel routing between the same two namespaces (the ceiling
     sudo .venv/bin/python bench/relay_capacity_bench.py [--seconds 3] [--rounds 3] [--size 64]
 
 On one machine, in network namespaces (meshwright.lab.netns: a -- r -- b, nothing leaves
-them). The relay service (`meshwright relay`) runs in r with one allocation whose two sides'
-addresses it restores as confirmed from its state file (so no WireGuard is needed), and limits
-far above what is measured. A sender in a writes WireGuard-shaped transport datagrams (type 4,
-`--size` bytes) from a's port 51820 as fast as one Python process can, for `--seconds`; a
-receiver in b counts what arrives on b's port 51820. Routing: the same sender aimed at b
-itself, through r. Rounds are interleaved; the table shows medians. Not a test: the figures
-depend on the machine (the sender, the relay and the receiver share its cores).
+them). The relay service (`meshwright relay`) runs in r with two sites, a and b (a port each),
+whose confirmed addresses and one session (b's receiver index, used by a) it restores from its
+state file (so no WireGuard is needed), and limits far above what is measured. A sender in a
+writes WireGuard-shaped transport datagrams (type 4, `--size` bytes, that index) from a's port
+51820 as fast as one Python process can, for `--seconds`; a receiver in b counts what arrives on
+b's port 51820. Routing: the same sender aimed at b itself, through r. Rounds are interleaved;
+the table shows medians. Not a test: the figures depend on the machine (the sender, the relay
+and the receiver share its cores).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from meshwright.lab.netns import RELAY, SITE_A, SITE_B, RelayLine
 
 PORTS = (40000, 40001)
 WG = 51820
+INDEX = 0x12345678  # b's receiver index in the sender's datagrams
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 SENDER = """
@@ -39,7 +41,7 @@ import socket, struct, sys, time
 target, port, size, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("0.0.0.0", 51820))
-datagram = struct.pack("<BxxxIQ", 4, 0x12345678, 0) + bytes(size - 16)
+datagram = struct.pack("<BxxxIQ", 4, 0x12345678, 0) + bytes(size - 16)  # INDEX
 sent, end = 0, time.monotonic() + seconds
 while time.monotonic() < end:
     for _ in range(256):
@@ -75,28 +77,38 @@ def cpu_ticks(pid: int) -> int:
 
 
 class Relay:
-    """The relay service in r, its allocation's two sides restored as confirmed."""
+    """The relay service in r, sites a and b and a's session with b restored from its state."""
 
     def __init__(self, line: RelayLine, work: Path, kernel: bool) -> None:
         keys = [base64.b64encode(bytes([n]) * 32).decode() for n in (1, 2)]
-        spec = [RELAY, list(PORTS), keys]
+        sites = [
+            {"name": name, "port": port, "public_key": key}
+            for name, port, key in zip("ab", PORTS, keys, strict=True)
+        ]
         config = work / "relay.json"
         config.write_text(
             json.dumps(
                 {
-                    "allocations": [
-                        {"a": "a", "b": "b", "address": RELAY, "ports": list(PORTS)}
-                        | {"public_keys": keys}
-                    ],
+                    "address": RELAY,
+                    "sites": sites,
                     "limits": {"packets_per_second": 100_000_000, "bytes_per_second": 1e10},
                     "kernel": kernel,
                 }
             )
         )
         state = work / "state.json"
-        confirmed = [[SITE_A, WG], [SITE_B, WG]]
+        confirmed = {"a": [SITE_A, WG], "b": [SITE_B, WG]}
         state.write_text(
-            json.dumps({"allocations": {"a--b": {"spec": spec, "confirmed": confirmed}}})
+            json.dumps(
+                {
+                    "address": RELAY,
+                    "sites": {
+                        name: s | {"confirmed": confirmed[name]}
+                        for name, s in zip("ab", sites, strict=True)
+                    },
+                    "sessions": [["b", "a", INDEX]],  # b owns INDEX, a sends to it
+                }
+            )
         )
         self.line, self.work = line, work
         self.process = line.popen(
@@ -187,13 +199,13 @@ def main() -> int:
     rows = [("path", "sent/s", "received/s", "of routing", "relay CPU %")]
     ceiling = statistics.median(r[1] for r in results["plain routing"])
     for mode, runs in results.items():
-        received = statistics.median(r[1] for r in runs)
+        median_received = statistics.median(r[1] for r in runs)
         rows.append(
             (
                 mode,
                 f"{statistics.median(r[0] for r in runs):,.0f}",
-                f"{received:,.0f}",
-                f"{received / ceiling:.2f}",
+                f"{median_received:,.0f}",
+                f"{median_received / ceiling:.2f}",
                 f"{statistics.median(r[2] for r in runs):.0f}" if mode != "plain routing" else "-",
             )
         )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 
-def table(rows: list[tuple[str, ...]]) -> str:
+
+def table(rows: Sequence[tuple[str, ...]]) -> str:
     """Rows as aligned columns (first left, the rest right), a rule under the header row."""
     widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
     lines = [

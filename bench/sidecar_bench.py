@@ -80,7 +80,8 @@ class Lab:
         return str(self.hosts[site]["lab_public_address"])
 
     def status(self, site: str) -> dict[str, Any]:
-        return json.loads(self.sh(site, f"python3 {NODE} sidecar status --json"))
+        status: dict[str, Any] = json.loads(self.sh(site, f"python3 {NODE} sidecar status --json"))
+        return status
 
     def path(self, site: str, peer: str) -> str:
         try:
@@ -205,7 +206,9 @@ def idle(lab: Lab, seconds: float = 60) -> tuple[float, float, float, float]:
     """(VmRSS MiB, CPU % of a core, probes per minute, keepalives per minute) on easy1."""
     lab.wait_direct()
     pid = lab.sh(A, "systemctl show -p MainPID --value meshwright-sidecar").strip()
-    rss = int(re.search(r"VmRSS:\s+(\d+)", lab.sh(A, f"cat /proc/{pid}/status")).group(1))
+    vmrss = re.search(r"VmRSS:\s+(\d+)", lab.sh(A, f"cat /proc/{pid}/status"))
+    assert vmrss is not None, f"no VmRSS in /proc/{pid}/status"
+    rss = int(vmrss.group(1))
     hz = int(lab.sh(A, "getconf CLK_TCK").strip())
 
     def ticks() -> int:

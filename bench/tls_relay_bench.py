@@ -6,10 +6,12 @@
 
 Run from anywhere. Two child processes run the real entry points, ``meshwright relay``
 (:func:`meshwright.relay.server.main`) and ``meshwright sidecar``
-(:func:`meshwright.site.sidecar.main`), with one allocation between a UDP-blocked site ``blk``
-(over TLS, through the sidecar) and a site ``other`` (plain UDP), and the relay's state file
-already holding both sides' confirmed addresses, so WireGuard transport datagrams (type 4,
-random bytes after the header) are forwarded at once. This process plays both sites' WireGuard:
+(:func:`meshwright.site.sidecar.main`), serving a UDP-blocked site ``blk`` (over TLS, through
+the sidecar) and a site ``other`` (plain UDP), each with its relay port. The relay's state file
+(the format in :mod:`meshwright.relay.server`) already holds both sites' confirmed addresses and
+one session each way, so WireGuard transport datagrams (type 4, the receiver index of that
+direction's session, random bytes after it) are forwarded at once, with no handshake. This
+process plays both sites' WireGuard:
 
 - to relay: "WireGuard" (127.0.0.1) -> sidecar -> TLS -> relay -> UDP -> "other" (::1);
 - from relay: "other" -> relay -> TLS -> sidecar -> "WireGuard";
@@ -24,15 +26,18 @@ figure that noise moves least; "core-bound" is what the busier of the two would 
 core of its own (here the two children and this process share the machine's cores).
 
 With ``--before DIR`` the same runs also go through the code in ``DIR``, another ``src``
-directory (for example this one with some files as committed:
-``cp -r src /tmp/mw-before/ && git show HEAD:src/meshwright/relay/tls.py >
-/tmp/mw-before/src/meshwright/relay/tls.py``), interleaved round by round; the table shows
-medians. Then, unless ``--no-profile``, one more run per direction with both children under
-cProfile (CPU time) says where their time goes: the share of ssl reads and writes, UDP and
-select() calls, and our own Python (cProfile's own overhead inflates the Python share), and
-the top functions by cumulative time.
+directory (for example an older commit's: ``mkdir -p /tmp/mw-before && git archive 718acaa src
+| tar -x -C /tmp/mw-before``, then ``--before /tmp/mw-before/src``), interleaved round by round;
+the table shows medians. Each tree gets the configuration and state files it reads: a tree with
+``meshwright/relay/sites.py`` the per-site ones (``sites`` with one port each, the sidecar's
+``site_port`` and ``local_port``, the state's ``sites`` and ``sessions``), an older one the
+per-pair ones (one ``allocations`` entry, the sidecar's ``peers``, the state's
+``allocations`` with ``confirmed``). Then, unless ``--no-profile``, one more run per direction
+with both children under cProfile (CPU time) says where their time goes: the share of ssl reads
+and writes, UDP and select() calls, and our own Python (cProfile's own overhead inflates the
+Python share), and the top functions by cumulative time.
 
-Every address is loopback (127.0.0.1 and ::1; the relay's allocation ports use ::1 because the
+Every address is loopback (127.0.0.1 and ::1; the relay's site ports use ::1 because the older
 sidecar binds the same port numbers on 127.0.0.1). Not a test: the figures depend on the
 machine and its load.
 """
@@ -67,6 +72,10 @@ HOST, HOST6 = "127.0.0.1", "::1"
 FULL, SMALL = 1452, 96
 TICK = os.sysconf("SC_CLK_TCK")
 STARTUP = 10.0
+LIMITS = {"packets_per_second": 1e9, "bytes_per_second": 1e12}
+# The receiver index of each direction's transport datagrams: a session the per-site relay's
+# state file holds (the older relay forwards by port, whatever the index).
+INDEX = {"to relay": 0x1234_5678, "from relay": 0x0BAD_CAFE}
 
 # pstats names of the C calls that are not our Python.
 _CATEGORIES = {
@@ -112,9 +121,11 @@ def serve(role: str, config: Path, state: Path, profile: Path | None) -> int:
 # --- the pipeline -----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A UDP port free on both 127.0.0.1 (the sidecar's) and ::1 (the relay's)."""
-    while True:
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct UDP ports free on both 127.0.0.1 (the sidecar's) and ::1 (the
+    relay's)."""
+    ports: list[int] = []
+    while len(ports) < count:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as four:
             four.bind((HOST, 0))
             port: int = four.getsockname()[1]
@@ -123,7 +134,9 @@ def free_port() -> int:
                     six.bind((HOST6, port))
                 except OSError:
                     continue
-                return port
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 def udp(family: socket.AddressFamily, host: str) -> socket.socket:
@@ -135,9 +148,10 @@ def udp(family: socket.AddressFamily, host: str) -> socket.socket:
     return sock
 
 
-def transport(size: int) -> bytes:
-    """A WireGuard transport datagram's shape: type 4, receiver index, counter, ciphertext."""
-    return b"\x04\x00\x00\x00" + os.urandom(size - 4)
+def transport(size: int, index: int) -> bytes:
+    """A WireGuard transport datagram's shape: type 4, receiver ``index``, counter (random, as
+    the ciphertext: the relay reads neither)."""
+    return b"\x04\x00\x00\x00" + index.to_bytes(4, "little") + os.urandom(size - 8)
 
 
 @dataclass
@@ -161,6 +175,130 @@ class Pipeline:
         return seconds
 
 
+def per_site(tree: Path) -> bool:
+    """Whether ``tree`` has the per-site relay (one port per site, sessions by index) or the
+    older one (a port pair per allocation): each gets the configuration and state it reads."""
+    return (tree / "meshwright" / "relay" / "sites.py").exists()
+
+
+@dataclass(frozen=True)
+class Ends:
+    """What the two children are configured with, in either format."""
+
+    tls_port: int
+    relay_pin: str
+    relay_certificate: tuple[Path, Path]  # certificate, key
+    site_certificate: tuple[Path, Path]
+    site_pem: str
+    keys: tuple[str, str]  # blk's and other's public keys
+    wireguard: tuple[str, int]  # the UDP-blocked site's WireGuard, 127.0.0.1
+    other: tuple[str, int]  # the other site, ::1
+
+
+def tls_section(ends: Ends) -> dict[str, object]:
+    """The relay's ``tls``, the same in either format: blk's pinned certificate."""
+    return {
+        "port": ends.tls_port,
+        "listen": [HOST],
+        "sites": {"blk": ends.site_pem},
+        "certificate": str(ends.relay_certificate[0]),
+        "key": str(ends.relay_certificate[1]),
+    }
+
+
+def per_site_files(ends: Ends, ports: list[int]) -> tuple[dict[str, object], tuple[int, int]]:
+    """The per-site relay's and sidecar's files (``ports``: blk's and other's site ports, the
+    sidecar's local port): each site has one relay port, and the state file already holds both
+    sites' confirmed addresses and the two sessions whose indices the bench's datagrams carry.
+    Returns the files and (the sidecar's local port, other's relay port)."""
+    blk_port, other_port, local_port = ports
+    sites = [
+        {"name": "blk", "port": blk_port, "public_key": ends.keys[0]},
+        {"name": "other", "port": other_port, "public_key": ends.keys[1]},
+    ]
+    confirmed = {"blk": ["tls:blk", blk_port], "other": list(ends.other)}
+    files: dict[str, object] = {
+        "relay.json": {
+            "address": HOST6,
+            "sites": sites,
+            "limits": LIMITS,
+            "tls": tls_section(ends),
+        },
+        # As the relay writes it (server.py, "State file"); a session is (owner, peer, the
+        # index the peer sends to the owner).
+        "state.json": {
+            "address": HOST6,
+            "sites": {
+                site["name"]: {
+                    "port": site["port"],
+                    "public_key": site["public_key"],
+                    "confirmed": confirmed[str(site["name"])],
+                }
+                for site in sites
+            },
+            "sessions": [
+                ["other", "blk", INDEX["to relay"]],
+                ["blk", "other", INDEX["from relay"]],
+            ],
+        },
+        "sidecar.json": {
+            "relays": {
+                "relay1": {
+                    "address": HOST,
+                    "port": ends.tls_port,
+                    "fingerprint": ends.relay_pin,
+                    "site_port": blk_port,
+                    "local_port": local_port,
+                }
+            },
+            "certificate": str(ends.site_certificate[0]),
+            "key": str(ends.site_certificate[1]),
+            "wireguard_port": ends.wireguard[1],
+        },
+    }
+    return files, (local_port, other_port)
+
+
+def per_pair_files(ends: Ends, ports: list[int]) -> tuple[dict[str, object], tuple[int, int]]:
+    """The older relay's and sidecar's files: one allocation (a port pair) between blk and
+    other, both ends confirmed in the state file; the sidecar's socket for its peer takes
+    blk's allocation port on 127.0.0.1. Returns the files and (that port, other's port)."""
+    spec = [HOST6, ports[:2], list(ends.keys)]
+    files: dict[str, object] = {
+        "relay.json": {
+            "allocations": [
+                {
+                    "a": "blk",
+                    "b": "other",
+                    "address": HOST6,
+                    "ports": ports[:2],
+                    "public_keys": list(ends.keys),
+                }
+            ],
+            "limits": LIMITS,
+            "tls": tls_section(ends),
+        },
+        "state.json": {
+            "allocations": {
+                "blk--other": {
+                    "spec": spec,
+                    "confirmed": [["tls:blk", ports[0]], list(ends.other)],
+                }
+            }
+        },
+        "sidecar.json": {
+            "relays": {
+                "relay1": {"address": HOST, "port": ends.tls_port, "fingerprint": ends.relay_pin}
+            },
+            "peers": [{"name": "other", "relay": "relay1", "port": ports[0]}],
+            "certificate": str(ends.site_certificate[0]),
+            "key": str(ends.site_certificate[1]),
+            "wireguard_port": ends.wireguard[1],
+        },
+    }
+    return files, (ports[0], ports[1])
+
+
 @contextlib.contextmanager
 def pipeline(tree: Path, work: Path, profile: bool = False) -> Iterator[Pipeline]:
     # Imported here, not by the children (they import only the tree they run).
@@ -174,61 +312,25 @@ def pipeline(tree: Path, work: Path, profile: bool = False) -> Iterator[Pipeline
     site_cert = make_cert(work, "blk", usages=usages, key_usage=False)
     wireguard = udp(socket.AF_INET, HOST)
     other = udp(socket.AF_INET6, HOST6)
-    ports = [free_port(), free_port()]
+    ports = free_ports(3)
     with socket.socket() as probe:
         probe.bind((HOST, 0))
         tls_port = probe.getsockname()[1]
-    keys = [base64.b64encode(os.urandom(32)).decode() for _ in range(2)]
-    spec = [HOST6, ports, keys]
-    other_address = list(other.getsockname()[:2])
-    (work / "relay.json").write_text(
-        json.dumps(
-            {
-                "allocations": [
-                    {
-                        "a": "blk",
-                        "b": "other",
-                        "address": HOST6,
-                        "ports": ports,
-                        "public_keys": keys,
-                    }
-                ],
-                "limits": {"packets_per_second": 1e9, "bytes_per_second": 1e12},
-                "tls": {
-                    "port": tls_port,
-                    "listen": [HOST],
-                    "sites": {"blk": site_cert.pem},
-                    "certificate": str(relay_cert.certificate),
-                    "key": str(relay_cert.key),
-                },
-            }
-        )
+    ends = Ends(
+        tls_port,
+        relay_cert.pin,
+        (relay_cert.certificate, relay_cert.key),
+        (site_cert.certificate, site_cert.key),
+        site_cert.pem,
+        (base64.b64encode(os.urandom(32)).decode(), base64.b64encode(os.urandom(32)).decode()),
+        wireguard.getsockname()[:2],
+        other.getsockname()[:2],
     )
-    (work / "state.json").write_text(
-        json.dumps(
-            {
-                "allocations": {
-                    "blk--other": {
-                        "spec": spec,
-                        "confirmed": [["tls:blk", ports[0]], other_address],
-                    }
-                }
-            }
-        )
+    files, (sidecar_port, relay_port) = (per_site_files if per_site(tree) else per_pair_files)(
+        ends, ports
     )
-    (work / "sidecar.json").write_text(
-        json.dumps(
-            {
-                "relays": {
-                    "relay1": {"address": HOST, "port": tls_port, "fingerprint": relay_cert.pin}
-                },
-                "peers": [{"name": "other", "relay": "relay1", "port": ports[0]}],
-                "certificate": str(site_cert.certificate),
-                "key": str(site_cert.key),
-                "wireguard_port": wireguard.getsockname()[1],
-            }
-        )
-    )
+    for name, content in files.items():
+        (work / name).write_text(json.dumps(content))
     env = {**os.environ, "PYTHONPATH": str(tree)}
     processes: dict[str, subprocess.Popen[bytes]] = {}
     try:
@@ -240,7 +342,7 @@ def pipeline(tree: Path, work: Path, profile: bool = False) -> Iterator[Pipeline
             with (work / f"{role}.log").open("wb") as log:
                 processes[role] = subprocess.Popen(command, env=env, stderr=log)
         running = Pipeline(
-            tree, work, wireguard, other, (HOST, ports[0]), (HOST6, ports[1]), processes
+            tree, work, wireguard, other, (HOST, sidecar_port), (HOST6, relay_port), processes
         )
         wait_until_carried(running)
         yield running
@@ -260,12 +362,12 @@ def pipeline(tree: Path, work: Path, profile: bool = False) -> Iterator[Pipeline
 def wait_until_carried(running: Pipeline) -> None:
     """Until a datagram goes both ways (the sidecar drops them until it is connected), and
     each child runs the tree asked for."""
-    datagram = transport(64)
     deadline = time.monotonic() + STARTUP
-    for sender, destination, receiver in (
-        (running.wireguard, running.to_sidecar, running.other),
-        (running.other, running.to_relay, running.wireguard),
+    for sender, destination, receiver, index in (
+        (running.wireguard, running.to_sidecar, running.other, INDEX["to relay"]),
+        (running.other, running.to_relay, running.wireguard, INDEX["from relay"]),
     ):
+        datagram = transport(64, index)
         while True:
             if time.monotonic() > deadline:
                 logs = {
@@ -319,14 +421,13 @@ def pump(
     sender: socket.socket,
     destination: tuple[str, int],
     receiver: socket.socket,
-    size: int,
+    datagram: bytes,
     seconds: float,
     count: int,
     window: int,
 ) -> tuple[int, float, int]:
-    """Send ``size``-byte datagrams with at most ``window`` in flight for ``seconds`` or
-    ``count`` datagrams: (received, elapsed seconds, lost)."""
-    datagram = transport(size)
+    """Send ``datagram`` with at most ``window`` in flight for ``seconds`` or ``count``
+    datagrams: (received, elapsed seconds, lost)."""
     buffer = bytearray(65536)
     poller = select.poll()
     poller.register(receiver, select.POLLIN)
@@ -371,7 +472,8 @@ def measure(
     else:
         ends = (running.other, running.to_relay, running.wireguard)
     before = running.cpu()
-    received, elapsed, lost = pump(*ends, size, seconds, count, window)
+    datagram = transport(size, INDEX[direction])
+    received, elapsed, lost = pump(*ends, datagram, seconds, count, window)
     after = running.cpu()
     cpu = {role: after[role] - before[role] for role in after}
     return Result(received, elapsed, lost, size, cpu)
@@ -381,7 +483,7 @@ def plain_udp(size: int, seconds: float, count: int, window: int) -> Result:
     sender, receiver = udp(socket.AF_INET, HOST), udp(socket.AF_INET, HOST)
     try:
         received, elapsed, lost = pump(
-            sender, receiver.getsockname(), receiver, size, seconds, count, window
+            sender, receiver.getsockname(), receiver, transport(size, 0), seconds, count, window
         )
     finally:
         sender.close()
@@ -458,7 +560,9 @@ def main(argv: list[str] | None = None) -> int:
                         results.setdefault((name, direction, size), []).append(result)
             print(f"round {number + 1}/{args.rounds} done", file=sys.stderr, flush=True)
 
-        rows = [("path", "size", "datagrams/s", "Mbit/s", "of UDP", "lost", "relay µs/dg")]
+        rows: list[tuple[str, ...]] = [
+            ("path", "size", "datagrams/s", "Mbit/s", "of UDP", "lost", "relay µs/dg")
+        ]
         rows[0] += ("sidecar µs/dg", "core-bound Mbit/s")
         for (name, direction, size), runs in results.items():
             rate = statistics.median(r.rate for r in runs)

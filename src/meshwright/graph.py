@@ -28,10 +28,11 @@ __all__ = [
     "to_dot",
 ]
 
-# What the live status command reports for a pair: how its WireGuard traffic goes right now.
+# What the live status command reports for a pair: how its WireGuard traffic goes right now
+# (judged from the WireGuard endpoints the sites hold, meshwright.status).
 #   direct     end to end (for a punch pair: the sidecars upgraded it; drawn "punched")
-#   relay      through its relay allocation over UDP
-#   relay-tcp  through its relay allocation over TLS (a UDP-blocked side's sidecar)
+#   relay      through a relay over UDP (a direct pair too, when its sidecars fell back)
+#   relay-tcp  through a relay over TLS (a UDP-blocked side's sidecar)
 #   via        no link of its own in use: routed through another site
 LivePath = Literal["direct", "relay", "relay-tcp", "via"]
 LIVE_PATHS: tuple[LivePath, ...] = ("direct", "relay", "relay-tcp", "via")
@@ -217,8 +218,11 @@ def _edges(
 
 
 def _relays(plan: Mapping[str, Any]) -> dict[str, list[str]]:
-    """Every relay the plan names (control-plane peers and allocations) -> its addresses."""
-    relays: dict[str, set[str]] = {name: set() for name in _mapping(plan, "relays", "plan")}
+    """Every relay the plan names (its relays and allocations) -> its addresses."""
+    relays: dict[str, set[str]] = {}
+    for name, relay in _mapping(plan, "relays", "plan").items():
+        address = relay.get("address") if isinstance(relay, Mapping) else None
+        relays[name] = {address} if isinstance(address, str) else set()
     for allocation in _list(plan, "allocations", "plan"):
         if isinstance(allocation, Mapping) and isinstance(allocation.get("relay"), str):
             address = allocation.get("address")

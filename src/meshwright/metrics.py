@@ -33,7 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.process_collector import ProcessCollector
 
-from meshwright.relay.forward import DROP_REASONS
+from meshwright.relay.sites import DROP_REASONS
 from meshwright.wire.endpoint import format_endpoint
 
 __all__ = [
@@ -46,7 +46,7 @@ __all__ = [
 
 IP_FREEBIND = 15
 # Drop reasons shown from the start (at 0), so that rate() and increase() see the first drop:
-# the forwarding core's, and the relay service's own send errors.
+# the per-site core's, and the relay service's own send errors.
 RELAY_DROP_REASONS = (*DROP_REASONS, "send_error")
 TLS_DROP_REASONS = ("no_connection", "bad_size", "buffer_full", "port_not_allowed")
 # The traversal core's and the daemon's counters of dropped messages (dropped_<reason>).
@@ -121,54 +121,72 @@ def _by_reason(
 
 
 def relay_families(state: Mapping[str, Any]) -> list[Metric]:
-    """The relay's metrics from its published state: ``allocations`` as
-    :meth:`~meshwright.relay.server.RelayServer.snapshot` gives them and ``tls`` (None without
-    the TLS service): ``{"sites": {site: connected}, "counters": TlsClients.counters}``."""
-    allocations: Mapping[str, Any] = state.get("allocations") or {}
-    labels = ["allocation"]
+    """The relay's metrics from its published state: ``sites`` as
+    :meth:`~meshwright.relay.server.RelayServer.snapshot` gives them, ``stats``
+    (:meth:`meshwright.relay.sites.Relay.stats`) and ``tls`` (None without the TLS service):
+    ``{"sites": {site: connected}, "counters": TlsClients.counters}``."""
+    sites: Mapping[str, Any] = state.get("sites") or {}
+    stats: Mapping[str, int] = state.get("stats") or {}
+    labels = ["site"]
     count = GaugeMetricFamily(
-        "meshwright_relay_allocations",
-        "Allocations (relayed pairs) this relay serves.",
-        value=len(allocations),
+        "meshwright_relay_sites", "Sites this relay serves (one port each).", value=len(sites)
     )
-    packets = CounterMetricFamily(
-        "meshwright_relay_forwarded_packets_total",
-        "Datagrams forwarded for the allocation, both directions together.",
-        labels=labels,
+    sessions = GaugeMetricFamily(
+        "meshwright_relay_sessions",
+        "WireGuard session indices the relay routes by (proven or tentative).",
+        value=stats.get("sessions", 0),
     )
-    octets = CounterMetricFamily(
-        "meshwright_relay_forwarded_bytes_total",
-        "Bytes (UDP payload) forwarded for the allocation, both directions together.",
-        labels=labels,
-    )
+    per_site = {
+        "forwarded": CounterMetricFamily(
+            "meshwright_relay_forwarded_packets_total",
+            "Datagrams the site sent that the relay forwarded (its code and the kernel).",
+            labels=labels,
+        ),
+        "forwarded_bytes": CounterMetricFamily(
+            "meshwright_relay_forwarded_bytes_total",
+            "Bytes (UDP payload) the site sent that the relay forwarded.",
+            labels=labels,
+        ),
+        "kernel_forwarded": CounterMetricFamily(
+            "meshwright_relay_kernel_forwarded_packets_total",
+            "Of the site's forwarded datagrams, those the kernel forwarded.",
+            labels=labels,
+        ),
+        "delivered": CounterMetricFamily(
+            "meshwright_relay_delivered_packets_total",
+            "Datagrams the relay sent to the site.",
+            labels=labels,
+        ),
+        "delivered_bytes": CounterMetricFamily(
+            "meshwright_relay_delivered_bytes_total",
+            "Bytes (UDP payload) the relay sent to the site.",
+            labels=labels,
+        ),
+        "keepalives": CounterMetricFamily(
+            "meshwright_relay_mapping_keepalives_total",
+            "Mapping keepalives the site's sidecar sent while its pairs were direct (not"
+            " forwarded).",
+            labels=labels,
+        ),
+    }
     dropped = CounterMetricFamily(
         "meshwright_relay_dropped_packets_total",
-        "Datagrams the allocation dropped, by reason (docs/relays.md).",
+        "Datagrams the site sent that the relay dropped, by reason (docs/relays.md).",
         labels=[*labels, "reason"],
     )
-    keepalives = CounterMetricFamily(
-        "meshwright_relay_mapping_keepalives_total",
-        "Mapping keepalives the allocation received from sites on a direct path (not forwarded).",
+    confirmed = GaugeMetricFamily(
+        "meshwright_relay_site_confirmed",
+        "1 when the relay has proven the site's address (data can be sent to it), else 0.",
         labels=labels,
     )
-    confirmed = GaugeMetricFamily(
-        "meshwright_relay_allocation_confirmed",
-        "1 when the relay has proven the site's address on the allocation (its side can carry"
-        " data), else 0.",
-        labels=[*labels, "site"],
-    )
-    for key, allocation in sorted(allocations.items()):
-        counters: Mapping[str, int] = allocation.get("counters") or {}
-        packets.add_metric([key], counters.get("forwarded", 0))
-        octets.add_metric([key], counters.get("forwarded_bytes", 0))
-        keepalives.add_metric([key], counters.get("mapping_keepalives", 0))
+    for site, entry in sorted(sites.items()):
+        counters: Mapping[str, int] = entry.get("counters") or {}
+        for key, family in per_site.items():
+            family.add_metric([site], counters.get(key, 0))
         for reason in _reasons(counters, RELAY_DROP_REASONS, "dropped_"):
-            dropped.add_metric([key, reason], counters.get(f"dropped_{reason}", 0))
-        sites = key.split("--", 1)
-        sides = allocation.get("confirmed") or [None, None]
-        for site, address in zip(sites, sides, strict=False):
-            confirmed.add_metric([key, site], 1.0 if address else 0.0)
-    families: list[Metric] = [count, packets, octets, dropped, keepalives, confirmed]
+            dropped.add_metric([site, reason], counters.get(f"dropped_{reason}", 0))
+        confirmed.add_metric([site], 1.0 if entry.get("confirmed") else 0.0)
+    families: list[Metric] = [count, sessions, *per_site.values(), dropped, confirmed]
     tls = state.get("tls")
     if tls is not None:
         families += _tls_families(tls)

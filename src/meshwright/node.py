@@ -11,7 +11,7 @@ import sys
 
 COMMANDS = {
     "relay": "a relay's forwarding service (WireGuard ciphertext, unread)",
-    "sidecar": "a site's sidecar: punch peers upgraded to direct; TLS for UDP-blocked sites",
+    "sidecar": "a site's sidecar: relay failover, direct paths; TLS for UDP-blocked sites",
     "stun-server": "the relays' STUN service (RFC 8489 and RFC 5780)",
     "wg-stun": "a relay's answer to sites: where it sees their WireGuard socket",
     "version": "the artifact's content hash",

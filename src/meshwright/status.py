@@ -8,13 +8,16 @@ sites that could not be read, and the live view ``meshwright graph --live`` draw
 on the sites, each against its own clock. See docs/status.md.
 
 How a pair's path is judged: from where its packets go, i.e. the WireGuard endpoint each side
-holds for the other (:func:`judge_endpoint`):
+holds for the other (:func:`judge_endpoint`). Every site has one relay port ``P`` (the same on
+every relay, the plan's ``relays[r].sites``), and holds ``r_address:P`` for every peer relayed
+through relay r:
 
-* an address and port of a relay allocation (the plan's ``allocations``): relayed through that
-  relay; TLS-relayed when the allocation is a ``relay-tcp`` one (its other side is a UDP-blocked
-  site, carried over TLS 443);
-* a loopback address: the TLS carrier's local socket on a UDP-blocked site, so TLS-relayed
-  (the allocation with that port names the relay);
+* a relay's address (the plan's ``relays[r].address``) and the site's own port: relayed through
+  that relay (the preferred one or, after a failover, the standby); TLS-relayed when the pair is
+  a ``relay-tcp`` one (its other side is a UDP-blocked site, carried over TLS 443);
+* a loopback address: the TLS carrier's local socket on a UDP-blocked site (``127.0.0.1:L_r``,
+  one per relay, as the plan's endpoints for the site's peers give them), so TLS-relayed through
+  that relay;
 * anything else: the peer itself, so direct;
 * a pair the plan routes through other sites (``via X``) has no link of its own: it is up when
   every hop of its path is.
@@ -43,14 +46,14 @@ from meshwright.wire.endpoint import EndpointError, parse_endpoint
 __all__ = [
     "DOWN_AFTER_S",
     "STATUS_VERSION",
-    "Allocation",
+    "RelayView",
     "Route",
     "StatusError",
     "build_status",
     "format_age",
     "format_bytes",
     "judge_endpoint",
-    "relay_allocations",
+    "relay_view",
     "render_table",
     "to_json",
 ]
@@ -81,15 +84,14 @@ class StatusError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class Allocation:
-    """A pair's relay allocation: the relay, its address and the pair's two ports."""
+class RelayView:
+    """What the plan says a relayed endpoint looks like: ``relays``: relay address (canonical
+    text) -> relay; ``ports``: site -> its relay port; ``local``: UDP-blocked site -> its
+    sidecar's loopback port -> relay."""
 
-    a: str
-    b: str
-    relay: str
-    address: str
-    ports: tuple[int, ...]
-    kind: str
+    relays: Mapping[str, str] = field(default_factory=dict)
+    ports: Mapping[str, int] = field(default_factory=dict)
+    local: Mapping[str, Mapping[int, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,26 +150,51 @@ def _name(entry: Any, key: str, where: str) -> str:
     return value
 
 
-def relay_allocations(plan: Mapping[str, Any]) -> list[Allocation]:
-    """The plan's relay allocations (its ``allocations``), checked."""
-    found = []
-    for n, entry in enumerate(_list(plan, "allocations", "plan")):
-        where = f"plan: allocations[{n}]"
-        ports = entry.get("ports") if isinstance(entry, Mapping) else None
-        if not isinstance(ports, list) or not all(isinstance(p, int) for p in ports):
-            raise StatusError(f"{where}: 'ports' is {ports!r}, not a list of ports")
-        a, b = sorted((_name(entry, "a", where), _name(entry, "b", where)))
-        found.append(
-            Allocation(
-                a=a,
-                b=b,
-                relay=_name(entry, "relay", where),
-                address=_canonical(_name(entry, "address", where)),
-                ports=tuple(ports),
-                kind=str(entry.get("kind") or "relay"),
-            )
-        )
-    return found
+def relay_view(plan: Mapping[str, Any]) -> RelayView:
+    """The plan's relays, site ports and loopback ports (see :class:`RelayView`), checked."""
+    addresses: dict[str, str] = {}
+    ports: dict[str, int] = {}
+    relay_of: dict[tuple[str, str], str] = {}
+    for key in ("allocations", "standby_allocations"):
+        for n, entry in enumerate(_list(plan, key, "plan")):
+            where = f"plan: {key}[{n}]"
+            found = entry.get("ports") if isinstance(entry, Mapping) else None
+            if not isinstance(found, list) or not all(isinstance(p, int) for p in found):
+                raise StatusError(f"{where}: 'ports' is {found!r}, not a list of ports")
+            a, b = _name(entry, "a", where), _name(entry, "b", where)
+            relay = _name(entry, "relay", where)
+            addresses.setdefault(_canonical(_name(entry, "address", where)), relay)
+            if key == "allocations":
+                relay_of[(min(a, b), max(a, b))] = relay
+            if len(found) == 2:  # a plan before per-site ports has a port pair per allocation
+                ports.setdefault(a, found[0])
+                ports.setdefault(b, found[1])
+    for name, relay in _mapping(plan, "relays", "plan").items():
+        if not isinstance(relay, Mapping):
+            continue
+        if isinstance(relay.get("address"), str):
+            addresses[_canonical(relay["address"])] = name
+        for entry in relay.get("sites") or []:
+            if isinstance(entry, Mapping) and isinstance(entry.get("port"), int):
+                ports[str(entry.get("name"))] = entry["port"]
+    # A UDP-blocked site's loopback ports, from the plan's endpoints of its TLS-relayed peers.
+    local: dict[str, dict[int, str]] = {}
+    for site, entry in _mapping(plan, "sites", "plan").items():
+        for peer in entry.get("peers") or [] if isinstance(entry, Mapping) else []:
+            if not isinstance(peer, Mapping) or peer.get("mode") != "relay-tcp":
+                continue
+            other = str(peer.get("name"))
+            carrier = relay_of.get((min(site, other), max(site, other)))
+            endpoint = peer.get("endpoint")
+            if carrier is None or not isinstance(endpoint, str):
+                continue
+            try:
+                parsed = parse_endpoint(endpoint)
+            except EndpointError:
+                continue
+            if parsed.address is not None and parsed.address.is_loopback:
+                local.setdefault(site, {})[parsed.port] = carrier
+    return RelayView(addresses, ports, local)
 
 
 def _canonical(address: str) -> str:
@@ -215,10 +242,10 @@ def _site(name: str, result: Any, planned: bool) -> _Site:
 # --- judging ---------------------------------------------------------------------------------
 
 
-def judge_endpoint(endpoint: str | None, allocations: Sequence[Allocation]) -> Route | None:
-    """Where packets sent to ``endpoint`` go: through a relay allocation (relay or relay-tcp),
-    into the TLS carrier on loopback (relay-tcp), or straight to the peer (direct). None for no
-    endpoint."""
+def judge_endpoint(endpoint: str | None, site: str, view: RelayView) -> Route | None:
+    """Where the packets ``site`` sends to ``endpoint`` go: through a relay (a relay's address
+    and the site's own port), into the TLS carrier on loopback (relay-tcp), or straight to the
+    peer (direct). None for no endpoint."""
     if not endpoint:
         return None
     try:
@@ -228,22 +255,18 @@ def judge_endpoint(endpoint: str | None, allocations: Sequence[Allocation]) -> R
     address = parsed.address
     host = str(address) if address is not None else parsed.host
     if address is not None and address.is_loopback:
-        for allocation in allocations:
-            if parsed.port in allocation.ports:
-                return Route("relay-tcp", allocation.relay)
-        return Route("relay-tcp", note=f"{endpoint} is no allocation's port")
-    for allocation in allocations:
-        if allocation.address == host and parsed.port in allocation.ports:
-            path = "relay-tcp" if allocation.kind == "relay-tcp" else "relay"
-            return Route(path, allocation.relay)
-    for allocation in allocations:
-        if allocation.address == host:
-            return Route(
-                "relay",
-                allocation.relay,
-                note=f"{endpoint} is {allocation.relay} but no allocation",
-            )
-    return Route("direct")
+        relay = view.local.get(site, {}).get(parsed.port)
+        if relay is not None:
+            return Route("relay-tcp", relay)
+        return Route("relay-tcp", note=f"{endpoint} is no relay's local port of {site}")
+    relay = view.relays.get(host)
+    if relay is None:
+        return Route("direct")
+    own = view.ports.get(site)
+    if parsed.port == own:
+        return Route("relay", relay)
+    mine = f"{site}'s port {own}" if own is not None else f"a port of {site}"
+    return Route("relay", relay, note=f"{endpoint} is {relay} but not {mine}")
 
 
 def _describe(route: Route) -> str:
@@ -337,7 +360,7 @@ def _linked_row(
     mode: str,
     plan: Mapping[str, Any],
     sites: Mapping[str, _Site],
-    allocations: Sequence[Allocation],
+    view: RelayView,
 ) -> dict[str, Any]:
     notes: list[str] = []
     sides: list[_Side] = []
@@ -356,13 +379,11 @@ def _linked_row(
             notes.append(f"{other} is not a WireGuard peer of {me}")
             continue
         endpoint = peer.get("endpoint")
-        sides.append(
-            _Side(
-                me,
-                peer,
-                judge_endpoint(endpoint if isinstance(endpoint, str) else None, allocations),
-            )
-        )
+        route = judge_endpoint(endpoint if isinstance(endpoint, str) else None, me, view)
+        if route is not None and route.path == "relay" and mode == "relay-tcp":
+            # The UDP side of a pair whose other side the relay reaches over TLS.
+            route = Route("relay-tcp", route.relay, route.note)
+        sides.append(_Side(me, peer, route))
     route, route_notes = _combine(sides)
     notes += route_notes
     ages = [age for age in (_age(side.peer) for side in sides) if age is not None]
@@ -486,7 +507,7 @@ def build_status(plan: Mapping[str, Any], results: Mapping[str, Any]) -> dict[st
     planned_sites = sorted(_mapping(plan, "sites", "plan"))
     if not planned_sites:
         raise StatusError("plan: no sites: run the meshwright.mesh.site playbook first")
-    allocations = relay_allocations(plan)
+    view = relay_view(plan)
     sites = {name: _site(name, results.get(name), True) for name in planned_sites}
     for name in sorted(set(results) - set(planned_sites)):
         sites[name] = _site(name, results[name], False)
@@ -505,7 +526,7 @@ def build_status(plan: Mapping[str, Any], results: Mapping[str, Any]) -> dict[st
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for a, b, mode, _ in pairs:
         if mode in LINKED_MODES:
-            rows[(a, b)] = _linked_row(a, b, mode, plan, sites, allocations)
+            rows[(a, b)] = _linked_row(a, b, mode, plan, sites, view)
     linked = {key: row["state"] for key, row in rows.items()}
     for a, b, mode, hops in pairs:
         if (a, b) in rows:

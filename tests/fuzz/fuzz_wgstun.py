@@ -33,15 +33,14 @@ PEERS = {
     "fd99::3": (KEY_B, ("2001:db8::22", 51820)),
     "10.99.0.4": (KEY_C, None),
 }
-# Site A has more mappings than an answer carries, to check the cut.
+# Site A has more mappings than an answer carries, to check the cut (one relay's state holds
+# one per site; several entries with A's key stand for what a NAT's many mappings would give).
 STATE = {
-    "allocations": {
-        f"a--{n}": {
-            "spec": ["198.51.100.10", [40020 + 2 * n, 40021 + 2 * n], [KEY_A, KEY_B]],
-            "confirmed": [["198.51.100.21", 50000 + n], ["2001:db8::22", 51820]],
-        }
+    "sites": {
+        f"a{n}": {"port": 40020 + n, "public_key": KEY_A, "confirmed": ["198.51.100.21", 50000 + n]}
         for n in range(MAX_ALSO + 3)
     }
+    | {"b": {"port": 40019, "public_key": KEY_B, "confirmed": ["2001:db8::22", 51820]}}
 }
 ASKERS = (("10.99.0.2", 40000), ("fd99::3", 40000), ("10.99.0.4", 40000), ("10.99.0.9", 40000))
 ENDPOINTS = {"10.99.0.2": ("198.51.100.21", 51830), "fd99::3": ("2001:db8::22", 51820)}

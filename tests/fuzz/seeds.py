@@ -4,7 +4,7 @@ so they follow the encoders when those change.
 
     .venv/bin/python tests/fuzz/seeds.py OUT_DIR [TARGET ...]
 
-writes OUT_DIR/<target>/seed-NNN for every target (stun, stun_tcp, relay_forward, frames,
+writes OUT_DIR/<target>/seed-NNN for every target (stun, stun_tcp, relay_sites, frames,
 sidecar_messages, wgstun), or only those named. Each seed is in its target's input format
 (see the docstring of tests/fuzz/fuzz_<target>.py): a flags byte or two, then the message.
 """
@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from meshwright.relay.forward import MAPPING_KEEPALIVE
+from meshwright.relay.messages import MAPPING_KEEPALIVE
 from meshwright.site.sidecar.messages import (
     PING,
     PONG,
@@ -110,40 +110,53 @@ def stun_tcp_seeds() -> list[bytes]:
     ]
 
 
-def relay_forward_seeds() -> list[bytes]:
-    # Operation bytes: side | source << 1 | kind << 4 | time step 0x80 (fuzz_relay_forward).
-    def op(side: int, source: int, kind: int, *args: int, step: int | None = None) -> bytes:
-        head = side | source << 1 | kind << 4 | (0x80 if step is not None else 0)
+def relay_sites_seeds() -> list[bytes]:
+    # Operation bytes: site | kind << 2 | source << 5 | time step 0x80 (fuzz_relay_sites);
+    # sites a b c d = 0 1 2 3; sources: 0 home, 1 roamed, 2 a stranger, 3 the next site's home.
+    def op(site: int, kind: int, source: int, *args: int, step: int | None = None) -> bytes:
+        head = site | kind << 2 | source << 5 | (0x80 if step is not None else 0)
         return bytes([head, *([step] if step is not None else []), *args])
 
-    a, b, evil = 0, 2, 4
-    handshake = (
-        op(0, a, 1, 0xA, 1)  # A's initiation: pending, nowhere to go yet
-        + op(1, b, 1, 0xB, 2, step=1)  # B's initiation goes to A's pending address
-        + op(0, a, 2, 0xC, 0xB, 3, step=1)  # A answers B's: B confirmed
-        + op(1, b, 4, 0xC, 16, 4, step=1)  # B's data for A's index: A confirmed
-        + op(0, a, 4, 0xB, 100, 5)  # data both ways
-        + op(1, b, 4, 0xC, 16, 6)
+    a, b, c, d = 0, 1, 2, 3
+    home, roamed, evil = 0, 1, 2
+    # Handshakes: the receiver site in the choice byte, then the indices, then the fill byte.
+    bootstrap = (
+        op(a, 1, home, b, 0xA, 1)  # a's initiation to b: a claim, nowhere to go yet
+        + op(b, 1, home, a, 0xB, 2, step=1)  # b's initiation goes to a's claim
+        + op(a, 2, home, b, 0xC, 0xB, 3, step=1)  # a answers b's: b confirmed
+        + op(b, 4, home, 0xC, 16, 4, step=1)  # b's data for a's index: a confirmed
+        + op(a, 4, home, 0xB, 100, 5)  # data both ways
+        + op(b, 4, home, 0xC, 16, 6)
     )
+    # c joins: its initiation to a goes to a's confirmed address, a's answer proves c.
+    third = (
+        op(c, 1, home, a, 0x1, 7, step=1)
+        + op(a, 2, home, c, 0x2, 0x1, 8)
+        + op(c, 4, home, 0x2, 10, 9)
+        + op(a, 4, home, 0x1, 10, 10)
+        + op(a, 4, home, 0xB, 10, 11)  # a's sessions with b and c, told apart by index
+    )
+    # d, the UDP-blocked site, from its pseudo-address.
+    blocked = op(d, 1, home, b, 0x3, 12) + op(b, 2, home, d, 0x4, 0x3, 13) + op(d, 4, home, 4, 9)
     garbage = (
-        op(0, evil, 4, 0xB, 16, 7)  # data from a stranger
-        + op(1, evil, 3, 0xA, 8)  # a cookie reply from a stranger
-        + op(0, evil, 5, 1, 0xD, 9)  # an initiation with a bad mac1
-        + op(0, evil, 7, 0)  # the last good handshake replayed from elsewhere
-        + op(1, evil, 6)  # a mapping keepalive
-        + op(0, evil, 0, 8, *b"\x01\x00\x00\x00abcd")  # raw bytes
+        op(a, 4, evil, 0xB, 16, 14)  # data from a stranger
+        + op(b, 3, evil, 0xA, 15)  # a cookie reply from a stranger
+        + op(a, 5, evil, 1, 0xD, 16)  # an initiation with a bad mac1
+        + op(a, 7, evil, 0)  # the last good handshake replayed from elsewhere
+        + op(b, 6, evil)  # a mapping keepalive
+        + op(c, 0, evil, 8, *b"\x01\x00\x00\x00abcd")  # raw bytes
     )
-    # A roams: its handshake from a new address, answered after B's persistent keepalive.
-    roam = op(0, 1, 1, 0xE, 10, step=200) + op(1, b, 2, 0xF, 0xE, 11, step=1)
-    # More handshakes than the relay keeps: pending (MAX_PENDING) and the replay window.
-    flood = b"".join(op(0, evil, 1, i % 16, i // 16) for i in range(300))
+    # a roams: its handshake from a new address, answered after b's persistent keepalive.
+    roam = op(a, 1, roamed, b, 0xE, 17, step=200) + op(b, 2, home, a, 0xF, 0xE, 18, step=1)
+    # More handshakes than the relay keeps: pending claims, sessions, the replay window.
+    flood = b"".join(op(a, 1, evil, b, i % 16, i // 16) for i in range(300))
     return [
-        bytes([0]) + handshake,
+        bytes([0]) + bootstrap,
         bytes([0]) + flood,
-        bytes([0]) + handshake + garbage + roam,
-        bytes([0b0100]) + garbage + roam,  # both confirmed from the start
-        bytes([0b0101]) + handshake + handshake,  # tight limits
-        bytes([0b1000]) + roam + handshake,
+        bytes([0]) + bootstrap + third + blocked + garbage + roam,
+        bytes([0b0100]) + third + garbage + roam,  # every site confirmed from the start
+        bytes([0b0101]) + bootstrap + bootstrap,  # tight limits
+        bytes([0b1000]) + roam + bootstrap + third,
     ]
 
 
@@ -227,7 +240,7 @@ def wgstun_seeds() -> list[bytes]:
 SEEDS: dict[str, Callable[[], list[bytes]]] = {
     "stun": stun_seeds,
     "stun_tcp": stun_tcp_seeds,
-    "relay_forward": relay_forward_seeds,
+    "relay_sites": relay_sites_seeds,
     "frames": frames_seeds,
     "sidecar_messages": sidecar_messages_seeds,
     "wgstun": wgstun_seeds,

@@ -512,7 +512,7 @@ def test_floods_and_slow_connections_starve_no_site_and_grow_no_memory(
     user_lab: Path, user_repo: UserRepo, converged: str
 ) -> None:
     """While one lab host holds 1,000 trickling connections to relay1's port 443 and another
-    floods its STUN and allocation ports (bounded, lab addresses only), the UDP-blocked site
+    floods its STUN and site ports (bounded, lab addresses only), the UDP-blocked site
     keeps its TLS relay service (its pings through relay1 get through; a restarted sidecar
     connects again at once), and the relay and STUN services keep bounded memory. (The
     traversal sidecar's flood is in molecule/default/tests/test_traversal.py: this lab has no
@@ -549,7 +549,7 @@ def test_floods_and_slow_connections_starve_no_site_and_grow_no_memory(
             sites["public"]["ansible_host"], "tcp", f"{relay_address}:443",
             "--connections", "1000", "--trickle", "1", "--seconds", str(seconds),
         ),
-        # From easy1's NAT: STUN requests, and junk to every allocation port.
+        # From easy1's NAT: STUN requests, and junk to every site port.
         "udp": flood_from(
             sites["easy1"]["ansible_host"], "udp", f"{relay_address}:3478",
             *(f"{relay_address}:{p}" for p in ports),

@@ -105,6 +105,6 @@ def test_target_runs_clean(target: str, results: Results) -> None:
     assert done, log[-3000:]
     executed, cov, features = (int(g) for g in done.groups())
     print(f"{target}: {executed} inputs, cov {cov}, ft {features} in {elapsed:.1f} s")
-    # Fewer would mean the target barely got past its seeds (the slowest, relay_forward, runs
+    # Fewer would mean the target barely got past its seeds (the slowest, relay_sites, runs
     # a few hundred inputs a second on a third of a core).
     assert executed > 200, log[-3000:]

@@ -132,6 +132,20 @@ def test_live_view_overrides_planned_modes() -> None:
     assert "(live)" in to_dot(plan, NAT, {})
 
 
+def test_a_direct_pair_that_fell_back_is_drawn_on_its_relay() -> None:
+    """Every linked pair has a relay allocation (a direct pair's is its fallback), and every
+    relay is drawn with the address its site ports are bound on."""
+    plan = plan_dict()
+    edges = edge_lines(to_dot(plan, NAT, {("a", "c"): "relay"}))
+    assert edges[("a", "c")] == (
+        '  "site:a" -- "site:c" [color="#d9822b", label="r1", penwidth="1.6",'
+        ' style="dashed", tooltip="a -- c: planned direct, live relay"]'
+    )
+    assert plan["relays"]["r1"]["address"] == "192.0.2.1"
+    bare = {**plan, "allocations": []}
+    assert 'label="r1\\n192.0.2.1", shape="hexagon"' in to_dot(bare, NAT)
+
+
 def test_live_view_from_a_status_file() -> None:
     data = {
         "pairs": [

@@ -35,6 +35,7 @@ import yaml
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from sidecar_fakes import FakeProbes
 from test_sidecar_traversal import KEY_ALPHA, KEY_BETA, RELAY, easy_pair
 from tls_harness import make_cert
 
@@ -46,10 +47,10 @@ from meshwright.metrics import (
     relay_families,
     sidecar_families,
 )
-from meshwright.relay.forward import DROP_REASONS, MAPPING_KEEPALIVE
 from meshwright.relay.server import RelayServer
+from meshwright.relay.sites import DROP_REASONS, MAPPING_KEEPALIVE
 from meshwright.site.sidecar.config import SidecarConfigError, parse_traversal
-from meshwright.site.sidecar.daemon import NftMuter, TraversalDaemon
+from meshwright.site.sidecar.daemon import TraversalDaemon
 from meshwright.wire.frames import encode
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -141,10 +142,14 @@ def transport(receiver_index: int, counter: int) -> bytes:
 # --- the relay ---------------------------------------------------------------------------------
 
 
+def b64(key: bytes) -> str:
+    return base64.b64encode(key).decode()
+
+
 @pytest.fixture
 def relay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
-    """A real RelayServer on loopback: one allocation easy1--hard1, the TLS relay with one
-    UDP-blocked site known (no allocation of its own), metrics on a free port."""
+    """A real RelayServer on loopback: sites easy1 and hard1 (a port each), the TLS relay with
+    one UDP-blocked site known (without a port of its own), metrics on a free port."""
     key_a, key_b = os.urandom(32), os.urandom(32)
     ports = (free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM))
     metrics_port, tls_port = free_port(), free_port()
@@ -154,14 +159,10 @@ def relay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str,
     config.write_text(
         json.dumps(
             {
-                "allocations": [
-                    {
-                        "a": "easy1",
-                        "b": "hard1",
-                        "address": "127.0.0.1",
-                        "ports": list(ports),
-                        "public_keys": [base64.b64encode(k).decode() for k in (key_a, key_b)],
-                    }
+                "address": "127.0.0.1",
+                "sites": [
+                    {"name": "easy1", "port": ports[0], "public_key": b64(key_a)},
+                    {"name": "hard1", "port": ports[1], "public_key": b64(key_b)},
                 ],
                 "tls": {
                     "port": tls_port,
@@ -235,7 +236,7 @@ def test_relay_metrics_count_what_the_relay_forwarded_and_dropped(relay: dict[st
             session.sendall(encode(port_a, b"not yours"))
 
             def published(found: Samples) -> bool:
-                keepalives = {"allocation": "easy1--hard1"}
+                keepalives = {"site": "hard1"}
                 dropped = {"reason": "port_not_allowed"}
                 return (
                     value(found, "meshwright_relay_mapping_keepalives_total", **keepalives) == 1
@@ -248,25 +249,36 @@ def test_relay_metrics_count_what_the_relay_forwarded_and_dropped(relay: dict[st
             )
             text, content_type = scrape(relay["metrics_port"])
     found = samples(text)
-    pair = {"allocation": "easy1--hard1"}
+    easy1, hard1 = {"site": "easy1"}, {"site": "hard1"}
     assert content_type.startswith("text/plain; version=0.0.4")
-    assert value(found, "meshwright_relay_allocations") == 1
-    assert value(found, "meshwright_relay_forwarded_packets_total", **pair) == 4
-    sizes = len(initiation(key_a, 1)) + len(response(key_b, 1, 1)) + 2 * len(transport(1, 0))
-    assert value(found, "meshwright_relay_forwarded_bytes_total", **pair) == sizes
+    assert value(found, "meshwright_relay_sites") == 2
+    assert value(found, "meshwright_relay_sessions") >= 2
+    # What each site sent: easy1 a response and data (its first initiation went nowhere), hard1
+    # an initiation and data; and what each was sent.
+    size_a = len(response(key_b, 1, 1)) + len(transport(1, 0))
+    size_b = len(initiation(key_a, 1)) + len(transport(1, 0))
+    assert value(found, "meshwright_relay_forwarded_packets_total", **easy1) == 2
+    assert value(found, "meshwright_relay_forwarded_packets_total", **hard1) == 2
+    assert value(found, "meshwright_relay_forwarded_bytes_total", **easy1) == size_a
+    assert value(found, "meshwright_relay_forwarded_bytes_total", **hard1) == size_b
+    assert value(found, "meshwright_relay_delivered_packets_total", **easy1) == 2
+    assert value(found, "meshwright_relay_delivered_bytes_total", **easy1) == size_b
+    assert value(found, "meshwright_relay_delivered_bytes_total", **hard1) == size_a
+    assert value(found, "meshwright_relay_kernel_forwarded_packets_total", **easy1) == 0
     drops = {
-        dict(labels)["reason"]: count
+        (dict(labels)["site"], dict(labels)["reason"]): count
         for (name, labels), count in found.items()
         if name == "meshwright_relay_dropped_packets_total"
     }
     # Every reason is there from the start, at 0, so that rate() sees the first drop.
+    reasons = (*DROP_REASONS, "send_error")
     assert drops == {
-        **dict.fromkeys((*DROP_REASONS, "send_error"), 0.0),
-        "no_destination": 1.0,
-        "malformed": 1.0,
+        **{(site, reason): 0.0 for site in ("easy1", "hard1") for reason in reasons},
+        ("easy1", "no_destination"): 1.0,
+        ("easy1", "malformed"): 1.0,
     }
-    for site in ("easy1", "hard1"):
-        assert value(found, "meshwright_relay_allocation_confirmed", **pair, site=site) == 1
+    for site in (easy1, hard1):
+        assert value(found, "meshwright_relay_site_confirmed", **site) == 1
     assert value(found, "meshwright_relay_tls_connected", site="blocked") == 1
     assert value(found, "meshwright_relay_tls_frames_total", direction="received") == 0
     frame = len(encode(port_a, b"not yours"))
@@ -296,7 +308,7 @@ def test_relay_moves_and_stops_its_metrics_on_reload(relay: dict[str, Any]) -> N
 
 def test_relay_tls_sessions_and_drops() -> None:
     state = {
-        "allocations": {},
+        "sites": {},
         "tls": {
             "sites": {"blocked": True, "blocked2": False},
             "counters": {
@@ -320,7 +332,7 @@ def test_relay_tls_sessions_and_drops() -> None:
     assert value(found, "meshwright_relay_tls_dropped_frames_total", reason="no_connection") == 3
     assert value(found, "meshwright_relay_tls_dropped_frames_total", reason="buffer_full") == 0
     assert value(found, "meshwright_relay_tls_closed_connections_total", reason="idle") == 1
-    assert value(found, "meshwright_relay_allocations") == 0
+    assert value(found, "meshwright_relay_sites") == 0
     assert run_promtool("check", "metrics", stdin=text) == ""
 
 
@@ -342,25 +354,6 @@ class FakeWireGuard:
 
     def close(self) -> None:
         pass
-
-
-class FakeProbes:
-    """The probe socket (raw sockets, CAP_NET_RAW) is not what these tests are about."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def send(self, destination: tuple[str, int], payload: bytes) -> None:
-        pass
-
-    def receive(self) -> None:
-        return None
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def traversal_config(tmp_path: Path, metrics: dict[str, Any] | None) -> dict[str, Any]:
@@ -407,7 +400,6 @@ def test_sidecar_metrics_show_a_real_upgrade(tmp_path: Path) -> None:
         config,
         wireguard,
         probes=FakeProbes(),  # type: ignore[arg-type]
-        muter=NftMuter(config.listen_port, run=lambda _script: None),
         log=lambda _message: None,
         clock=lambda: sim.now,
         wall=lambda: WALL_NOW,
@@ -469,7 +461,6 @@ def test_sidecar_reload_moves_its_metrics_and_absent_is_off(tmp_path: Path) -> N
         config,
         FakeWireGuard({}),
         probes=FakeProbes(),  # type: ignore[arg-type]
-        muter=NftMuter(config.listen_port, run=lambda _script: None),
         log=lambda _message: None,
         addresses=list,
         config_path=path,

@@ -227,12 +227,61 @@ def test_without_punch_an_easy_pair_connects_through_a_relay_first():
     assert len(plan.allocations) == 1
 
 
-def test_a_blocked_site_reaches_its_side_of_the_allocation_through_its_sidecar():
+def test_a_blocked_site_reaches_its_relay_through_its_sidecar_on_loopback():
     plan = build_plan(mesh(site("a", "blocked", 1), site("b", "open", 2), kinds={"relay-tcp"}))
     (allocation,) = plan.allocations.values()
     assert allocation.kind == "relay-tcp"
-    assert _peer(plan, "a", "b").endpoint == f"127.0.0.1:{allocation.ports[0]}"  # its sidecar
+    local = plan.local_ports("a")["r1"]  # its sidecar's socket for r1
+    assert _peer(plan, "a", "b").endpoint == f"127.0.0.1:{local}"
     assert _peer(plan, "b", "a").endpoint == f"198.51.100.10:{allocation.ports[1]}"
+    assert not plan.standby_allocations  # one relay; and a TLS pair has no standby
+
+
+def test_every_peer_relayed_through_a_relay_shares_the_sites_one_endpoint_there():
+    r2 = Relay(name="r2", addresses=("203.0.113.20",))
+    plan = build_plan(
+        mesh(
+            site("a", "open", 1),
+            site("b", "easy", 2),
+            site("c", "hard", 3),
+            site("d", "blocked", 4),
+            kinds=set(LINK_KINDS),
+            relays=(RELAY, r2),
+        )
+    )
+    modes = {(p.a, p.b): p.mode for p in plan.pairs}
+    assert modes[("a", "b")] == "direct" and modes[("b", "c")] == "relay"
+    # Every linked pair has an allocation and a standby on the other relay, relay-tcp ones too.
+    assert set(plan.allocations) == {k for k, m in modes.items() if not m.startswith("via")}
+    assert set(plan.standby_allocations) == set(plan.allocations)
+    assert "relay-tcp" in {modes[k] for k in plan.standby_allocations}
+    for key, spare in plan.standby_allocations.items():
+        assert (spare.relay != plan.allocations[key].relay) and spare.ports == plan.allocations[
+            key
+        ].ports
+    address = {"r1": "198.51.100.10", "r2": "203.0.113.20"}
+    for (x, y), allocation in plan.allocations.items():
+        for me, other in ((x, y), (y, x)):
+            peer = _peer(plan, me, other)
+            if peer.mode == "direct":  # its direct endpoint; the relay is its fallback
+                assert not peer.endpoint or not peer.endpoint.startswith(tuple(address.values()))
+            elif me == "d":
+                assert peer.endpoint == f"127.0.0.1:{plan.local_ports('d')[allocation.relay]}"
+            else:
+                assert peer.endpoint == f"{address[allocation.relay]}:{plan.site_port(me)}"
+    ports = {name: plan.site_port(name) for name in "abcd"}
+    assert len(set(ports.values())) == 4
+    relays = plan.to_dict()["relays"]
+    assert set(relays) == {"r1", "r2"}
+    for name, relay in relays.items():
+        assert relay["address"] == address[name]
+        on = {s for a in plan.allocations.values() if a.relay == name for s in (a.a, a.b)}
+        on |= {s for a in plan.standby_allocations.values() if a.relay == name for s in (a.a, a.b)}
+        assert relay["sites"] == [
+            {"name": s, "port": ports[s], "public_key": public_key(s)} for s in sorted(on)
+        ]
+    local = plan.local_ports("d")
+    assert local["r1"] != local["r2"]
 
 
 def test_ipv6_endpoint_is_normalised():
@@ -669,3 +718,11 @@ def test_a_relay_named_like_a_site_or_on_a_site_overlay_address_is_refused():
     text = str(error.value)
     assert "relay a: a site has the same name" in text
     assert "same overlay address 10.99.0.2" in text
+
+
+def test_an_ipv6_relays_endpoints_are_bracketed():
+    relay = Relay(name="r6", addresses=("2001:DB8::10",))
+    plan = build_plan(
+        mesh(site("a", "hard", 1), site("b", "hard", 2), kinds={"relay"}, relays=(relay,))
+    )
+    assert _peer(plan, "a", "b").endpoint == f"[2001:db8::10]:{plan.site_port('a')}"

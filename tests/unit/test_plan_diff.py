@@ -22,6 +22,7 @@ import yaml
 from meshwright.plan import PlanError
 from meshwright.plan.diff import PlanDiff, diff_plans, render
 from meshwright.plan.inventory import Inventory, InventoryPlan, State, plan_inventory
+from meshwright.plan.relays import local_ports
 from meshwright.plan.synthetic import public_key
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -213,7 +214,7 @@ def test_a_nat_class_changed_turns_a_punched_pair_into_a_relayed_one():
         "\n"
         "Live tunnels disturbed:\n"
         "  branch -- shop: at branch: endpoint set to 203.0.113.10:40000 (disturbs it if the"
-        " sidecar made it direct); at shop: endpoint set to 203.0.113.10:40001 (disturbs it if"
+        " sidecar made it direct); at shop: endpoint set to 203.0.113.10:40002 (disturbs it if"
         " the sidecar made it direct)\n"
     )
 
@@ -221,9 +222,13 @@ def test_a_nat_class_changed_turns_a_punched_pair_into_a_relayed_one():
 def test_an_open_site_becoming_udp_blocked_moves_its_direct_pairs_to_relay_tcp():
     new = mesh()
     new["hq"]["mesh_nat"] = nat("blocked", "198.51.100.21")
-    assert render(changes(mesh(), new, relays=RELAYS)) == (
-        "Plan: 2 site facts changed, 2 pairs changed, 3 sites changed,"
-        " 2 relay allocations changed; live tunnels disturbed: 3\n"
+    found = changes(mesh(), new, relays=RELAYS)
+    # Its direct pairs already had their allocations (their fallback): they stay on relay1, and
+    # hq reaches it through its sidecar's one loopback socket for relay1.
+    local = local_ports(["relay1"], avoid=(51820,))["relay1"]
+    assert render(found) == (
+        "Plan: 2 site facts changed, 2 pairs changed, 3 sites changed;"
+        " live tunnels disturbed: 3\n"
         "\n"
         "Site facts:\n"
         "  hq: NAT class open -> blocked\n"
@@ -236,28 +241,46 @@ def test_an_open_site_becoming_udp_blocked_moves_its_direct_pairs_to_relay_tcp()
         "Sites:\n"
         "  branch\n"
         "    peer hq: mode direct -> relay-tcp; endpoint 198.51.100.21:51820 ->"
-        " 203.0.113.10:40002\n"
+        " 203.0.113.10:40000\n"
         "  hq\n"
         "    peer removed: relay1\n"
-        "    peer branch: mode direct -> relay-tcp; endpoint (none) -> 127.0.0.1:40003;"
+        f"    peer branch: mode direct -> relay-tcp; endpoint (none) -> 127.0.0.1:{local};"
         " keepalive off -> 25\n"
-        "    peer shop: mode direct -> relay-tcp; endpoint (none) -> 127.0.0.1:40004;"
+        f"    peer shop: mode direct -> relay-tcp; endpoint (none) -> 127.0.0.1:{local};"
         " keepalive off -> 25\n"
         "  shop\n"
         "    peer hq: mode direct -> relay-tcp; endpoint 198.51.100.21:51820 ->"
-        " 203.0.113.10:40005\n"
-        "\n"
-        "Relay allocations:\n"
-        "  added: branch -- hq on relay1 (203.0.113.10, ports 40002-40003)\n"
-        "  added: hq -- shop on relay1 (203.0.113.10, ports 40004-40005)\n"
+        " 203.0.113.10:40002\n"
         "\n"
         "Live tunnels disturbed:\n"
-        "  branch -- hq: at branch: endpoint 198.51.100.21:51820 -> 203.0.113.10:40002;"
-        " at hq: endpoint (none) -> 127.0.0.1:40003\n"
+        "  branch -- hq: at branch: endpoint 198.51.100.21:51820 -> 203.0.113.10:40000;"
+        f" at hq: endpoint (none) -> 127.0.0.1:{local}\n"
         "  hq -- relay1: tunnel removed\n"
-        "  hq -- shop: at hq: endpoint (none) -> 127.0.0.1:40004; at shop: endpoint"
-        " 198.51.100.21:51820 -> 203.0.113.10:40005\n"
+        f"  hq -- shop: at hq: endpoint (none) -> 127.0.0.1:{local}; at shop: endpoint"
+        " 198.51.100.21:51820 -> 203.0.113.10:40002\n"
     )
+
+
+def test_a_narrowed_relay_port_range_moves_a_sites_port_and_nothing_else():
+    narrowed = {"relay1": {**RELAYS["relay1"], "relay_first_port": 40001}}
+    before = plan_inventory(Inventory(sites=mesh(), relays=RELAYS), State())
+    after = plan_inventory(Inventory(sites=mesh(), relays=narrowed), before.state, before.plan_json)
+    found = diff_plans(json.loads(before.plan_json), json.loads(after.plan_json))
+    assert not found.allocations
+    text = render(found)
+    assert text.startswith(
+        "Plan: 1 site changed, 1 relay port changed; live tunnels disturbed: 1\n"
+        "\n"
+        "Sites:\n"
+        "  branch\n"
+        "    peer shop: endpoint 203.0.113.10:40000 -> 203.0.113.10:40003\n"
+        "\n"
+        "Relay ports (a site's port on every relay):\n"
+        "  branch: 40000 -> 40003\n"
+    ), text
+    assert json.loads(render(found, "json"))["site_ports"] == [
+        {"site": "branch", "old": 40000, "new": 40003}
+    ]
 
 
 def test_a_policy_of_hubs_sends_a_pair_through_the_hub():
@@ -279,7 +302,7 @@ def test_a_policy_of_hubs_sends_a_pair_through_the_hub():
         "    peer hq: allowed IPs added 10.99.0.2/32, 192.168.20.0/24\n"
         "\n"
         "Relay allocations:\n"
-        "  removed: branch -- shop from relay1 (203.0.113.10, ports 40000-40001)\n"
+        "  removed: branch -- shop from relay1 (203.0.113.10)\n"
         "\n"
         "Live tunnels disturbed:\n"
         "  branch -- shop: tunnel removed\n"

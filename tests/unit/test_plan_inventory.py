@@ -241,7 +241,7 @@ def test_a_string_is_never_split_into_prefixes():
 # --- relays: port ranges, defined once --------------------------------------------------------
 
 
-def test_a_relays_allocation_ports_come_from_its_inventory():
+def test_a_relays_site_ports_come_from_its_inventory():
     sites = {"a": site(1, "hard"), "b": site(2, "hard")}
     (allocation,) = planned(sites, {"relay1": relay()}).facts()["mesh_plan"]["allocations"]
     assert allocation["ports"] == [DEFAULT_RELAY_FIRST_PORT, DEFAULT_RELAY_FIRST_PORT + 1]
@@ -264,36 +264,134 @@ def test_a_bad_relay_port_range_names_the_relay_and_the_ports():
     }
     assert validate_inventory(inventory(sites, relays)) == [
         "relay relay3: first port 'many' is not a port number",
-        "relay relay1: allocation ports 50000-40000 hold no port pair (the first must be below"
-        " the last)",
-        "relay relay2: allocation ports 0-70000 are not ports in 1-65535",
+        "relay relay1: site ports 50000-40000 hold no port (the first must not be above the last)",
+        "relay relay2: site ports 0-70000 are not ports in 1-65535",
     ]
 
 
 # --- sidecars of UDP-blocked sites --------------------------------------------------------------
 
 
-def test_a_blocked_site_gets_its_sidecar_peers_and_relays():
+def test_a_blocked_site_gets_its_relays_with_its_port_and_a_local_port_for_each():
     sites = {
         "a": site(1, "blocked", sidecar_certificate="PEM a"),
         "b": site(2, "open"),
         "c": site(3, "hard"),
     }
-    result = planned(sites, {"relay1": relay(relay_tls_port=8443)})
-    ports = {(x["a"], x["b"]): x["ports"] for x in result.facts()["mesh_plan"]["allocations"]}
-    assert result.sidecars == {
-        "a": {
-            "peers": [
-                {"name": "b", "relay": "relay1", "port": ports[("a", "b")][0]},
-                {"name": "c", "relay": "relay1", "port": ports[("a", "c")][0]},
-            ],
-            "relays": {
-                "relay1": {"address": "203.0.113.10", "port": 8443, "fingerprint": "sha256:aa"}
+    relays = {
+        "relay1": relay(relay_tls_port=8443),
+        "relay2": relay(relay_public_addresses=["198.51.100.99"], mesh_overlay_address=None),
+    }
+    for host in sites.values():  # relay2 is far from every site: relay1 carries a's pairs
+        if "mesh_nat" in host:
+            host["mesh_nat"]["rtt_ms"] = {"relay1": 5.0, "relay2": 90.0}
+    result = planned(sites, relays)
+    data = result.facts()["mesh_plan"]
+    port = {s["name"]: s["port"] for s in data["relays"]["relay1"]["sites"]}
+    local = result.plan.local_ports("a")
+    # A TLS connection to relay1, and one to relay2, which carries the standby of a's pairs.
+    assert result.sidecars["a"] == {
+        "relays": {
+            "relay1": {
+                "address": "203.0.113.10",
+                "port": 8443,
+                "fingerprint": "sha256:aa",
+                "site_port": port["a"],
+                "local_port": local["relay1"],
+            },
+            "relay2": {
+                "address": "198.51.100.99",
+                "port": 443,
+                "fingerprint": "sha256:aa",
+                "site_port": port["a"],
+                "local_port": local["relay2"],
             },
         }
     }
     assert result.tls_sites == {"a": "PEM a"}
-    assert peer(result, "a", "b")["endpoint"] == f"127.0.0.1:{ports[('a', 'b')][0]}"
+    # Every peer relayed through relay1 is reached through the one local socket for it.
+    assert peer(result, "a", "b")["endpoint"] == f"127.0.0.1:{local['relay1']}"
+    assert peer(result, "a", "c")["endpoint"] == f"127.0.0.1:{local['relay1']}"
+    # The UDP side: relay1's address and its own port.
+    assert peer(result, "c", "a")["endpoint"] == f"203.0.113.10:{port['c']}"
+    # relay2 carries only standbys, and has no WireGuard of its own.
+    assert data["relays"]["relay2"] == {
+        "address": "198.51.100.99",
+        "sites": [
+            {"name": name, "port": port[name], "public_key": public_key(f"site{n}")}
+            for name, n in (("a", 1), ("b", 2), ("c", 3))
+        ],
+    }
+
+
+def test_every_udp_site_with_allocations_gets_a_traversal_peer_of_each_relay_path():
+    sites = {
+        "a": site(1, "open"),
+        "b": site(2, "easy"),
+        "c": site(3, "easy"),
+        "d": site(4, "hard", mesh_policy={"hubs": ["c"]}),
+        "e": site(5, "blocked", sidecar_certificate="PEM e"),
+    }
+    relays = {
+        "relay1": relay(),
+        "relay2": relay(relay_public_addresses=["198.51.100.99"], mesh_overlay_address=None),
+    }
+    for host in sites.values():
+        host["mesh_nat"]["rtt_ms"] = {"relay1": 5.0, "relay2": 90.0}
+    result = planned(sites, relays)
+    data = result.facts()["mesh_plan"]
+    port = {s["name"]: s["port"] for s in data["relays"]["relay1"]["sites"]}
+    traversal = result.sidecars["c"]["traversal"]
+    by_name = {p["name"]: p for p in traversal["peers"]}
+    assert sorted(by_name) == ["a", "b", "d", "e"]
+    relay_end, standby_end = f"203.0.113.10:{port['c']}", f"198.51.100.99:{port['c']}"
+    common = {
+        "relay_endpoint": relay_end,
+        "relay": "relay1",
+        "standby_endpoint": standby_end,
+        "standby_relay": "relay2",
+    }
+    assert by_name["a"] == {
+        "name": "a",
+        "public_key": public_key("site1"),
+        "overlay_address": "10.99.0.1",
+        "mode": "direct",
+        "direct_endpoint": "198.51.100.21:51820",
+        "upgrade": True,
+        **common,
+    }
+    assert by_name["b"] == {
+        "name": "b",
+        "public_key": public_key("site2"),
+        "overlay_address": "10.99.0.2",
+        "mode": "punch",
+        "direct_endpoint": None,
+        "upgrade": True,
+        **common,
+    }
+    assert by_name["d"] == {
+        "name": "d",
+        "public_key": public_key("site4"),
+        "overlay_address": "10.99.0.4",
+        "mode": "relay",
+        "direct_endpoint": None,
+        "upgrade": False,
+        **common,
+    }
+    # The UDP side of a relay-tcp pair is relayed: failed over like one (e's WireGuard follows).
+    assert by_name["e"] == {
+        "name": "e",
+        "public_key": public_key("site5"),
+        "overlay_address": "10.99.0.5",
+        "mode": "relay",
+        "direct_endpoint": None,
+        "upgrade": False,
+        **common,
+    }
+    # The open site knows no endpoint of c (it roams to it): its direct peer starts without one.
+    a_side = {p["name"]: p for p in result.sidecars["a"]["traversal"]["peers"]}
+    assert a_side["c"]["mode"] == "direct" and a_side["c"]["direct_endpoint"] is None
+    assert "traversal" not in result.sidecars["e"]
 
 
 def test_a_tls_relayed_pair_carries_mtu_2016_and_no_more():
@@ -354,6 +452,8 @@ def test_certificates_and_fingerprints_outside_the_run_come_from_the_state_file(
         "address": "203.0.113.10",
         "port": 443,
         "fingerprint": "sha256:bb",
+        "site_port": DEFAULT_RELAY_FIRST_PORT,
+        "local_port": result.plan.local_ports("a")["relay1"],
     }
     assert result.state.sites["a"] == state.sites["a"]
     assert result.state.relays["relay1"] == state.relays["relay1"]
@@ -367,6 +467,8 @@ def test_a_relays_standby_certificate_is_pinned_too_and_kept_in_the_state():
         "port": 443,
         "fingerprint": "sha256:aa",
         "standby_fingerprint": "sha256:cc",
+        "site_port": DEFAULT_RELAY_FIRST_PORT,
+        "local_port": result.plan.local_ports("a")["relay1"],
     }
     saved = result.state.relays["relay1"]
     assert (saved.tls_fingerprint, saved.tls_standby_fingerprint) == ("sha256:aa", "sha256:cc")
@@ -510,6 +612,30 @@ def test_the_previous_plans_allocations_are_kept_and_a_broken_plan_is_ignored():
     assert again.plan_json == first.plan_json
     assert previous_allocations("not json") == [] and previous_allocations(None) == []
     assert previous_allocations('{"allocations": 5}') == []
+
+
+def test_a_previous_plan_with_per_pair_ports_is_replanned_with_site_ports():
+    """Plans before per-site ports gave each allocation a slot and a port pair of its own."""
+    sites = {"a": site(1, "hard"), "b": site(2, "hard"), "c": site(3, "hard")}
+    relays = {"relay1": relay()}
+    old = {
+        "allocations": [
+            {"a": "a", "b": "b", "kind": "relay", "relay": "relay1", "address": "203.0.113.10",
+             "slot": 0, "ports": [40000, 40001], "public_keys": ["", ""]},
+            {"a": "a", "b": "c", "kind": "relay", "relay": "relay1", "address": "203.0.113.10",
+             "slot": 1, "ports": [40002, 40003], "public_keys": ["", ""]},
+            {"a": "b", "b": "c", "kind": "relay", "relay": "gone", "address": "192.0.2.1",
+             "slot": 2, "ports": [40004, 40005], "public_keys": ["", ""]},
+        ],
+        "standby_allocations": [{"a": "b", "b": "c", "slot": 3, "ports": ["x", None]}],
+    }  # fmt: skip
+    result = planned(sites, relays, previous=json.dumps(old))
+    data = result.facts()["mesh_plan"]
+    ports = {s["name"]: s["port"] for s in data["relays"]["relay1"]["sites"]}
+    assert ports == {"a": 40000, "b": 40001, "c": 40003}  # each site's first valid port
+    assert all("slot" not in a for a in data["allocations"])
+    # and the next run changes nothing
+    assert planned(sites, relays, previous=result.plan_json).plan_json == result.plan_json
 
 
 # --- static validation (no facts) --------------------------------------------------------------

@@ -7,18 +7,24 @@ are plain blocking TLS clients here (the sidecar has its own tests).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime
 import hashlib
 import itertools
+import json
 import os
 import queue
 import random
+import signal
 import socket
 import ssl
 import struct
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,8 +44,10 @@ from tls_harness import (
     trickle_until_closed,
     wait_for,
 )
+from wg_messages import initiation, public_key, response, transport
 
 from meshwright.relay.admission import SourceSlots
+from meshwright.relay.server import RelayServer
 from meshwright.relay.tls import site_fingerprints
 from meshwright.wire.frames import (
     KEEPALIVE,
@@ -442,14 +450,64 @@ def test_an_on_other_that_raises_costs_only_that_connection(relay_loop, certs):
 
 
 def test_a_reconnecting_site_gets_sent_to_on_its_newest_connection(relay_loop, certs):
-    relay = relay_loop()
+    """Make-before-break: what the relay sends goes to the newest connection from the moment it
+    is proven, while the older one still delivers what the site sent on it (in flight when the
+    site switched) until the grace is over."""
+    relay = relay_loop(supersede_grace=0.5)
     with tls_client(relay.address, certs["alpha"]) as old:
         accepted(old)
         with tls_client(relay.address, certs["alpha"]) as new:
             accepted(new)
-            assert closed_by_relay(old)
+            assert relay.call(lambda: relay.clients.connected) == {"alpha": new.getsockname()}
             assert relay.call(lambda: relay.clients.send("alpha", 40000, b"to the new one"))
             assert read_frames(new, FrameDecoder(), 1) == [(40000, b"to the new one")]
+            old.sendall(encode(40000, b"late, on the old one"))
+            wait_for(lambda: ("alpha", 40000, b"late, on the old one") in relay.datagrams)
+            assert closed_by_relay(old)
+            accepted(new)
+    assert relay.counters()["closed_superseded"] == 1
+
+
+def test_what_was_queued_on_a_superseded_connection_is_still_written(relay_loop, certs):
+    relay = relay_loop(supersede_grace=0.5)
+    payloads: list[bytes] = []
+
+    def fill() -> int:
+        """Queue frames to the site until its connection holds 128 KiB it could not write
+        (the site does not read): what superseding must not throw away."""
+        connection = relay.clients._by_site["alpha"]
+        while len(connection.out) < 128 * 1024 and len(payloads) < 50_000:
+            payloads.append(len(payloads).to_bytes(4, "big") + bytes(1400))
+            assert relay.clients.send("alpha", 40000, payloads[-1])
+        return len(connection.out)
+
+    with tls_client(relay.address, certs["alpha"]) as old:
+        accepted(old)
+        assert relay.call(fill) >= 128 * 1024
+        with tls_client(relay.address, certs["alpha"]) as new:
+            accepted(new)
+            assert read_frames(old, FrameDecoder(), len(payloads)) == [
+                (40000, payload) for payload in payloads
+            ]
+            assert closed_by_relay(old)
+    counters = relay.counters()
+    assert counters["closed_superseded"] == 1
+    assert counters["dropped_buffer_full"] == 0
+
+
+def test_a_site_holds_at_most_one_superseded_connection(relay_loop, certs):
+    relay = relay_loop(supersede_grace=60.0)
+    with tls_client(relay.address, certs["alpha"]) as first:
+        accepted(first)
+        with tls_client(relay.address, certs["alpha"]) as second:
+            accepted(second)
+            with tls_client(relay.address, certs["alpha"]) as third:
+                accepted(third)
+                assert closed_by_relay(first)  # at once, not after the grace
+                second.sendall(encode(40000, b"from the second"))
+                wait_for(lambda: ("alpha", 40000, b"from the second") in relay.datagrams)
+                assert relay.call(lambda: len(relay.clients._connections)) == 2
+                assert relay.call(lambda: relay.clients.connected) == {"alpha": third.getsockname()}
     assert relay.counters()["closed_superseded"] == 1
 
 
@@ -556,7 +614,7 @@ def test_an_on_datagram_that_raises_is_counted_not_fatal(relay_loop, certs):
 
 
 def test_many_connections_at_once(relay_loop, certs):
-    relay = relay_loop()
+    relay = relay_loop(supersede_grace=0.1)
     clients = [tls_client(relay.address, certs["alpha" if i % 2 else "beta"]) for i in range(20)]
     try:
         for client in clients:
@@ -638,3 +696,98 @@ def test_source_slots_count_per_source_and_in_all():
         slots.give("2001:db8::9")
     assert slots.held("2001:db8::1") == 0 and len(slots) == 1
     assert slots.take("198.51.100.7") is None
+
+
+# --- the relay service: a UDP-blocked site and a UDP site, one port each ------------------------
+
+
+def free_port(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def b64(key: bytes) -> str:
+    return base64.b64encode(key).decode()
+
+
+def core_counters(server: RelayServer) -> Counter[str]:
+    # Read from the test's thread while the loop runs: a copy, good enough to wait on.
+    return server.core.counters if server.core is not None else Counter()
+
+
+def test_the_relay_service_carries_a_tls_site_to_a_udp_site_and_back(
+    certs: dict[str, Cert], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """alpha (TLS, port P_alpha) and beta (UDP, port P_beta) bootstrap through RelayServer:
+    alpha's frames carry its own port; what is sent to alpha comes back as frames on that port;
+    a frame for beta's port is dropped."""
+    key_alpha, key_beta = public_key(), public_key()
+    tls_port = free_port(socket.SOCK_STREAM)
+    port_alpha, port_beta = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
+    config = tmp_path / "relay.json"
+    config.write_text(
+        json.dumps(
+            {
+                "address": "127.0.0.1",
+                "sites": [
+                    {"name": "alpha", "port": port_alpha, "public_key": b64(key_alpha)},
+                    {"name": "beta", "port": port_beta, "public_key": b64(key_beta)},
+                ],
+                "tls": {
+                    "port": tls_port,
+                    "listen": ["127.0.0.1"],
+                    "sites": {"alpha": certs["alpha"].pem},
+                    "certificate": str(certs["relay"].certificate),
+                    "key": str(certs["relay"].key),
+                },
+            }
+        )
+    )
+    monkeypatch.setattr(signal, "signal", lambda *_: None)  # only the main thread may
+    server = RelayServer(config, tmp_path / "state.json", log=lambda _message: None)
+    thread = threading.Thread(target=server.serve_forever, name="relay", daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.tls is not None and server.core is not None)
+        with (
+            tls_client(("127.0.0.1", tls_port), certs["alpha"]) as alpha,
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as beta,
+        ):
+            beta.bind(("127.0.0.1", 0))
+            beta.settimeout(DEADLINE)
+            beta_address = beta.getsockname()
+            accepted(alpha)
+            decoder = FrameDecoder()
+            # alpha's initiation reaches nobody yet (beta is unknown): remembered as its claim.
+            alpha.sendall(encode(port_alpha, initiation(key_beta, 0xA0)))
+            wait_for(lambda: core_counters(server)["dropped_no_destination"])
+            # beta's initiation goes to alpha's claim: a frame on alpha's port.
+            first = initiation(key_alpha, 0xB0)
+            beta.sendto(first, ("127.0.0.1", port_beta))
+            assert read_frames(alpha, decoder, 1) == [(port_alpha, first)]
+            # alpha answers (beta proven): out of beta's port to beta.
+            answer = response(key_beta, 0xA1, 0xB0)
+            alpha.sendall(encode(port_alpha, answer))
+            assert beta.recvfrom(2048) == (answer, ("127.0.0.1", port_beta))
+            # beta's first data proves alpha; then data both ways.
+            data = transport(0xA1, 0, 1404)  # a full-size packet: 1420 bytes
+            beta.sendto(data, ("127.0.0.1", port_beta))
+            assert read_frames(alpha, decoder, 1) == [(port_alpha, data)]
+            back = transport(0xB0, 1)
+            alpha.sendall(encode(port_alpha, back))
+            assert beta.recvfrom(2048) == (back, ("127.0.0.1", port_beta))
+            # alpha may not speak for beta's port.
+            alpha.sendall(encode(port_beta, transport(0xB0, 2)))
+            accepted(alpha)
+            wait_for(lambda: server.tls and server.tls.counters["dropped_port_not_allowed"])
+    finally:
+        server._stop = True
+        thread.join(timeout=5)
+        assert not thread.is_alive()
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["sites"]["alpha"]["confirmed"] == ["tls:alpha", port_alpha]
+    assert state["sites"]["beta"]["confirmed"] == list(beta_address)
+    counters = state["sites"]["alpha"]["counters"]
+    assert (counters["forwarded"], counters["delivered"]) == (2, 2)
+    assert counters["dropped_no_destination"] == 1

@@ -1,15 +1,18 @@
 """Tests for meshwright.site.sidecar: a UDP-blocked site's WireGuard over TLS to its relays.
 
 Everything runs on 127.0.0.1 with real sockets and real TLS: the relay side is TlsClients in a
-small selectors loop of its own (standing in for RelayServer, with a UDP socket per allocation
-port for "the other site"), "WireGuard" is a UDP socket the test owns.
+small selectors loop of its own (standing in for RelayServer, with a UDP socket per site port
+for "the other sites"), "WireGuard" is a UDP socket the test owns. The sidecar has one local
+socket per relay: WireGuard's endpoint for every peer relayed through it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -25,10 +28,12 @@ from typing import Any
 
 import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from sidecar_fakes import FakeProbes
 from tls_harness import DEADLINE, HOST, Cert, RelayLoop, make_cert, record_sends, wait_for
 
 from meshwright.site.sidecar import Sidecar, SidecarConfigError, main
-from meshwright.site.sidecar.config import parse_config
+from meshwright.site.sidecar.carrier import CONNECT_TIMEOUT, RETIRE_GRACE
+from meshwright.site.sidecar.config import parse_config, parse_traversal
 from meshwright.wire.frames import KEEPALIVE, FrameDecoder, encode, fingerprint
 from meshwright.wire.stream import UDP_BUFFER, WRITE_CHUNK, tune, widen_buffers
 
@@ -66,14 +71,19 @@ class Setup:
     sidecar: Sidecar
     config: Path
     wireguard: socket.socket  # stands in for the site's WireGuard
-    other: socket.socket  # stands in for the other site, behind the relay
-    ports: list[int]
+    other: socket.socket  # stands in for the other sites, behind the relay
+    site_ports: list[int]  # the ones the relay lets this site use; the first in the file
+    local_port: int  # the relay's socket here: WireGuard's endpoint for its peers
     certs: dict[str, Cert]
 
-    def write_config(self, peers: list[int], **overrides: Any) -> None:
-        write_config(
-            self.config, self.relay.address, self.certs, self.wireguard, peers, **overrides
-        )
+    @property
+    def site_port(self) -> int:
+        return self.site_ports[0]
+
+    def write_config(self, **overrides: Any) -> None:
+        overrides.setdefault("site_port", self.site_port)
+        overrides.setdefault("local_port", self.local_port)
+        write_config(self.config, self.relay.address, self.certs, self.wireguard, **overrides)
 
     def counters(self) -> Counter[str]:
         # The loop thread may add a key while this copies: then copy again.
@@ -81,9 +91,11 @@ class Setup:
             with contextlib.suppress(RuntimeError):
                 return Counter(dict(self.sidecar.counters))
 
-    def probe(self, port: int, timeout: float = DEADLINE) -> bytes:
-        """Send through the sidecar until one datagram reaches the other side (the first ones
-        are dropped while the sidecar connects); then drain stragglers."""
+    def probe(self, port: int | None = None, timeout: float = DEADLINE) -> bytes:
+        """Send through the sidecar (its local socket ``port``) until one datagram reaches
+        the other side (the first ones are dropped while the sidecar connects); then drain
+        stragglers."""
+        port = self.local_port if port is None else port
         deadline = time.monotonic() + timeout
         self.other.settimeout(0.05)
         try:
@@ -105,8 +117,9 @@ def write_config(
     relay: tuple[str, int],
     certs: dict[str, Cert],
     wireguard: socket.socket,
-    peers: list[int],
     *,
+    site_port: int,
+    local_port: int,
     site: str = "blk",
     pin: str | None = None,
     standby: str | None = None,
@@ -118,9 +131,10 @@ def write_config(
                 "port": relay[1],
                 "fingerprint": pin or certs["relay"].pin,
                 **({"standby_fingerprint": standby} if standby else {}),
+                "site_port": site_port,
+                "local_port": local_port,
             }
         },
-        "peers": [{"name": f"peer{port}", "relay": "relay1", "port": port} for port in peers],
         "certificate": str(certs[site].certificate),
         "key": str(certs[site].key),
         "wireguard_port": wireguard.getsockname()[1],
@@ -132,19 +146,42 @@ def write_config(
 def setup(certs: dict[str, Cert], tmp_path: Path) -> Iterator[Callable[..., Setup]]:
     started: list[tuple[Setup, threading.Thread]] = []
 
-    def start(peers: int = 1, relay_address: tuple[str, int] | None = None, **config: Any) -> Setup:
-        ports = [free_udp_port() for _ in range(peers)]
-        relay = RelayLoop(certs["relay"], {"blk": certs["blk"]}, {"blk": set(ports)})
+    def start(
+        site_ports: int = 1,
+        relay_address: tuple[str, int] | None = None,
+        *,
+        relay_cert: Cert | None = None,
+        relay_options: dict[str, Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        **config: Any,
+    ) -> Setup:
+        # Labels for the relay harness (its UDP sockets are ephemeral): any distinct numbers.
+        ports = [free_udp_port() for _ in range(site_ports)]
+        local = free_udp_port()
+        relay = RelayLoop(
+            relay_cert or certs["relay"],
+            {"blk": certs["blk"]},
+            {"blk": set(ports)},
+            **(relay_options or {}),
+        )
         other, wireguard = udp_socket(), udp_socket()
         relay.forward_to = other.getsockname()
         path = tmp_path / "sidecar.json"
-        write_config(path, relay_address or relay.address, certs, wireguard, ports[:1], **config)
+        write_config(
+            path,
+            relay_address or relay.address,
+            certs,
+            wireguard,
+            site_port=ports[0],
+            local_port=local,
+            **config,
+        )
         logs: list[str] = []
-        sidecar = Sidecar(path, log=logs.append)
+        sidecar = Sidecar(path, log=logs.append, clock=clock)
         sidecar.logs = logs  # type: ignore[attr-defined]
         thread = threading.Thread(target=sidecar.serve_forever, daemon=True)
         thread.start()
-        result = Setup(relay, sidecar, path, wireguard, other, ports, certs)
+        result = Setup(relay, sidecar, path, wireguard, other, ports, local, certs)
         started.append((result, thread))
         return result
 
@@ -162,9 +199,22 @@ def setup(certs: dict[str, Cert], tmp_path: Path) -> Iterator[Callable[..., Setu
 
 GOOD = {
     "relays": {
-        "relay1": {"address": "198.51.100.10", "port": 443, "fingerprint": "sha256:" + "ab" * 32}
+        "relay1": {
+            "address": "198.51.100.10",
+            "port": 443,
+            "fingerprint": "sha256:" + "ab" * 32,
+            "site_port": 40003,
+            "local_port": 41000,
+        },
+        "relay2": {
+            "address": "203.0.113.30",
+            "port": 443,
+            "fingerprint": "sha256:" + "cd" * 32,
+            "standby_fingerprint": "sha256:" + "ef" * 32,
+            "site_port": 40003,
+            "local_port": 41001,
+        },
     },
-    "peers": [{"name": "hard1", "relay": "relay1", "port": 40003}],
     "certificate": "/etc/meshwright/sidecar.crt",
     "key": "/etc/meshwright/sidecar.key",
     "wireguard_port": 51820,
@@ -173,8 +223,11 @@ GOOD = {
 
 def test_the_documented_configuration_parses():
     config = parse_config(GOOD)
-    assert config.relays["relay1"].fingerprint == "sha256:" + "ab" * 32
-    assert config.peers["hard1"].port == 40003
+    relay1, relay2 = config.relays["relay1"], config.relays["relay2"]
+    assert relay1.fingerprint == "sha256:" + "ab" * 32
+    assert (relay1.site_port, relay1.local_port) == (40003, 41000)
+    assert (relay2.site_port, relay2.local_port) == (40003, 41001)
+    assert relay2.pins == ("sha256:" + "cd" * 32, "sha256:" + "ef" * 32)
     assert config.wireguard_port == 51820
     openssl_style = json.loads(json.dumps(GOOD))
     openssl_style["relays"]["relay1"]["fingerprint"] = "SHA256 Fingerprint=" + ":".join(["AB"] * 32)
@@ -184,14 +237,19 @@ def test_the_documented_configuration_parses():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda c: c["peers"][0].update(relay="relay2"), "not in relays"),
-        (lambda c: c["peers"].append(dict(c["peers"][0], name="hard2")), "also hard1's"),
-        (lambda c: c["peers"][0].update(port=51820), "also wireguard_port's"),
-        (lambda c: c["peers"][0].update(port=0), "not a port"),
+        (lambda c: c["relays"]["relay2"].update(local_port=41000), "also relay1's"),
+        (lambda c: c["relays"]["relay1"].update(local_port=51820), "also wireguard_port's"),
+        (lambda c: c["relays"]["relay1"].update(local_port=0), "local_port: 0 is not a port"),
+        (lambda c: c["relays"]["relay1"].pop("site_port"), "site_port: None is not a port"),
+        (lambda c: c["relays"]["relay1"].pop("local_port"), "local_port: None is not a port"),
         (lambda c: c["relays"]["relay1"].update(fingerprint="sha1:00"), "fingerprint"),
         (lambda c: c.pop("certificate"), "certificate"),
-        (lambda c: c.update(peers="hard1"), "not a list"),
-        (lambda c: c["peers"].append(dict(c["peers"][0], port=40004)), "appears twice"),
+        (lambda c: c.update(relays=["relay1"]), "relays: not an object"),
+        # The carrier of a relay port pair per peer (before one port per site):
+        (
+            lambda c: c.update(peers=[{"name": "hard1", "relay": "relay1", "port": 40003}]),
+            "peers: no longer used",
+        ),
     ],
 )
 def test_bad_configurations_are_refused_with_a_reason(change, message):
@@ -201,12 +259,64 @@ def test_bad_configurations_are_refused_with_a_reason(change, message):
         parse_config(config)
 
 
+def _traversal(*peers: dict[str, Any]) -> dict[str, Any]:
+    base = {
+        "name": "easy2",
+        "public_key": "B" * 43 + "=",
+        "overlay_address": "10.200.0.2",
+        "relay_endpoint": "198.51.100.10:40001",
+    }
+    return {
+        "site": "easy1",
+        "public_key": "A" * 43 + "=",
+        "overlay_address": "10.200.0.1",
+        "peers": [{**base, **peer} for peer in peers],
+    }
+
+
+@pytest.mark.parametrize(
+    ("fields", "mode", "upgrade", "direct"),
+    [
+        ({}, "punch", True, None),  # written before modes: upgrade's default
+        ({"upgrade": True}, "punch", True, None),
+        ({"upgrade": False}, "relay", False, None),
+        ({"mode": "relay", "upgrade": False}, "relay", False, None),
+        ({"mode": "punch", "direct_endpoint": None}, "punch", True, None),
+        ({"mode": "direct", "direct_endpoint": None, "upgrade": True}, "direct", True, None),
+        (
+            {"mode": "direct", "direct_endpoint": "[2001:db8::7]:51820"},
+            "direct",
+            True,
+            ("2001:db8::7", 51820),
+        ),
+    ],
+)
+def test_traversal_peers_have_a_mode_or_say_upgrade(fields, mode, upgrade, direct):
+    (peer,) = parse_traversal(_traversal(fields)).peers
+    assert (peer.mode, peer.upgrade, peer.direct_endpoint) == (mode, upgrade, direct)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"mode": "hole-punch"}, "mode: 'hole-punch' is not one of punch, relay, direct"),
+        ({"mode": "relay", "upgrade": True}, "upgrade: True contradicts mode relay"),
+        ({"mode": "direct", "upgrade": False}, "upgrade: False contradicts mode direct"),
+        ({"upgrade": "yes"}, "upgrade: not true or false"),
+        ({"mode": "direct", "direct_endpoint": "203.0.113.5"}, "direct_endpoint"),
+    ],
+)
+def test_bad_traversal_peers_are_refused_with_a_reason(fields, message):
+    with pytest.raises(SidecarConfigError, match=re.escape(message)):
+        parse_traversal(_traversal(fields))
+
+
 # --- over the relay ---------------------------------------------------------------------------
 
 
 def test_1000_numbered_datagrams_each_way_arrive_in_order(setup):
     s = setup()
-    port = s.ports[0]
+    port, site_port = s.local_port, s.site_port
     s.probe(port)
     before = len(s.relay.datagrams)
     to_other: list[bytes] = []
@@ -218,7 +328,7 @@ def test_1000_numbered_datagrams_each_way_arrive_in_order(setup):
         for _ in range(50):
             data, _ = s.other.recvfrom(65535)
             to_other.append(data)
-            s.other.sendto(b"re:" + data, s.relay.udp[port].getsockname())
+            s.other.sendto(b"re:" + data, s.relay.udp[site_port].getsockname())
         for _ in range(50):
             data, source = s.wireguard.recvfrom(65535)
             assert source == (HOST, port)  # from the peer's endpoint, as WireGuard expects
@@ -226,7 +336,7 @@ def test_1000_numbered_datagrams_each_way_arrive_in_order(setup):
     expected = [number.to_bytes(4, "big") + b"w" * 120 for number in range(1000)]
     assert to_other == expected
     assert to_wireguard == [b"re:" + data for data in expected]
-    assert s.relay.datagrams[before:] == [("blk", port, data) for data in expected]
+    assert s.relay.datagrams[before:] == [("blk", site_port, data) for data in expected]
     # The loop counts right after it sends: wait for the count to catch up with the socket.
     wait_for(lambda: s.counters()["datagrams_to_wireguard"] == 1000)
     counters = s.counters()
@@ -236,7 +346,7 @@ def test_1000_numbered_datagrams_each_way_arrive_in_order(setup):
 
 def test_datagrams_not_from_wireguard_or_too_big_are_dropped(setup):
     s = setup()
-    port = s.ports[0]
+    port = s.local_port
     s.probe(port)
     with udp_socket() as stranger:
         stranger.sendto(b"not wireguard", (HOST, port))
@@ -273,7 +383,7 @@ def test_the_datagrams_of_one_wake_up_go_to_the_relay_together_in_order(setup, c
     """Full-size datagrams read in one wake-up: few writes, none larger than WRITE_CHUNK (four
     TLS records), all of them in order (150 fit in MAX_BUFFER: none may be dropped)."""
     s = setup()
-    port = s.ports[0]
+    port = s.local_port
     s.probe(port)
     before = len(s.relay.datagrams)
     payloads = [number.to_bytes(4, "big") + os.urandom(1448) for number in range(count)]
@@ -291,16 +401,16 @@ def test_the_datagrams_of_one_wake_up_go_to_the_relay_together_in_order(setup, c
 
 def test_peer_sockets_get_wide_buffers_and_tcp_keeps_autotuning(setup):
     s = setup()
-    s.probe(s.ports[0])
+    s.probe(s.local_port)
     # Without privileges (no SO_*BUFFORCE) the system's maximum caps them; the kernel reports
     # twice what it was given.
     limits = {
         name: int(Path(f"/proc/sys/net/core/{name}").read_text())
         for name in ("rmem_max", "wmem_max")
     }
-    [peer] = s.sidecar._peers.values()
+    [local] = s.sidecar._locals.values()
     for option, limit in ((socket.SO_RCVBUF, "rmem_max"), (socket.SO_SNDBUF, "wmem_max")):
-        assert peer.sock.getsockopt(socket.SOL_SOCKET, option) >= min(UDP_BUFFER, limits[limit])
+        assert local.sock.getsockopt(socket.SOL_SOCKET, option) >= min(UDP_BUFFER, limits[limit])
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         widen_buffers(sock, 1 << 20)
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= min(
@@ -316,7 +426,7 @@ def test_the_sidecar_refuses_a_relay_that_does_not_match_its_pin(setup, certs):
     s = setup(pin=certs["impostor"].pin)
     wait_for(lambda: s.counters()["disconnects_fingerprint_mismatch"] >= 1)
     for _ in range(20):
-        s.wireguard.sendto(b"secret handshake", (HOST, s.ports[0]))
+        s.wireguard.sendto(b"secret handshake", (HOST, s.local_port))
     wait_for(lambda: s.counters()["dropped_disconnected"] >= 20)
     assert s.relay.datagrams == []
     assert s.counters()["connects"] == 0
@@ -327,25 +437,151 @@ def test_a_relay_serving_its_standby_certificate_is_accepted_and_kept_across_new
     """A certificate rotation: the relay already serves the certificate the site pinned as the
     standby; when the site's pins move on (that one first, a new standby), it stays connected."""
     s = setup(pin=certs["impostor"].pin, standby=certs["relay"].pin)
-    port = s.ports[0]
+    port = s.local_port
     assert s.probe(port) == b"probe"
-    s.write_config([port], pin=certs["relay"].pin, standby=certs["blk"].pin)
+    s.write_config(pin=certs["relay"].pin, standby=certs["blk"].pin)
     s.sidecar.request_reload()
     wait_for(lambda: s.sidecar.config.relays["relay1"].standby_fingerprint == certs["blk"].pin)
     assert s.probe(port) == b"probe"
     assert s.counters()["connects"] == 1
-    # Pins that no longer cover the relay's certificate drop the connection, as they must.
-    s.write_config([port], pin=certs["impostor"].pin, standby=certs["blk"].pin)
+    # Pins that no longer cover the relay's certificate drop the connection, as they must: it
+    # carries on only while its replacement is tried, which fails here.
+    s.write_config(pin=certs["impostor"].pin, standby=certs["blk"].pin)
     s.sidecar.request_reload()
     wait_for(lambda: s.counters()["disconnects_fingerprint_mismatch"] >= 1)
-    assert s.counters()["connects"] == 1
+    counters = s.counters()
+    assert counters["connects"] == 1
+    assert counters["retired_replacement_failed"] == 1
+    assert "relay1 (retiring)" not in s.sidecar.status()
+    wait_for(lambda: not s.relay.call(lambda: s.relay.clients.connected))
+
+
+# --- replacing a connection, make-before-break -------------------------------------------------
+
+
+def serving(directory: Path, cert: Cert) -> Cert:
+    """``cert`` in files of its own, which the relay serves and a test may rotate."""
+    served = Cert(cert.pem, directory / "served.crt", directory / "served.key", cert.pin)
+    served.certificate.write_bytes(cert.certificate.read_bytes())
+    served.key.write_bytes(cert.key.read_bytes())
+    return served
+
+
+def rotate_relay_certificate(s: Setup, served: Cert, new: Cert) -> None:
+    """The relay serves ``new`` from now on, as a live rotation has it: the files replaced,
+    then the relay's reload (its open connections keep their sessions)."""
+    served.certificate.write_bytes(new.certificate.read_bytes())
+    served.key.write_bytes(new.key.read_bytes())
+    ports = {"blk": set(s.site_ports)}
+    s.relay.call(lambda: s.relay.clients.update({"blk": s.certs["blk"].pem}, ports))
+
+
+def start_relay_rotation(
+    setup: Callable[..., Setup], certs: dict[str, Cert], tmp_path: Path, **options: Any
+) -> Setup:
+    """A sidecar connected to a relay that then serves its standby certificate, "impostor"
+    here; the sidecar still pins both and keeps its connection until it reloads."""
+    served = serving(tmp_path, certs["relay"])
+    s = setup(relay_cert=served, standby=certs["impostor"].pin, **options)
+    s.probe()
+    rotate_relay_certificate(s, served, certs["impostor"])
+    return s
+
+
+@pytest.mark.parametrize("rotated", ["relay certificate", "site certificate"])
+def test_a_rotation_replaces_the_connection_without_losing_a_datagram(
+    setup, certs, tmp_path, rotated
+):
+    """The new connection is made before the old one is let go: what WireGuard sends while the
+    new one's handshake waits, and what the other side sends meanwhile, all arrive."""
+    if rotated == "relay certificate":
+        s = start_relay_rotation(setup, certs, tmp_path, relay_options={"supersede_grace": 0.2})
+        new_config = {"pin": certs["impostor"].pin}  # the retired certificate is unpinned
+    else:
+        s = setup(relay_options={"supersede_grace": 0.2})
+        s.probe()
+        both = certs["blk"].pem + certs["stranger"].pem  # the relay knows the new one already
+        s.relay.call(lambda: s.relay.clients.update({"blk": both}, {"blk": set(s.site_ports)}))
+        new_config = {"site": "stranger"}
+    sent_out = [f"out {n}".encode() for n in range(20)]
+    sent_in = [f"in {n}".encode() for n in range(20)]
+    before = s.counters()
+    queued = before["datagrams_to_relay"]
+    with s.relay.paused():  # the new connection's handshake waits for the relay
+        s.write_config(**new_config)
+        s.sidecar.request_reload()
+        wait_for(lambda: s.sidecar.status() == {"relay1": "handshake", "relay1 (retiring)": "open"})
+        for payload in sent_out:
+            s.wireguard.sendto(payload, (HOST, s.local_port))
+        wait_for(lambda: s.counters()["datagrams_to_relay"] == queued + len(sent_out))
+        for payload in sent_in:
+            s.other.sendto(payload, s.relay.udp[s.site_port].getsockname())
+    assert [s.other.recvfrom(65535)[0] for _ in sent_out] == sent_out
+    assert sorted(s.wireguard.recvfrom(65535)[0] for _ in sent_in) == sorted(sent_in)
+    # The relay closes the old connection after its grace; the new one carries on.
+    wait_for(lambda: s.counters()["retired_relay_closed"] == 1)
+    assert s.sidecar.status() == {"relay1": "open"}
+    assert s.probe() == b"probe"
+    counters = s.counters()
+    assert (counters["connects"], counters["connections_retired"]) == (2, 1)
+    assert counters["dropped_disconnected"] == before["dropped_disconnected"]
+    assert s.relay.counters()["closed_superseded"] == 1
+
+
+def test_the_old_connection_is_read_until_the_grace_is_over(setup, certs, tmp_path):
+    """Once the new connection is open, WireGuard's datagrams go there, and what the relay
+    still sends on the old one (queued before it switched) arrives until the sidecar's grace
+    is over; then the sidecar closes it (the relay here would keep it for a minute)."""
+    offset = [0.0]
+    s = start_relay_rotation(
+        setup,
+        certs,
+        tmp_path,
+        relay_options={"supersede_grace": 60.0},
+        clock=lambda: time.monotonic() + offset[0],
+    )
+    s.write_config(pin=certs["impostor"].pin)
+    s.sidecar.request_reload()
+    wait_for(lambda: s.sidecar.status() == {"relay1": "open", "relay1 (retiring)": "open"})
+    wait_for(lambda: s.relay.call(lambda: "blk" in s.relay.clients._superseded))
+    late = [f"late {n}".encode() for n in range(10)]
+
+    def queue_on_the_old_connection() -> None:
+        old, _ = s.relay.clients._superseded["blk"]
+        for payload in late:
+            assert s.relay.clients._queue(old, s.site_port, payload)
+
+    s.relay.call(queue_on_the_old_connection)
+    assert [s.wireguard.recvfrom(65535)[0] for _ in late] == late
+    assert s.probe() == b"probe"  # through the new connection
+    offset[0] += RETIRE_GRACE
+    s.wireguard.sendto(b"wake up", (HOST, s.local_port))
+    wait_for(lambda: s.counters()["retired_grace_over"] == 1)
+    assert s.sidecar.status() == {"relay1": "open"}
+    wait_for(lambda: not s.relay.call(lambda: s.relay.clients._superseded))
+    assert s.relay.counters()["closed_superseded"] == 0  # the sidecar closed it
+
+
+def test_a_replacement_that_never_opens_ends_the_old_connection_at_its_deadline(
+    setup, certs, tmp_path
+):
+    offset = [0.0]
+    s = start_relay_rotation(setup, certs, tmp_path, clock=lambda: time.monotonic() + offset[0])
+    with s.relay.paused():  # the new connection's handshake never gets an answer
+        s.write_config(pin=certs["impostor"].pin)
+        s.sidecar.request_reload()
+        wait_for(lambda: s.sidecar.status() == {"relay1": "handshake", "relay1 (retiring)": "open"})
+        offset[0] += CONNECT_TIMEOUT
+        s.wireguard.sendto(b"wake up", (HOST, s.local_port))
+        wait_for(lambda: s.counters()["retired_replacement_timeout"] == 1)
+        assert "relay1 (retiring)" not in s.sidecar.status()
 
 
 def test_the_relay_refuses_a_sidecar_whose_certificate_it_does_not_know(setup):
     s = setup(site="stranger")
     wait_for(lambda: s.relay.counters()["closed_certificate_rejected"] >= 1)
     for _ in range(20):
-        s.wireguard.sendto(b"let me in", (HOST, s.ports[0]))
+        s.wireguard.sendto(b"let me in", (HOST, s.local_port))
     wait_for(lambda: s.relay.counters()["closed_certificate_rejected"] >= 2)
     assert s.relay.datagrams == []
     assert s.counters()["keepalives_answered"] == 0
@@ -353,7 +589,7 @@ def test_the_relay_refuses_a_sidecar_whose_certificate_it_does_not_know(setup):
 
 def test_a_lost_connection_is_reconnected_and_traffic_resumes(setup):
     s = setup()
-    port = s.ports[0]
+    port = s.local_port
     s.probe(port)
     wait_for(lambda: s.counters()["keepalives_answered"] == 1)  # backoff reset: accepted
     assert s.relay.call(lambda: s.relay.clients.disconnect("blk"))
@@ -406,44 +642,80 @@ def test_garbage_from_the_relay_closes_the_connection_not_the_sidecar(setup, cer
         assert s.counters()["dropped_unknown_port"] == 1
         # It is retried, and the sidecar's loop is alive and well.
         wait_for(lambda: s.counters()["connects"] >= 2)
-        s.wireguard.sendto(b"x" * 3000, (HOST, s.ports[0]))
+        s.wireguard.sendto(b"x" * 3000, (HOST, s.local_port))
         wait_for(lambda: s.counters()["dropped_bad_size"] == 1)
     finally:
         listener.close()
         thread.join(DEADLINE)
 
 
-def test_reload_adds_and_removes_peers_without_dropping_the_connection(setup):
-    s = setup(peers=2)
-    first, second = s.ports
-    s.probe(first)
-    s.write_config([first, second])
+def test_one_local_socket_per_relay_carries_every_peer_through_it_both_ways(setup):
+    """WireGuard's endpoint for both peers relayed through relay1 is the one local socket:
+    their datagrams all go to the relay as frames for this site's port (the relay tells them
+    apart by WireGuard's indices), and both peers' answers come back out of that socket."""
+    s = setup()
+    s.probe()
+    before = len(s.relay.datagrams)
+    sent = [f"to {peer} #{n}".encode() for n in range(20) for peer in ("hard1", "hard2")]
+    for payload in sent:
+        s.wireguard.sendto(payload, (HOST, s.local_port))
+    arrived = [s.other.recvfrom(65535)[0] for _ in sent]
+    assert arrived == sent
+    assert s.relay.datagrams[before:] == [("blk", s.site_port, p) for p in sent]
+    relay_side = s.relay.udp[s.site_port].getsockname()
+    with udp_socket() as hard1, udp_socket() as hard2:
+        for n in range(20):
+            hard1.sendto(f"from hard1 #{n}".encode(), relay_side)
+            hard2.sendto(f"from hard2 #{n}".encode(), relay_side)
+            for _ in range(2):
+                _, source = s.wireguard.recvfrom(65535)
+                assert source == (HOST, s.local_port)
+    assert len(s.sidecar._locals) == 1
+    wait_for(lambda: s.counters()["datagrams_to_wireguard"] == 40)
+    assert s.counters()["dropped_unknown_port"] == 0
+
+
+def test_reload_moves_the_local_socket_and_the_site_port_without_dropping_the_connection(setup):
+    s = setup(site_ports=2)
+    first, second = s.site_ports
+    old_local = s.local_port
+    s.probe()
+    # A new site port (the plan moved this site's port): the connection stays.
+    s.write_config(site_port=second)
     s.sidecar.request_reload()
-    assert s.probe(second) == b"probe"
+    wait_for(lambda: s.sidecar.config.relays["relay1"].site_port == second)
+    assert s.probe() == b"probe"
     assert s.relay.datagrams[-1] == ("blk", second, b"probe")
-    s.write_config([second])
+    # Frames for the old port are nobody's now.
+    with udp_socket() as stranger:
+        stranger.sendto(b"stale", s.relay.udp[first].getsockname())
+    wait_for(lambda: s.counters()["dropped_unknown_port"] == 1)
+    # A new local port: the old one is given up, WireGuard's endpoint is the new one.
+    s.local_port = free_udp_port()
+    s.write_config()
     s.sidecar.request_reload()
 
-    def first_is_free() -> bool:
+    def old_is_free() -> bool:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             try:
-                sock.bind((HOST, first))
+                sock.bind((HOST, old_local))
             except OSError:
                 return False
             return True
 
-    wait_for(first_is_free)
+    wait_for(old_is_free)
+    assert s.probe() == b"probe"
     s.config.write_text("{not json")
     s.sidecar.request_reload()
     wait_for(lambda: s.counters()["config_errors"] == 1)
-    assert s.probe(second) == b"probe"  # the last good configuration still runs
+    assert s.probe() == b"probe"  # the last good configuration still runs
     assert s.counters()["connects"] == 1
 
 
 def test_main_reloads_on_sighup_and_stops_on_sigterm(certs, tmp_path):
     path = tmp_path / "sidecar.json"
     with udp_socket() as wireguard:
-        write_config(path, (HOST, 9), certs, wireguard, [free_udp_port()])
+        write_config(path, (HOST, 9), certs, wireguard, site_port=40000, local_port=free_udp_port())
         process = subprocess.Popen(
             [
                 sys.executable,
@@ -458,9 +730,9 @@ def test_main_reloads_on_sighup_and_stops_on_sigterm(certs, tmp_path):
         )
         try:
             assert process.stderr is not None
-            assert "1 peers" in process.stderr.readline()
+            assert "1 relays" in process.stderr.readline()
             process.send_signal(signal.SIGHUP)
-            assert "1 peers" in process.stderr.readline()
+            assert "1 relays" in process.stderr.readline()
             process.send_signal(signal.SIGTERM)
             _, rest = process.communicate(timeout=DEADLINE)
             assert process.returncode == 0, rest
@@ -472,9 +744,10 @@ def test_main_reloads_on_sighup_and_stops_on_sigterm(certs, tmp_path):
 
 def test_main_refuses_a_bad_configuration(tmp_path, capsys):
     path = tmp_path / "sidecar.json"
-    path.write_text(json.dumps({"peers": [{"name": "x", "relay": "nowhere", "port": 40000}]}))
+    relay = {"address": "198.51.100.10", "fingerprint": "sha256:" + "ab" * 32, "local_port": 1}
+    path.write_text(json.dumps({"relays": {"relay1": relay}}))
     assert main(["--config", str(path)]) == 2
-    assert "not in relays" in capsys.readouterr().err
+    assert "relays.relay1.site_port: None is not a port" in capsys.readouterr().err
 
 
 def test_a_keepalive_is_the_first_frame_and_gets_the_relay_to_answer(certs):
@@ -515,7 +788,14 @@ def test_keepalives_go_out_and_a_silent_relay_is_left(certs, tmp_path):
     offset = [0.0]
     path = tmp_path / "sidecar.json"
     with udp_socket() as wireguard:
-        write_config(path, listener.getsockname(), certs, wireguard, [free_udp_port()])
+        write_config(
+            path,
+            listener.getsockname(),
+            certs,
+            wireguard,
+            site_port=40000,
+            local_port=free_udp_port(),
+        )
         sidecar = Sidecar(path, log=lambda _: None, clock=lambda: time.monotonic() + offset[0])
         loop = threading.Thread(target=sidecar.serve_forever, daemon=True)
         loop.start()
@@ -531,3 +811,60 @@ def test_keepalives_go_out_and_a_silent_relay_is_left(certs, tmp_path):
             loop.join(DEADLINE)
             listener.close()
             thread.join(DEADLINE)
+
+
+# --- the traversal daemon: sampling in the grace ----------------------------------------------
+
+
+class _SampledWireGuard:
+    """WireGuard as the daemon sees it, noting when it was read."""
+
+    def __init__(self, peers: dict[str, Any]) -> None:
+        self.peers = peers
+        self.read_at: list[float] = []
+
+    def sample(self) -> dict[str, Any]:
+        self.read_at.append(time.monotonic())
+        return self.peers
+
+    def set_endpoint(self, public_key: str, endpoint: tuple[str, int]) -> None:
+        pass
+
+    def reset_session(self, public_key: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_daemon_reads_wireguard_every_100_ms_in_a_grace_and_seldom_otherwise(tmp_path):
+    from meshwright.site.sidecar.daemon import SAMPLE_GRACE, TraversalDaemon
+
+    key = "B" * 43 + "="
+    config = _traversal({"mode": "direct", "direct_endpoint": "203.0.113.20:51820"})
+    config.update(overlay_address="127.0.0.1", control_port=free_udp_port())
+    config["state_file"] = str(tmp_path / "state.json")
+    wireguard = _SampledWireGuard({key: (("203.0.113.20", 51820), 100, 100, None)})
+    daemon = TraversalDaemon(
+        parse_traversal(config),
+        wireguard,
+        probes=FakeProbes(),  # type: ignore[arg-type]
+        log=lambda _message: None,
+        addresses=list,
+    )
+    started = time.monotonic()
+    grace = (started + 0.6, started + 1.2)
+    daemon.core.reasserting = lambda now: grace[0] <= now < grace[1]  # type: ignore[method-assign]
+    thread = threading.Thread(target=daemon.serve_forever, daemon=True)
+    thread.start()
+    try:
+        time.sleep(1.8)
+    finally:
+        daemon.stop()
+        thread.join(DEADLINE)
+        daemon.close()
+    in_grace = [t for t in wireguard.read_at if grace[0] <= t < grace[1]]
+    assert len(in_grace) >= 0.6 / SAMPLE_GRACE - 1, in_grace
+    assert max(b - a for a, b in itertools.pairwise(in_grace)) < 2 * SAMPLE_GRACE
+    # Counters that do not move: once a second outside it.
+    assert len([t for t in wireguard.read_at if grace[1] + 0.05 <= t]) <= 1

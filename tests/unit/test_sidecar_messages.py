@@ -56,7 +56,8 @@ ANSWER = Control("answer", "easy2", SESSION, candidates=(("203.0.113.5", 4500),)
 NOMINATE = Control("nominate", "easy1", SESSION, use=("198.51.100.21", 61001))
 NOMINATE6 = Control("nominate", "easy1", SESSION, use=("2001:db8::7", 51820))
 FALLBACK = Control("fallback", "easy2", SESSION)
-CONTROLS = [OFFER, ANSWER, NOMINATE, NOMINATE6, FALLBACK]
+WATCH = Control("watch", "easy1", SESSION, KEY)  # a direct pair's session for check pings
+CONTROLS = [OFFER, ANSWER, NOMINATE, NOMINATE6, FALLBACK, WATCH]
 
 
 def signed(body: bytes, key: bytes = KEY) -> bytes:
@@ -235,6 +236,13 @@ def test_control_wire_format() -> None:
         "from": "easy2",
         "session": "0011223344556677",
     }
+    assert control_dict(WATCH) == {
+        "v": 1,
+        "type": "watch",
+        "from": "easy1",
+        "session": "0011223344556677",
+        "key": KEY.hex(),
+    }
 
 
 def test_control_with_most_candidates_fits() -> None:
@@ -324,6 +332,8 @@ BAD_CONTROLS: list[tuple[str, bytes]] = [
     ("session all spaces", _changed(FALLBACK, session=" " * 16)),
     ("session not text", _changed(FALLBACK, session=1234567812345678)),
     ("offer without key", _changed(OFFER, key=...)),
+    ("watch without key", _changed(WATCH, key=...)),
+    ("watch key short", _changed(WATCH, key=KEY.hex()[:-2])),
     ("key null", _changed(OFFER, key=None)),
     ("key short", _changed(OFFER, key=KEY.hex()[:-2])),
     ("key not hex", _changed(OFFER, key="g" * 64)),
@@ -431,3 +441,17 @@ def test_random_bytes_as_control_raise_only_message_error(datagram: bytes) -> No
 def test_random_json_as_control_raises_only_message_error(value: Any) -> None:
     with contextlib.suppress(MessageError):
         decode_control(json.dumps(value).encode())
+
+
+def test_offers_and_answers_may_name_the_senders_run() -> None:
+    run = bytes(range(8))
+    for kind in ("offer", "answer"):
+        message = Control(
+            kind, "alpha", b"\x01" * 8, b"\x02" * 32 if kind == "offer" else None,
+            (("198.51.100.1", 51820),), 1.0, run=run,
+        )  # fmt: skip
+        assert decode_control(encode_control(message)).run == run
+    bad = json.loads(encode_control(Control("answer", "alpha", b"\x01" * 8, run=run)))
+    bad["run"] = "xyz"
+    with pytest.raises(MessageError, match="run"):
+        decode_control(json.dumps(bad).encode())

@@ -2,8 +2,9 @@
 
 The harness below is deterministic: a fake clock that advances in steps of the daemon's loop
 interval, two sites (alpha and bravo) whose :class:`Traversal` cores are ticked, fed WireGuard's
-counters every :data:`SAMPLE` seconds and given every probe and control message that reaches
-them, and a tiny network between them:
+counters every :data:`SAMPLE` seconds (every :data:`SAMPLE_GRACE` while the core is in the grace
+after a switch to direct, as the daemon does) and given every probe and control message that
+reaches them, and a tiny network between them:
 
 * each site has a private address on a LAN, behind a NAT with a public address. The NAT maps
   endpoint-independently (an inside address:port keeps one public port, its own if free) and
@@ -17,8 +18,13 @@ them, and a tiny network between them:
 * the relay always delivers, after ``relay_delay``.
 
 WireGuard is modelled by a record per site: its endpoint for the peer (SetEndpoint sets it;
-like WireGuard it also roams to the source of any packet it accepts), the mute (a packet from
-the relay gets the direct endpoint as its source), and rx/tx byte counters. Control messages
+like WireGuard it also roams to the source of any packet it accepts, a relayed one included),
+rx/tx byte counters, and sessions: a packet carries its sender's session, a site accepts the
+sessions it has keys for, and the relay carries only sessions whose handshake it forwarded (a
+per-site relay learns a session's indices from its handshake). ResetSession gives both sides
+a new session at once (the handshake takes no time here), through the relay when the
+resetting side's endpoint is there; the resetting side forgets the old one, the other keeps
+it (WireGuard's previous keypair). Control messages
 travel as WireGuard data to wherever the sending site's WireGuard endpoint points at the moment
 the daemon sends them (the daemon writes them to a socket on the overlay address).
 """
@@ -26,6 +32,7 @@ the daemon sends them (the daemon writes them to a socket on the overlay address
 from __future__ import annotations
 
 import base64
+import dataclasses
 import heapq
 import ipaddress
 import itertools
@@ -53,18 +60,19 @@ from meshwright.site.sidecar.messages import (
     encode_probe,
 )
 from meshwright.site.sidecar.traversal import (
+    CLASH_WAIT,
     OFFER_TIMEOUT,
     Action,
     Log,
-    Mute,
     PeerConfig,
+    ResetSession,
     SendControl,
     SendProbe,
     SetEndpoint,
     Traversal,
-    Unmute,
     backoff,
 )
+from meshwright.wire.endpoint import format_endpoint
 
 Address = tuple[str, int]
 
@@ -72,6 +80,7 @@ T0 = 1000.0  # the monotonic clock at the start of every run
 WALL = 1_764_526_000.0 - T0  # wall clock = monotonic + WALL (+ a site's skew)
 STEP = 0.02  # the daemon's loop interval: cores are ticked this often
 SAMPLE = 0.25  # the daemon samples WireGuard's counters this often
+SAMPLE_GRACE = 0.1  # and this often in the grace after a switch to direct (daemon.SAMPLE_GRACE)
 WG = 51820
 RELAY = "198.51.100.200"
 UNREPLIED_TIMEOUT = 30.0  # nf_conntrack_udp_timeout
@@ -156,18 +165,22 @@ class Site:
     private: Address
     lan: str
     nat: Nat
-    relay_endpoint: Address  # its relay allocation for the other site
+    relay_endpoint: Address  # its relay endpoint (its site port on the relay)
+    mode: str = "punch"  # the pair's, from the plan
+    direct_endpoint: Address | None = None  # direct mode: where WireGuard starts
     skew: float = 0.0  # its wall clock's error
     keepalive: float | None = None  # WireGuard's persistent keepalive
     data_every: float | None = None  # sends data to the peer this often
     data_size: int = 200
     core: Traversal = field(init=False)
     wg_endpoint: Address | None = None
-    muted: Mute | None = None
+    session: int = 0  # the session it sends with
+    accepts: set[int] = field(default_factory=lambda: {0})  # the sessions it has keys for
     rx: int = 0
     tx: int = 0
     last_sent: float = T0
     next_data: float = T0
+    sampled_at: float = T0 - 1.0
     actions: list[tuple[float, Action]] = field(default_factory=list)
     probes_in: list[tuple[float, Address, bytes]] = field(default_factory=list)
 
@@ -179,6 +192,7 @@ class Wg:
     sender: str
     size: int
     control: bytes | None = None
+    session: int = 0
 
 
 class Sim:
@@ -202,23 +216,39 @@ class Sim:
         self._order = itertools.count()
         self.delivered: list[tuple[float, str, Address, str]] = []  # time, site, source, kind
         self.rng = random.Random(seed)
+        # A direct pair's first session was never through the relay.
+        self.relay_sessions: set[int] = set() if a.mode == "direct" else {0}
+        self.sessions = itertools.count(1)
+        self.dropped: Counter[str] = Counter()
         for site in (a, b):
             self._start(site)
 
-    def _start(self, site: Site) -> None:
+    def _start(self, site: Site, first: bool = True) -> None:
+        """The daemon's start: a core configured with WireGuard's endpoint as it is (a punch
+        peer goes to its relay, a direct one stays where WireGuard has it; at the first start
+        WireGuard has what the plan gave it). The start's actions are not recorded."""
         peer = self.peer(site)
-        config = PeerConfig(peer.name, peer.key, peer.overlay, site.relay_endpoint)
-        site.core = Traversal(site.name, site.key, [config], self.rng.randbytes)
-        site.wg_endpoint = site.relay_endpoint
-        site.muted = None
+        config = PeerConfig(
+            peer.name,
+            peer.key,
+            peer.overlay,
+            site.relay_endpoint,
+            mode=site.mode,
+            direct_endpoint=site.direct_endpoint,
+        )
+        site.core = Traversal(site.name, site.key, [], self.rng.randbytes)
+        if first:
+            site.wg_endpoint = site.direct_endpoint if site.mode == "direct" else None
+        live = {peer.name: site.wg_endpoint}
+        self.carry_out(site, site.core.configure([config], live), record=False)
         # The relay sees where WireGuard's socket is mapped: that is a candidate.
         mapped = site.nat.outbound(site.private, (RELAY, 3478), self.now)
         site.core.set_candidates([site.private, mapped])
 
     def restart(self, site: Site, hello: bool = True) -> None:
-        """The site's sidecar restarts: a new core, the peer back on its relay, unmuted, and
-        (as the daemon does) hellos to the peer."""
-        self._start(site)
+        """The site's sidecar restarts: a new core, the peer where the daemon's start puts it,
+        and (as the daemon does) hellos to the peer."""
+        self._start(site, first=False)
         if hello:
             site.core.start(self.now)
 
@@ -233,9 +263,10 @@ class Sim:
     def wall(self, site: Site) -> float:
         return self.now + WALL + site.skew
 
-    def carry_out(self, site: Site, actions: Iterable[Action]) -> None:
+    def carry_out(self, site: Site, actions: Iterable[Action], record: bool = True) -> None:
         for action in actions:
-            site.actions.append((self.now, action))
+            if record:
+                site.actions.append((self.now, action))
             if isinstance(action, SendControl):
                 assert action.peer == self.peer(site).name
                 self.send_wg(site, len(action.data) + 32, action.data)
@@ -244,16 +275,23 @@ class Sim:
             elif isinstance(action, SetEndpoint):
                 assert action.public_key == self.peer(site).key
                 site.wg_endpoint = action.endpoint
-            elif isinstance(action, Mute):
-                site.muted = action
-            elif isinstance(action, Unmute):
-                site.muted = None
+            elif isinstance(action, ResetSession):
+                assert action.public_key == self.peer(site).key
+                new, peer = next(self.sessions), self.peer(site)
+                site.session = peer.session = new
+                site.accepts = {new}
+                peer.accepts.add(new)
+                if site.wg_endpoint == site.relay_endpoint:
+                    self.relay_sessions.add(new)
 
     def send_wg(self, site: Site, size: int, control: bytes | None = None) -> None:
         site.tx += size
         site.last_sent = self.now
-        packet = Wg(site.name, size, control)
+        packet = Wg(site.name, size, control, site.session)
         if site.wg_endpoint == site.relay_endpoint:
+            if packet.session not in self.relay_sessions:
+                self.dropped["relay_unknown_session"] += 1
+                return
             peer = self.peer(site)
             self.at(self.now + self.relay_delay, lambda: self.receive_wg(peer, None, packet))
         else:
@@ -302,8 +340,9 @@ class Sim:
     def receive_wg(self, site: Site, source: Address | None, packet: Wg) -> None:
         if source is None:  # from the relay
             source = site.relay_endpoint
-        if site.muted is not None and source == site.muted.relay:
-            source = site.muted.direct
+        if packet.session not in site.accepts:
+            self.dropped[f"{site.name}_no_keys"] += 1
+            return
         site.rx += packet.size
         site.wg_endpoint = source  # roaming: WireGuard follows any authenticated packet
         if packet.control is not None:
@@ -330,8 +369,12 @@ class Sim:
                 if site.keepalive is not None and self.now - site.last_sent >= site.keepalive:
                     self.send_wg(site, KEEPALIVE)
                 self.carry_out(site, site.core.tick(self.now, self.wall(site)))
-            if self.step % round(SAMPLE / STEP) == 0:
-                for site in (self.a, self.b):
+            for site in (self.a, self.b):
+                grace = site.core.reasserting(self.now)
+                if self.step % round(SAMPLE / STEP) == 0 or (
+                    grace and self.now - site.sampled_at >= SAMPLE_GRACE - 1e-9
+                ):
+                    site.sampled_at = self.now
                     peer = self.peer(site).name
                     actions = site.core.on_counters(
                         peer, site.rx, site.tx, self.now, site.wg_endpoint
@@ -362,8 +405,17 @@ class Sim:
 
 
 def easy_pair(
-    *, clash_a: bool = False, clash_b: bool = False, private_a: str = "10.1.0.2", **kw: Any
+    *,
+    clash_a: bool = False,
+    clash_b: bool = False,
+    private_a: str = "10.1.0.2",
+    mode: str = "punch",
+    **kw: Any,
 ) -> Sim:
+    """Two sites behind endpoint-independent NATs. ``mode`` direct: the plan connects them
+    directly (each WireGuard starts on the other's public address) and both sidecars start
+    (hellos), as the daemon does."""
+    direct = mode == "direct"
     a = Site(
         "alpha",
         KEY_ALPHA,
@@ -372,6 +424,8 @@ def easy_pair(
         "alpha-lan",
         Nat("198.51.100.10", clash=clash_a),
         (RELAY, 40001),
+        mode=mode,
+        direct_endpoint=("203.0.113.20", WG) if direct else None,
     )
     b = Site(
         "bravo",
@@ -381,8 +435,14 @@ def easy_pair(
         "bravo-lan",
         Nat("203.0.113.20", clash=clash_b),
         (RELAY, 40002),
+        mode=mode,
+        direct_endpoint=("198.51.100.10", WG) if direct else None,
     )
-    return Sim(a, b, **kw)
+    sim = Sim(a, b, **kw)
+    if direct:
+        for site in (a, b):
+            site.core.start(sim.now)
+    return sim
 
 
 def lan_pair(**kw: Any) -> Sim:
@@ -424,14 +484,11 @@ def test_two_easy_sites_go_direct_within_a_second() -> None:
     assert sim.paths() == ("direct", "direct")
     assert sim.a.wg_endpoint == ("203.0.113.20", WG)
     assert sim.b.wg_endpoint == ("198.51.100.10", WG)
-    # Each side muted its relay (to the direct endpoint) before it set the endpoint.
+    # Each side set the endpoint once, to the direct one.
     for site, direct in ((sim.a, ("203.0.113.20", WG)), (sim.b, ("198.51.100.10", WG))):
-        (t_mute, mute), *_ = actions_of(site, Mute)
-        (t_set, set_), *_ = actions_of(site, SetEndpoint)
-        assert mute == Mute(sim.peer(site).name, site.relay_endpoint, direct)
+        [(t_set, set_)] = actions_of(site, SetEndpoint)
         assert set_.endpoint == direct
-        assert t_mute <= t_set <= T0 + 1.0
-        assert site.actions.index((t_mute, mute)) < site.actions.index((t_set, set_))
+        assert t_set <= T0 + 1.0
     # The direct path carries data both ways afterwards, and stays.
     sim.a.data_every = sim.b.data_every = 0.1
     rx = (sim.a.rx, sim.b.rx)
@@ -587,37 +644,38 @@ def test_backoff_grows_to_128_s_while_no_path_exists() -> None:
     sim.run(700.0)
     failed, offers = _failures_and_offers(sim.a)
     waits = [round(o - f, 1) for f, o in zip(failed, offers[1:], strict=False)]
-    assert waits[:6] == [2, 8, 32, 128, 128, 128]
+    # Nothing of the peer heard: at least the clash wait, until the backoff is longer.
+    assert waits[:6] == [CLASH_WAIT, CLASH_WAIT, CLASH_WAIT, 128, 128, 128]
     assert sim.on_relay() and sim.paths() == ("relay", "relay")
     # Nothing unvalidated ever touched the working (relayed) path.
     for site in (sim.a, sim.b):
-        assert actions_of(site, SetEndpoint) == actions_of(site, Mute) == []
+        assert actions_of(site, SetEndpoint) == []
         assert site.wg_endpoint == site.relay_endpoint
 
 
-def test_conntrack_clash_backs_off_until_the_stale_entries_expire() -> None:
+def test_conntrack_clash_waits_until_the_stale_entries_expire() -> None:
     """The first attempt's offer and answer are late (a congested relay: later than the
     start, which bravo moves, and the answer later than that), so bravo's pings reach alpha's
     Linux NAT before alpha has sent any: alpha's pings then leave from a new port, which
-    bravo's NAT filters, and every retry within 30 s refreshes both stale entries. Only a
-    retry after a wait longer than the unreplied timeout finds them gone."""
+    bravo's NAT filters, and any retry within 30 s would refresh both stale entries. An
+    attempt that heard nothing waits longer than the unreplied timeout, and the next one
+    finds them gone."""
     sim = easy_pair(clash_a=True, clash_b=True, relay_delay=0.35)
     sim.run(1.0)
     sim.relay_delay = 0.02
     assert sim.a.nat.clashes == 1
-    when = upgraded(sim, 60.0)
+    when = upgraded(sim, 45.0)
     failed, offers = _failures_and_offers(sim.a)
-    assert len(failed) == 3 and len(offers) == 4
-    waits = [round(o - f, 1) for f, o in zip(failed, offers[1:], strict=False)]
-    assert waits == [2, 8, 32]
-    # Direct only after the first retry that waited out the unreplied timeout, then at once.
-    assert offers[-1] - failed[-1] > UNREPLIED_TIMEOUT
-    assert offers[-2] - failed[-2] < UNREPLIED_TIMEOUT
+    assert len(failed) == 1 and len(offers) == 2
+    assert offers[1] - failed[0] == pytest.approx(CLASH_WAIT)
+    assert CLASH_WAIT > UNREPLIED_TIMEOUT
+    # Direct at once on the retry.
     assert offers[-1] < when < offers[-1] + 1.0
     assert sim.a.wg_endpoint == ("203.0.113.20", WG)
     assert sim.b.wg_endpoint == ("198.51.100.10", WG)
     for site in (sim.a, sim.b):
         assert actions_of(site, SetEndpoint)[0][0] > offers[-1]
+    assert any("nothing heard" in a.text for _, a in actions_of(sim.a, Log))
 
 
 def test_clash_on_one_side_is_survived_by_following_the_observed_port() -> None:
@@ -648,35 +706,35 @@ def _open_inbound(nat: Nat) -> Callable[[Address, int, float], Address | None]:
 
 
 def _fell_back(site: Site, since: float) -> float:
-    """When ``site`` went back to its relay after ``since`` (Unmute, then SetEndpoint)."""
-    unmute = actions_of(site, Unmute, since)
+    """When ``site`` went back to its relay after ``since``."""
     relay = [
         t for t, a in actions_of(site, SetEndpoint, since) if a.endpoint == site.relay_endpoint
     ]
-    assert unmute and relay, f"{site.name} did not fall back"
-    assert unmute[0][0] <= relay[0]
+    assert relay, f"{site.name} did not fall back"
     return relay[0]
 
 
-def test_relayed_datagrams_are_muted_only_while_they_can_be_in_flight() -> None:
-    sim = easy_pair()
-    upgraded(sim, 1.0)
-    sim.run(traversal.MUTE_GRACE)
-    for site in (sim.a, sim.b):
-        (t_mute, _), *_ = actions_of(site, Mute)
-        (t_unmute, _), *_ = actions_of(site, Unmute, t_mute)
-        assert t_unmute - t_mute == pytest.approx(traversal.MUTE_GRACE, abs=2 * STEP)
-        assert site.muted is None
+def _cut_the_direct_path(sim: Sim) -> tuple[float, dict[str, float]]:
+    """Cut the pair's direct path: both sides are back on the relay within 3 s. The moment of
+    the cut, and how long each side took."""
+    cut = sim.now
+    sim.cut = True
+    sim.run(3.0)
+    assert sim.on_relay() and sim.paths() == ("relay", "relay")
+    back = {site.name: _fell_back(site, cut) - cut for site in (sim.a, sim.b)}
+    assert all(0.5 < t <= 3.0 for t in back.values()), back
+    return cut, back
 
 
 def test_a_peer_on_its_relay_is_followed_even_when_its_fallback_message_is_lost() -> None:
     """Bravo alone sends data, so bravo alone notices the cut; its fallback message is lost.
-    Its data, now relayed, makes alpha's WireGuard roam to the relay (no mute any more): the
-    sidecar sees that endpoint and follows, and asks the relays where its NAT maps it now."""
+    Its data, now relayed, makes alpha's WireGuard roam to the relay (long after the grace):
+    the sidecar sees that endpoint and follows, and asks the relays where its NAT maps it
+    now."""
     sim = easy_pair()
     upgraded(sim, 1.0)
     sim.b.data_every = 0.05
-    sim.run(traversal.MUTE_GRACE + 1.0)
+    sim.run(traversal.REASSERT_GRACE + 1.0)
     send_wg = sim.send_wg
 
     def losing_fallbacks(site: Site, size: int, control: bytes | None = None) -> None:
@@ -708,12 +766,7 @@ def test_cut_direct_path_falls_back_within_3_s_and_upgrades_after_healing(
         sim.sites[name].data_every = 0.05
     sim.run(10.0)
     assert sim.paths() == ("direct", "direct")
-    cut = sim.now
-    sim.cut = True
-    sim.run(3.0)
-    assert sim.on_relay() and sim.paths() == ("relay", "relay")
-    back = {site.name: _fell_back(site, cut) - cut for site in (sim.a, sim.b)}
-    assert all(0.5 < t <= 3.0 for t in back.values()), back
+    cut, back = _cut_the_direct_path(sim)
     # Whoever noticed first told the other, and the message got there (through the relay).
     first = min((sim.a, sim.b), key=lambda s: back[s.name])
     fallbacks = [c for _, c in controls(first, cut) if c.type == "fallback"]
@@ -1045,7 +1098,8 @@ def test_a_restarted_sidecar_says_hello_and_both_sides_agree_again(side: str) ->
     assert any(text.startswith("direct via") for text in logs[1:]), logs
     sim.run(5.0)
     assert sim.paths() == ("direct", "direct") and sim.direct()
-    assert counters(peer)["hello_repeated"] == len(traversal.HELLO_AT) - 1
+    # (and one more with the restarted side's new session, which brings its handshake)
+    assert counters(peer)["hello_repeated"] >= len(traversal.HELLO_AT) - 1
 
 
 @pytest.mark.parametrize("stopping", ["alpha", "bravo"])
@@ -1145,11 +1199,17 @@ def test_moved_relay_puts_the_peer_back_on_it_and_the_pair_upgrades_again(side: 
     moved = (RELAY, 40100 + len(side))
     site.relay_endpoint = moved
     before = sim.now
-    actions = site.core.configure([PeerConfig(peer.name, peer.key, peer.overlay, moved)])
-    assert Unmute(peer.name) in actions
-    assert SetEndpoint(peer.name, peer.key, moved) in actions
+    # As the daemon's reload does: with WireGuard's endpoints (direct here: a new session,
+    # through the relay, which has not seen the one made on the direct path).
+    actions = site.core.configure(
+        [PeerConfig(peer.name, peer.key, peer.overlay, moved)], {peer.name: site.wg_endpoint}
+    )
+    assert actions[:2] == [
+        SetEndpoint(peer.name, peer.key, moved),
+        ResetSession(peer.name, peer.key),
+    ]
     sim.carry_out(site, actions)
-    assert site.wg_endpoint == moved and site.muted is None
+    assert site.wg_endpoint == moved
     assert site.core.status(sim.now)["peers"][peer.name]["path"] == "relay"
     # Both sides end up direct again, and agree about it.
     when = upgraded(sim, 5.0)
@@ -1165,12 +1225,11 @@ def test_configure_adds_and_removes_peers_and_repeats_nothing() -> None:
     charlie = PeerConfig("charlie", "B" * 43 + "=", "10.200.0.3", (RELAY, 40003))
     actions = core.configure([config, charlie])
     assert [a for a in actions if not isinstance(a, Log)] == [
-        Unmute("charlie"),
         SetEndpoint("charlie", charlie.public_key, (RELAY, 40003)),
     ]
-    assert [a for a in core.configure([charlie]) if not isinstance(a, Log)] == [Unmute("bravo")]
+    assert core.configure([charlie]) == []
     assert set(core.links) == {"charlie"}
-    assert core.configure([]) == [Unmute("charlie")]
+    assert core.configure([]) == []
     assert core.links == {}
 
 
@@ -1214,18 +1273,24 @@ def _shared_probing_pair() -> Sim:
 STANDBY = "198.51.100.201"
 
 
-def _failover_core(upgrade: bool = False) -> Traversal:
-    """Alpha with bravo on relay r1 (port 40001), its standby on r2 (port 40101)."""
-    peer = PeerConfig(
+def _bravo(mode: str, direct: Address | None = None, key: str = KEY_BETA) -> PeerConfig:
+    """Bravo as alpha's peer: on relay r1 (port 40001), its standby on r2 (port 40101)."""
+    return PeerConfig(
         "bravo",
-        KEY_BETA,
+        key,
         "10.200.0.2",
         (RELAY, 40001),
         relay="r1",
         standby_endpoint=(STANDBY, 40101),
         standby_relay="r2",
-        upgrade=upgrade,
+        mode=mode,
+        direct_endpoint=direct,
     )
+
+
+def _failover_core(upgrade: bool = False) -> Traversal:
+    """Alpha with bravo on relay r1, its standby on r2 (:func:`_bravo`)."""
+    peer = _bravo("punch" if upgrade else "relay")
     return Traversal("alpha", KEY_ALPHA, [peer], random.Random(3).randbytes)
 
 
@@ -1254,7 +1319,12 @@ def test_a_relayed_peer_moves_to_its_standby_relay_when_its_relay_dies() -> None
     actions = _seconds(core, died + 3, 3, {"r2"})
     moves = [a for a in actions if isinstance(a, SetEndpoint)]
     assert moves == [SetEndpoint("bravo", KEY_BETA, (STANDBY, 40101))]
-    assert traversal.ResetSession("bravo", KEY_BETA) in actions
+    reset = actions.index(traversal.ResetSession("bravo", KEY_BETA))
+    # Then something for WireGuard to send to bravo (a hello): it starts the new session
+    # through the standby at once, which proves both sites' addresses there.
+    after = actions[reset + 1]
+    assert isinstance(after, traversal.SendControl) and after.peer == "bravo"
+    assert decode_control(after.data).type == "hello"
     status = core.status(died + 6)["peers"]["bravo"]
     assert status["on_standby"] and status["relay"] == "r2"
     assert status["relay_endpoint"] == f"{STANDBY}:40101"
@@ -1337,3 +1407,256 @@ def test_a_relay_silent_while_the_other_was_not_heard_since_moves_nothing() -> N
         actions += core.tick(now, now + WALL)
     assert not [a for a in actions if isinstance(a, SetEndpoint)]
     assert core.relays_down == {"r1", "r2"}
+
+
+# --- the grace after a switch: relayed datagrams in flight ------------------------------------
+
+
+def _longest_on_relay(sim: Sim, site: Site, seconds: float) -> float:
+    """Run ``seconds``; the longest time ``site``'s WireGuard spent on its relay endpoint."""
+    longest = 0.0
+    since: float | None = None
+    for _ in range(round(seconds / STEP)):
+        sim.run(STEP)
+        if site.wg_endpoint == site.relay_endpoint:
+            since = sim.now if since is None else since
+            longest = max(longest, sim.now - since)
+        else:
+            since = None
+    return longest
+
+
+def test_relayed_datagrams_in_flight_at_the_switch_do_not_pull_the_pair_back() -> None:
+    """A slow relay and data both ways: datagrams relayed before the switch arrive after it,
+    and WireGuard roams back to the relay. In the grace the sidecar samples every 100 ms and
+    sets the direct endpoint again each time; the pair stays direct, nothing falls back, and
+    WireGuard spends at most about one sample on the relay each time."""
+    sim = easy_pair(relay_delay=0.2)
+    sim.a.data_every = sim.b.data_every = 0.02
+    switched = upgraded(sim, 2.0)
+    on_relay = {site.name: _longest_on_relay(sim, site, 3.0) for site in (sim.a, sim.b)}
+    reasserted = {site.name: counters_of(site, "endpoint_reasserted") for site in (sim.a, sim.b)}
+    assert sum(reasserted.values()) >= 1, reasserted
+    assert max(on_relay.values()) <= SAMPLE_GRACE + 2 * STEP, on_relay
+    assert sim.direct() and sim.paths() == ("direct", "direct")
+    for site in (sim.a, sim.b):
+        assert counters_of(site, "fallbacks") == 0
+        sets = [a.endpoint for _, a in actions_of(site, SetEndpoint, switched - 1.0)]
+        assert site.relay_endpoint not in sets  # every SetEndpoint was the direct one
+    assert not sim.a.core.reasserting(sim.now)
+
+
+def counters_of(site: Site, name: str) -> int:
+    """A per-peer counter of ``site``'s only link."""
+    (link,) = site.core.links.values()
+    return link.counters[name]
+
+
+def test_an_endpoint_on_the_relay_is_set_back_in_the_grace_and_followed_after_it() -> None:
+    core = _failover_core(upgrade=True)
+    link = core.links["bravo"]
+    direct = ("203.0.113.20", WG)
+    core._to_direct(link, direct, 0.01, T0)
+    assert core.reasserting(T0 + 0.5)
+    # In the grace: WireGuard roamed to the relay (or the standby relay): set it back.
+    for at, where in ((T0 + 0.5, (RELAY, 40001)), (T0 + 1.0, (STANDBY, 40101))):
+        assert core.on_counters("bravo", 100, 100, at, where) == [
+            SetEndpoint("bravo", KEY_BETA, direct)
+        ]
+    assert link.counters["endpoint_reasserted"] == 2 and link.path == "direct"
+    core.tick(T0 + traversal.REASSERT_GRACE, T0 + WALL)
+    assert not core.reasserting(T0 + traversal.REASSERT_GRACE)
+    # After it: the peer sends through the relay; follow it there.
+    actions = core.on_counters("bravo", 200, 200, T0 + 2.5, (RELAY, 40001))
+    assert SetEndpoint("bravo", KEY_BETA, (RELAY, 40001)) in actions
+    assert "relay (peer is on the relay) via r1" in [a.text for a in actions if isinstance(a, Log)]
+    assert link.path == "relay" and link.counters["endpoint_reasserted"] == 2
+
+
+def test_a_fallback_starts_a_new_session_through_the_relay() -> None:
+    """A relay forwards a session only after it forwarded its handshake, and the pair's
+    session may have been made or rekeyed on the direct path."""
+    core = _failover_core(upgrade=True)
+    link = core.links["bravo"]
+    core._to_direct(link, ("203.0.113.20", WG), 0.01, T0)
+    actions = core._fall_back(link, T0 + 5, "test")
+    assert actions[:2] == [
+        SetEndpoint("bravo", KEY_BETA, (RELAY, 40001)),
+        ResetSession("bravo", KEY_BETA),
+    ]
+
+
+def test_one_relay_keepalive_per_relay_endpoint_for_many_direct_peers() -> None:
+    """Peers relayed through one relay share this site's endpoint there: one NAT mapping,
+    so one keepalive every 20 s, however many of them are direct."""
+    peers = [
+        PeerConfig(f"p{i}", f"{chr(66 + i)}" * 43 + "=", f"10.200.0.{10 + i}", (RELAY, 40001))
+        for i in range(5)
+    ]
+    core = Traversal("alpha", KEY_ALPHA, peers, bytes)
+    for i, link in enumerate(core.links.values()):
+        core._to_direct(link, ("203.0.113.20", 50000 + i), 0.01, T0)
+    sent = [
+        (t, a)
+        for t in range(0, 60_000, 100)
+        for a in core.tick(T0 + t / 1000, WALL + T0 + t / 1000)
+        if isinstance(a, SendProbe)
+    ]
+    assert [t for t, _ in sent] == [0, 20_000, 40_000]
+    assert {a.destination for _, a in sent} == {(RELAY, 40001)}
+
+
+# --- direct peers (mode direct) -----------------------------------------------------------------
+
+DIRECT = ("203.0.113.20", WG)
+
+
+def _direct_peer(direct: Address | None = DIRECT, key: str = KEY_BETA) -> PeerConfig:
+    return _bravo("direct", direct, key)
+
+
+@pytest.mark.parametrize(
+    ("live", "direct", "path", "endpoint"),
+    [
+        ({"bravo": ("203.0.113.20", 61000)}, DIRECT, "direct", ("203.0.113.20", 61000)),
+        ({}, DIRECT, "direct", DIRECT),  # WireGuard could not be read
+        (None, None, "direct", None),  # only the peer knows where this side is
+        ({"bravo": (RELAY, 40001)}, DIRECT, "relay", (RELAY, 40001)),  # an earlier fallback
+        ({"bravo": (STANDBY, 40101)}, DIRECT, "relay", (STANDBY, 40101)),
+    ],
+    ids=["learned", "unread", "unknown", "on-its-relay", "on-its-standby"],
+)
+def test_a_direct_peer_is_not_moved_at_start(
+    live: dict[str, Address] | None, direct: Address | None, path: str, endpoint: Address | None
+) -> None:
+    core = Traversal("alpha", KEY_ALPHA, [], random.Random(1).randbytes)
+    actions = core.configure([_direct_peer(direct)], live)
+    assert not [a for a in actions if isinstance(a, SetEndpoint | ResetSession)]
+    status = core.status(T0)["peers"]["bravo"]
+    assert (status["mode"], status["path"]) == ("direct", path)
+    assert status["endpoint"] == (None if endpoint is None else format_endpoint(*endpoint))
+    assert status["on_standby"] == (endpoint == (STANDBY, 40101))
+    # The controlling side (alpha) gives a direct path its check pings' session and key.
+    watches = [decode_control(a.data) for a in actions if isinstance(a, SendControl)]
+    assert [w.type for w in watches] == (["watch"] if path == "direct" else [])
+    # Nothing moves it on the first ticks either.
+    ticks = [a for t in range(0, 3000, 20) for a in core.tick(T0 + t / 1000, WALL + T0)]
+    assert not [a for a in ticks if isinstance(a, SetEndpoint | ResetSession)]
+
+
+def test_a_direct_peer_on_no_endpoint_learns_the_one_wireguard_roams_to() -> None:
+    core = Traversal("bravo", KEY_BETA, [], bytes)
+    core.configure([_direct_peer(None, KEY_ALPHA)])
+    assert core.on_counters("bravo", 0, 0, T0, None) == []
+    assert core.on_counters("bravo", 148, 92, T0 + 1, ("198.51.100.10", 4500)) == []
+    link = core.links["bravo"]
+    assert link.path == "direct" and link.endpoint == ("198.51.100.10", 4500)
+    assert not core.links["bravo"].controlling  # bravo waits for alpha's watch: no message
+    assert core.status(T0)["peers"]["bravo"]["endpoint"] == "198.51.100.10:4500"
+
+
+def test_a_reload_keeps_a_direct_peer_and_its_session() -> None:
+    core = Traversal("alpha", KEY_ALPHA, [], random.Random(2).randbytes)
+    core.configure([_direct_peer()], {"bravo": DIRECT})
+    session = core.links["bravo"].session
+    moved = dataclasses.replace(_direct_peer(), relay_endpoint=(RELAY, 40009))
+    actions = core.configure([moved], {"bravo": DIRECT})
+    assert not [a for a in actions if isinstance(a, SetEndpoint | ResetSession)]
+    assert core.links["bravo"].path == "direct" and core.links["bravo"].session == session
+    # On the relay the plan no longer gives it: onto the new one, a new session there.
+    core.configure([_direct_peer()], {"bravo": (RELAY, 40009)})
+    assert core.links["bravo"].path == "relay"
+
+
+def test_a_direct_pair_is_watched_falls_back_when_its_path_dies_and_upgrades_again() -> None:
+    sim = easy_pair(mode="direct")
+    sim.a.data_every = sim.b.data_every = 0.05
+    sim.run(3.0)
+    assert sim.paths() == ("direct", "direct") and sim.direct()
+    assert sim.a.wg_endpoint == ("203.0.113.20", WG)
+    assert sim.b.wg_endpoint == ("198.51.100.10", WG)
+    for site in (sim.a, sim.b):
+        assert actions_of(site, SetEndpoint) == []  # never moved to its relay
+    session = sim.a.core.links["bravo"].session
+    assert session is not None and sim.b.core.links["alpha"].session == session  # the watch
+    cut, back = _cut_the_direct_path(sim)
+    # Whoever noticed first started a session through the relay, which never saw the pair.
+    first = min((sim.a, sim.b), key=lambda s: back[s.name])
+    assert actions_of(first, ResetSession, cut)
+    assert [c.type for _, c in controls(first, cut)].count("fallback") == 1
+    # Healed: the controlling side offers after the backoff, and both go direct again.
+    sim.cut = False
+    healed = sim.now
+    when = upgraded(sim, 5.0)
+    assert when - healed < 3.0
+    assert [c.type for _, c in controls(sim.a, healed)][:1] == ["offer"]
+    sim.run(5.0)
+    assert sim.direct() and sim.paths() == ("direct", "direct")
+
+
+def test_a_direct_path_with_one_way_traffic_is_proven_by_check_pings() -> None:
+    """The watch gave both sides a session: alpha's check pings are answered, no fallback."""
+    sim = easy_pair(mode="direct")
+    sim.a.data_every = sim.b.data_every = 0.1
+    sim.run(2.0)  # both NATs have let the other in
+    sim.a.data_every = sim.b.data_every = None
+    start = sim.now
+    for _ in range(40):  # alpha streams data; bravo never answers (one-way UDP)
+        sim.a.tx += 500
+        sim.b.rx += 500
+        sim.run(0.1)
+    assert sim.paths() == ("direct", "direct")
+    assert path_probes(sim.a, start)  # it did check
+    assert sim.b.core.links["alpha"].counters["pongs"] > 0
+    assert actions_of(sim.a, SetEndpoint, start) == []
+
+
+@pytest.mark.parametrize("side", ["alpha", "bravo"])
+def test_a_restarted_sidecar_keeps_a_direct_pair_direct_and_agrees_a_new_session(
+    side: str,
+) -> None:
+    sim = easy_pair(mode="direct")
+    sim.a.data_every = sim.b.data_every = 0.05
+    sim.run(3.0)
+    site = sim.sites[side]
+    restarted = sim.now
+    sim.restart(site)
+    sim.run(2.0)
+    assert sim.paths() == ("direct", "direct") and sim.direct()
+    for each in (sim.a, sim.b):
+        assert actions_of(each, SetEndpoint, restarted) == []
+    session = sim.a.core.links["bravo"].session
+    assert session is not None and sim.b.core.links["alpha"].session == session
+
+
+def test_hellos_from_the_run_a_pair_upgraded_with_move_nothing() -> None:
+    """Both sidecars restarted one after the other (an Ansible run): the second never heard
+    the first one's hellos, the two upgrade together, then a late hello of the first one's run
+    arrives (a hello sent while the peer's WireGuard session was being started anew is
+    delivered late or lost). It comes from the run the pair just upgraded with, which its offer
+    or answer named: no move to the relay, which would cost a new WireGuard session there."""
+    sim = easy_pair()
+    upgraded(sim, 1.0)
+    sim.restart(sim.a)
+    sim.run(max(traversal.HELLO_AT) + 0.5)
+    sim.restart(sim.b)
+    sim.run_until(lambda: sim.paths() == ("direct", "direct") and sim.direct(), 5.0)
+    late = encode_control(Control("hello", sim.a.core.name, sim.a.core.run))
+    source = sim.b.core.links[sim.a.core.name].config.overlay_address
+    actions = sim.b.core.on_control(source, late, sim.now, sim.wall(sim.b))
+    assert actions == []
+    assert counters(sim.b)["hello_repeated"] == 1
+
+
+def test_the_side_that_switches_last_says_hello_with_its_new_session() -> None:
+    """The side that accepts the nomination starts its WireGuard session anew on the direct
+    path, then sends the peer a hello through it: an open site has no keepalive of its own,
+    and the peer, still sending with the old keys, would start a new session only after 15 s
+    without an answer."""
+    sim = easy_pair()
+    start = sim.now
+    upgraded(sim, 5.0)
+    accepting = next(s for s in (sim.a, sim.b) if not s.core.links[sim.peer(s).name].controlling)
+    [(reset_at, _)] = actions_of(accepting, ResetSession, start)
+    hellos = [t for t, c in controls(accepting, reset_at) if c.type == "hello"]
+    assert hellos and hellos[0] == reset_at

@@ -25,6 +25,7 @@ import yaml
 from meshwright import artifact, status_cli
 from meshwright.graph import live_from_dict, to_dot
 from meshwright.plan import LINK_KINDS, Mesh, Policy, Relay, build_plan
+from meshwright.plan.relays import local_ports
 from meshwright.plan.synthetic import public_key, synthetic_site
 from meshwright.status import (
     DOWN_AFTER_S,
@@ -33,7 +34,7 @@ from meshwright.status import (
     format_age,
     format_bytes,
     judge_endpoint,
-    relay_allocations,
+    relay_view,
     render_table,
     to_json,
 )
@@ -53,6 +54,10 @@ SITES = (
 RELAY = Relay(
     name="r1", addresses=("192.0.2.1",), public_key=public_key("r1"), overlay_address="10.99.0.250"
 )
+# Every site's relay port (one per site, the same on every relay), in name order, and e's
+# sidecar's loopback port for r1: e holds 127.0.0.1:LOCAL for every peer r1 carries.
+PORT = {name: 40000 + k for k, name in enumerate("abcde")}
+LOCAL = local_ports(["r1"], avoid=(51820,))["r1"]
 
 
 def plan_of(*sites: Any, relays: tuple[Relay, ...] = (RELAY,)) -> dict[str, Any]:
@@ -140,7 +145,7 @@ def five_site_results() -> dict[str, Any]:
             "a",
             peer("203.0.113.2:51820", 12.0, 2 * mib, 3 * mib, of="b", keepalive=0),
             peer("198.51.100.3:51820", 421.0, 900, 1200, of="c", keepalive=0),
-            peer("192.0.2.1:40000", 31.5, 5000, 7000, of="e", keepalive=25),
+            peer(f"192.0.2.1:{PORT['a']}", 31.5, 5000, 7000, of="e", keepalive=25),
         ),
         "b": report(
             "b",
@@ -163,7 +168,7 @@ def five_site_results() -> dict[str, Any]:
             "c",
             peer("203.0.113.1:51820", 430.0, 1200, 900, of="a"),
             peer("198.51.100.2:51820", 40.2, 160_000, 150_000, of="b"),
-            peer("192.0.2.1:40004", 55.0, 8000, 9000, of="d"),
+            peer(f"192.0.2.1:{PORT['c']}", 55.0, 8000, 9000, of="d"),
             sidecar={
                 "site": "c",
                 "peers": {
@@ -179,7 +184,7 @@ def five_site_results() -> dict[str, Any]:
             },
         ),
         "d": {"unreachable": True, "msg": "Failed to connect to the host via ssh: timed out\n"},
-        "e": report("e", peer("127.0.0.1:40001", 31.0, 7000, 5000, of="a")),
+        "e": report("e", peer(f"127.0.0.1:{LOCAL}", 31.0, 7000, 5000, of="a")),
     }
 
 
@@ -216,9 +221,9 @@ def test_a_side_that_fell_back_a_missing_interface_and_a_missing_peer() -> None:
     results = five_site_results()
     results["a"] = {**report("a"), "interface_present": False, "public_key": None}
     results["e"] = report("e")
-    results["c"]["peers"][1]["endpoint"] = "192.0.2.1:40003"
+    results["c"]["peers"][1]["endpoint"] = f"192.0.2.1:{PORT['c']}"
     results["c"]["sidecar"]["state"]["peers"]["b"].update(
-        path="relay", endpoint="192.0.2.1:40003", next_attempt_in_s=31.2, failures=2
+        path="relay", endpoint=f"192.0.2.1:{PORT['c']}", next_attempt_in_s=31.2, failures=2
     )
     results["b"]["sidecar"]["state"]["peers"]["c"].update(suspect=True)
     status = build_status(plan_of(*SITES), results)
@@ -298,35 +303,60 @@ def test_a_host_outside_the_plan_is_named() -> None:
 
 
 def test_endpoints_are_judged_by_where_packets_go() -> None:
-    allocations = relay_allocations(plan_of(*SITES))
+    view = relay_view(plan_of(*SITES))
     judged = {
-        endpoint: None if route is None else (route.path, route.relay, route.note)
-        for endpoint in (
-            None,
-            "192.0.2.1:40000",  # a's side of a -- e: the relay carries e over TLS
-            "192.0.2.1:40002",  # b's side of the punch pair b -- c
-            "192.0.2.1:40005",  # d's side of c -- d
-            "127.0.0.1:40001",  # e's TLS carrier
-            "[::1]:40001",
-            "127.0.0.1:9",
-            "192.0.2.1:51820",  # the relay's own WireGuard port: not an allocation
-            "198.51.100.7:51820",
-            "[2001:db8::7]:51820",
+        (endpoint, site): None if route is None else (route.path, route.relay, route.note)
+        for endpoint, site in (
+            (None, "a"),
+            (f"192.0.2.1:{PORT['a']}", "a"),  # a's port on r1: relayed (a -- e, or a fallback)
+            (f"192.0.2.1:{PORT['b']}", "b"),  # b's side of the punch pair b -- c
+            (f"192.0.2.1:{PORT['d']}", "d"),  # d's side of c -- d
+            (f"192.0.2.1:{PORT['c']}", "d"),  # c's port, held by d: not d's own
+            (f"127.0.0.1:{LOCAL}", "e"),  # e's TLS carrier for r1
+            (f"[::1]:{LOCAL}", "e"),
+            ("127.0.0.1:9", "e"),
+            ("192.0.2.1:51820", "a"),  # the relay's own WireGuard port: no site's
+            ("198.51.100.7:51820", "a"),
+            ("[2001:db8::7]:51820", "a"),
         )
-        for route in [judge_endpoint(endpoint, allocations)]
+        for route in [judge_endpoint(endpoint, site, view)]
     }
     assert judged == {
-        None: None,
-        "192.0.2.1:40000": ("relay-tcp", "r1", None),
-        "192.0.2.1:40002": ("relay", "r1", None),
-        "192.0.2.1:40005": ("relay", "r1", None),
-        "127.0.0.1:40001": ("relay-tcp", "r1", None),
-        "[::1]:40001": ("relay-tcp", "r1", None),
-        "127.0.0.1:9": ("relay-tcp", None, "127.0.0.1:9 is no allocation's port"),
-        "192.0.2.1:51820": ("relay", "r1", "192.0.2.1:51820 is r1 but no allocation"),
-        "198.51.100.7:51820": ("direct", None, None),
-        "[2001:db8::7]:51820": ("direct", None, None),
+        (None, "a"): None,
+        (f"192.0.2.1:{PORT['a']}", "a"): ("relay", "r1", None),
+        (f"192.0.2.1:{PORT['b']}", "b"): ("relay", "r1", None),
+        (f"192.0.2.1:{PORT['d']}", "d"): ("relay", "r1", None),
+        (f"192.0.2.1:{PORT['c']}", "d"): (
+            "relay",
+            "r1",
+            f"192.0.2.1:{PORT['c']} is r1 but not d's port {PORT['d']}",
+        ),
+        (f"127.0.0.1:{LOCAL}", "e"): ("relay-tcp", "r1", None),
+        (f"[::1]:{LOCAL}", "e"): ("relay-tcp", "r1", None),
+        ("127.0.0.1:9", "e"): ("relay-tcp", None, "127.0.0.1:9 is no relay's local port of e"),
+        ("192.0.2.1:51820", "a"): ("relay", "r1", "192.0.2.1:51820 is r1 but not a's port 40000"),
+        ("198.51.100.7:51820", "a"): ("direct", None, None),
+        ("[2001:db8::7]:51820", "a"): ("direct", None, None),
     }
+
+
+def test_a_pair_that_failed_over_is_relayed_through_its_standby() -> None:
+    """With two relays, a relayed pair the sidecars moved to the standby relay is judged by
+    the endpoints they hold: the standby's address and each site's own port."""
+    r2 = Relay(name="r2", addresses=("192.0.2.2",))
+    plan = plan_of(*SITES, relays=(RELAY, r2))
+    (spare,) = [a for a in plan["standby_allocations"] if (a["a"], a["b"]) == ("c", "d")]
+    results = five_site_results()
+    (to_d,) = [p for p in results["c"]["peers"] if p["public_key"] == public_key("d")]
+    to_d["endpoint"] = f"{spare['address']}:{spare['ports'][0]}"
+    results["d"] = report("d", peer(f"{spare['address']}:{spare['ports'][1]}", 20.0, 1, 2, of="c"))
+    row = next(r for r in build_status(plan, results)["rows"] if (r["a"], r["b"]) == ("c", "d"))
+    assert (row["state"], row["path"], row["relay"], row["notes"]) == (
+        "up",
+        "relay",
+        spare["relay"],
+        [],
+    )
 
 
 def test_malformed_plans_are_named() -> None:

@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -243,6 +243,26 @@ class RelayLoop:
 
     def counters(self) -> Counter[str]:
         return self.call(lambda: Counter(self.clients.counters))
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold the loop (in a call of its own) until the block ends: what arrives meanwhile
+        waits in the sockets. Do not :meth:`call` in the block."""
+        release, holding = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            holding.set()
+            release.wait(DEADLINE)
+
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._calls.put((hold, future))
+        self._wake_write.send(b"\0")
+        assert holding.wait(DEADLINE)
+        try:
+            yield
+        finally:
+            release.set()
+            future.result(DEADLINE)
 
     def stop(self) -> None:
         self._stopping = True

@@ -66,14 +66,14 @@ def ping_loss(src_lan_host: str, address: str, count: int = 5) -> int:
 
 
 def relay_counters(relay: str | None = None) -> dict[str, dict[str, int]]:
-    """Allocation (a--b) -> its counters so far ("forwarded", "forwarded_bytes", drops by
-    reason), from `relay`'s state file (written once a second), or added up over every relay
-    (a pair's standby allocation is on another relay under the same name)."""
+    """Pair (a--b) -> what the relay forwarded between the two sites so far ("forwarded",
+    "forwarded_bytes", "kernel_forwarded"), from `relay`'s state file (written once a second),
+    or added up over every relay (a pair may have used its standby relay too)."""
     counters: dict[str, dict[str, int]] = {}
     for name in [relay] if relay else INVENTORY["mesh_relays"]["hosts"]:
         state = json.loads(host(name).check_output("cat /var/lib/meshwright-relay/state.json"))
-        for key, allocation in state["allocations"].items():
+        for key, pair in state.get("pairs", {}).items():
             total = counters.setdefault(key, {})
-            for counter, value in allocation["counters"].items():
+            for counter, value in pair.items():
                 total[counter] = total.get(counter, 0) + value
     return counters

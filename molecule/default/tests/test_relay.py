@@ -1,5 +1,6 @@
-"""Verify the UDP relay on the lab: hard1<->hard2 goes through its relay, which reads nothing,
-drops and counts what does not belong, survives its own restart, and disturbs no direct pair."""
+"""Verify the UDP relay on the lab: hard1<->hard2 goes through its relay (each site on its own
+port, the same for all its relayed peers), which reads nothing, drops and counts what does not
+belong, survives its own restart, and disturbs no direct pair."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from mesh_lab import (
     relay_counters,
 )
 
+from meshwright.relay.messages import MAPPING_KEEPALIVE
+
 HARD = ("hard1", "hard2")
 ALLOCATION = next(a for a in PLAN.get("allocations", []) if (a["a"], a["b"]) == HARD)
 RELAY = ALLOCATION["relay"]
@@ -33,8 +36,15 @@ CAPTURE = "/tmp/mw-hard-pair.pcap"
 
 
 def relay_state() -> dict:
-    text = host(RELAY).check_output("cat /var/lib/meshwright-relay/state.json")
-    return json.loads(text)["allocations"]["hard1--hard2"]
+    """The hard pair on its relay: what was forwarded between the two sites, what the relay
+    dropped of what arrived on their ports (by reason), and their confirmed addresses."""
+    state = json.loads(host(RELAY).check_output("cat /var/lib/meshwright-relay/state.json"))
+    counters = {"forwarded": 0, **state.get("pairs", {}).get("hard1--hard2", {})}
+    for site in HARD:
+        for key, value in state["sites"][site]["counters"].items():
+            if key.startswith("dropped_"):
+                counters[key] = counters.get(key, 0) + value
+    return {"counters": counters, "confirmed": [state["sites"][s].get("confirmed") for s in HARD]}
 
 
 def udp_packets(pcap: bytes) -> list[tuple[bytes, bytes]]:
@@ -102,7 +112,12 @@ def test_the_relay_sees_only_wireguard_messages():
     host("hard1-lan1").run(f"ping -c 5 -i 0.2 -W 2 -p 6d657368777269676874 {lan_address('hard2')}")
     time.sleep(1.5)
     raw = base64.b64decode(host(RELAY).check_output(f"base64 -w0 {CAPTURE}"))
-    payloads = [payload for _, payload in udp_payloads(raw)]
+    captured = udp_payloads(raw)
+    # The sidecars' mapping keepalives (4 bytes, the probe magic) come in on the sites' ports
+    # and are never sent on; everything else is WireGuard's.
+    keepalives = [(port, p) for port, p in captured if p == MAPPING_KEEPALIVE]
+    assert all(port in PORTS.values() for port, _ in keepalives), keepalives
+    payloads = [payload for _, payload in captured if payload != MAPPING_KEEPALIVE]
     assert len(payloads) >= 10
     for payload in payloads:
         assert payload[0] in (1, 2, 3, 4) and payload[1:4] == b"\0\0\0", payload[:8].hex()
@@ -191,10 +206,16 @@ def _captured_initiation(seconds: float = 150.0) -> tuple[int, bytes]:
 def test_the_udp_blocked_site_reaches_its_peers_through_its_sidecar_and_tls():
     tcp = [a for a in PLAN["allocations"] if a["kind"] == "relay-tcp"]
     assert tcp and all("blocked" in (a["a"], a["b"]) for a in tcp)
+    # WireGuard's endpoint for each of them is the sidecar's socket for the pair's relay, one
+    # socket per relay, shared by every peer relayed through it.
+    by_relay: dict[str, set[str]] = {}
     for allocation in tcp:
         other = allocation["b"] if allocation["a"] == "blocked" else allocation["a"]
-        port = allocation["ports"][0 if allocation["a"] == "blocked" else 1]
-        assert endpoint_of("blocked", other) == f"127.0.0.1:{port}"
+        endpoint = endpoint_of("blocked", other) or ""
+        assert endpoint.startswith("127.0.0.1:"), (other, endpoint)
+        by_relay.setdefault(allocation["relay"], set()).add(endpoint)
+    assert all(len(endpoints) == 1 for endpoints in by_relay.values()), by_relay
+    assert len({e for endpoints in by_relay.values() for e in endpoints}) == len(by_relay)
     assert host("blocked").service("meshwright-sidecar").is_running
     # blocked -> relay over TLS, relay -> hard2 over UDP: the two relay kinds meet.
     assert ping_loss("blocked-lan1", lan_address("hard2")) == 0
@@ -358,20 +379,6 @@ def direct_pairs_losing_pings() -> list[str]:
         out = host(f"{source}-lan1").check_output(f"{script} wait")
         losing += [f"{source} -> {line.split()[1]}" for line in out.splitlines() if "FAIL" in line]
     return losing
-
-
-def test_stopping_the_relay_stops_its_pairs_and_no_direct_pair():
-    relay = host(RELAY)
-    try:
-        relay.check_output("systemctl stop meshwright-relay")
-        assert ping_loss("hard1-lan1", lan_address("hard2"), count=3) == 100
-        assert direct_pairs_losing_pings() == []
-    finally:
-        relay.check_output("systemctl start meshwright-relay")
-    started = time.monotonic()
-    while ping_loss("hard1-lan1", lan_address("hard2"), count=1) != 0:
-        assert time.monotonic() - started < 30, "the relayed pair did not come back in 30 s"
-    assert ping_loss("hard1-lan1", lan_address("hard2")) == 0
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ measured are printed (`pytest -s`); bench/sidecar_bench.py measures them more ca
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -18,6 +19,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from xml.etree import ElementTree
@@ -208,7 +210,7 @@ def restart_sidecars(*sites: str) -> None:
         host(site).check_output("systemctl restart meshwright-sidecar")
 
 
-def test_no_packet_is_lost_while_a_pair_is_upgraded():
+def test_a_pair_upgraded_loses_only_what_is_in_flight_at_its_session_restarts():
     # Restarted sidecars put the pair back on its relay at once, then upgrade it again: a
     # 20-per-second ping across the pair spans both moves.
     pinger = host("easy1-lan1")
@@ -225,7 +227,13 @@ def test_no_packet_is_lost_while_a_pair_is_upgraded():
         assert time.monotonic() < deadline, pinger.run(f"cat {log}").stdout
         time.sleep(0.5)
     summary = pinger.check_output(f"tail -2 {log}")
-    assert " 0% packet loss" in summary, summary
+    received = int(re.search(r"(\d+) received", summary).group(1))
+    # WireGuard's session starts anew three times: on each side as its restarted sidecar puts
+    # the pair back on the relay, and on the accepting side on the direct path (docs/sidecar.md:
+    # per-site relay ports leave no per-peer mute). What the other side sends with the old
+    # session until the new one is confirmed (a round trip and a half, 20-60 ms on a loaded
+    # lab) is dropped: about one ping each, never a second's worth.
+    assert received >= 197, summary
 
 
 def test_forged_probes_and_control_messages_change_no_endpoint():
@@ -408,22 +416,41 @@ def fell_back_at(site: str, since: float) -> float | None:
     return None
 
 
-def test_a_cut_direct_path_falls_back_within_3_s_and_is_direct_again_once_healed():
-    a, b = "easy1", "easy2"
-    router = host(f"{b}-nat")
-    rule = f"FORWARD -s {public_endpoint_of(a)} -j DROP"
-    ping = PingRun(a, b, count=20 * 40, name="mw-fallback-ping")
-    time.sleep(2)
-    cut = float(router.check_output("date +%s.%N"))
-    router.check_output(f"iptables -I {rule}")
+def sidecar_path(site: str, peer: str) -> str | None:
+    return sidecar_status(site)["peers"].get(peer, {}).get("path")
+
+
+def wait_for_path(a: str, b: str, path: str, timeout: float, why: str) -> None:
+    """Until both sidecars of the pair have it on `path`."""
+    deadline = time.monotonic() + timeout
+    while (sidecar_path(a, b), sidecar_path(b, a)) != (path, path):
+        assert time.monotonic() < deadline, why
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def direct_path_cut(a: str, b: str) -> Iterator[float]:
+    """Everything from b's public address dropped at a's NAT router until both sidecars have
+    the pair on its relay and the pings went through it for 3 s; yields the cut's moment (the
+    router's clock)."""
+    nat = host(f"{a}-nat")
+    rule = f"FORWARD -s {public_endpoint_of(b)} -j DROP"
+    cut = float(nat.check_output("date +%s.%N"))
+    nat.check_output(f"iptables -I {rule}")
     try:
-        deadline = time.monotonic() + 10
-        while punch_paths().get((a, b)) != "relay" or punch_paths().get((b, a)) != "relay":
-            assert time.monotonic() < deadline, "no fallback within 10 s"
-            time.sleep(0.2)
+        wait_for_path(a, b, "relay", 10, "no fallback within 10 s")
+        yield cut
         time.sleep(3)  # on the relay for a while: the pings must flow through it
     finally:
-        router.check_output(f"iptables -D {rule}")
+        nat.check_output(f"iptables -D {rule}")
+
+
+def test_a_cut_direct_path_falls_back_within_3_s_and_is_direct_again_once_healed():
+    a, b = "easy1", "easy2"
+    ping = PingRun(a, b, count=20 * 40, name="mw-fallback-ping")
+    time.sleep(2)
+    with direct_path_cut(b, a) as cut:
+        pass
     healed = wait_until_direct([(a, b)], timeout=90)
     lost = ping.lost()
     moved = {s: fell_back_at(s, cut) for s in (a, b)}
@@ -434,6 +461,29 @@ def test_a_cut_direct_path_falls_back_within_3_s_and_is_direct_again_once_healed
     )
     assert first < 3, moved
     assert lost / 20 < 3, f"{lost} of {ping.count} pings lost"
+
+
+def test_a_planned_direct_pair_falls_back_to_its_relay_when_its_path_dies():
+    """A pair the plan makes direct (easy1 behind its NAT, public open) has a relay path too:
+    cut the direct path at easy1's NAT and both sidecars move the pair to its relay (easy1's
+    endpoint for public: the relay's address and easy1's own port), where the pings go on;
+    healed, the sidecars find the direct path again."""
+    a, b = "easy1", "public"
+    assert EXPECTED[(a, b)] == "direct"
+    allocation = allocation_of(a, b)
+    assert allocation is not None and allocation["kind"] == "direct", allocation
+    own_port = allocation["ports"][[allocation["a"], allocation["b"]].index(a)]
+    ping = PingRun(a, b, count=20 * 40, name="mw-direct-fallback-ping")
+    time.sleep(2)
+    with direct_path_cut(a, b) as cut:
+        assert endpoint_of(a, b) == f"{allocation['address']}:{own_port}"
+    lost = ping.lost()
+    first = fell_back_at(a, cut)
+    print(f"planned direct pair: on its relay {(first or cut) - cut:.2f} s after the cut; "
+          f"{lost} pings lost ({lost / 20:.2f} s)")  # fmt: skip
+    assert first is not None and first - cut < 3
+    assert lost / 20 < 3, f"{lost} of {ping.count} pings lost"
+    wait_for_path(a, b, "direct", 120, "not direct again within 120 s of healing")
 
 
 def _restart_every_sidecar() -> None:

@@ -1,9 +1,11 @@
-"""A relay between two sites on one machine, in network namespaces: for the relay's tests and
+"""A relay between sites on one machine, in network namespaces: for the relay's tests and
 benchmarks that need real packets but not the whole lab.
 
-    a (203.0.113.5) ---- r (203.0.113.1 | 198.51.100.1) ---- b (198.51.100.7)
+    a (203.0.113.5) ---- r (203.0.113.1 | 198.51.100.1 | 192.0.2.1) ---- b (198.51.100.7)
+                                                 |
+                                                 c (192.0.2.9), only when asked for
 
-``r`` routes between the two links (``ip_forward`` is the caller's choice); each site's default
+``r`` routes between the links (``ip_forward`` is the caller's choice); each site's default
 route goes through it. The namespaces are joined only to each other: nothing sent in them can
 leave them. Needs root and iproute2.
 """
@@ -15,24 +17,29 @@ import subprocess
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["RELAY", "SITE_A", "SITE_B", "RelayLine"]
+__all__ = ["RELAY", "SITE_A", "SITE_B", "SITE_C", "RelayLine"]
 
-SITE_A, SITE_B = "203.0.113.5", "198.51.100.7"
-RELAY = "198.51.100.1"  # the relay's address on b's link, which a reaches through r
-_LINKS = (("a", "203.0.113", SITE_A), ("b", "198.51.100", SITE_B))
+SITE_A, SITE_B, SITE_C = "203.0.113.5", "198.51.100.7", "192.0.2.9"
+RELAY = "198.51.100.1"  # the relay's address on b's link, which a and c reach through r
+_LINKS = {"a": ("203.0.113", SITE_A), "b": ("198.51.100", SITE_B), "c": ("192.0.2", SITE_C)}
 
 
 class RelayLine:
-    """The three namespaces, named ``<prefix>a``, ``<prefix>r`` and ``<prefix>b``."""
+    """The namespaces, named ``<prefix>a``, ``<prefix>r``, ``<prefix>b`` (and ``<prefix>c``
+    with ``sites="abc"``)."""
 
-    def __init__(self, prefix: str | None = None) -> None:
+    def __init__(self, prefix: str | None = None, sites: str = "ab") -> None:
+        if sites not in ("ab", "abc"):
+            raise ValueError(f"sites must be 'ab' or 'abc', not {sites!r}")
         self.prefix = prefix or f"mwl{os.getpid() % 100000}"
-        self.names = {side: f"{self.prefix}{side}" for side in ("a", "r", "b")}
+        self.sites = sites
+        self.names = {side: f"{self.prefix}{side}" for side in ("r", *sites)}
 
     def up(self) -> None:
         for name in self.names.values():
             _run("ip", "netns", "add", name)
-        for side, net, address in _LINKS:
+        for side in self.sites:
+            net, address = _LINKS[side]
             outer, inner = f"{self.prefix}{side}0", f"{self.prefix}{side}1"
             _run(
                 "ip", "link", "add", outer, "netns", self.names[side], "type", "veth", "peer", inner

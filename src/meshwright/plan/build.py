@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from array import array
 from collections import defaultdict
 from collections.abc import Sequence
 
 from .links import Blocker, LinkGraph
-from .model import LINK_KINDS, RELAY_KINDS, Mesh, PlanError
+from .model import LINK_KINDS, Mesh, PlanError
 from .output import Plan
-from .relays import RelayAllocation, RelayPorts, allocate_with_standby
+from .relays import Allocations, LinkedPairs, RelayPorts, allocate
 from .routing import Routing
 from .validate import Node, Skip, check_mesh
 
@@ -48,12 +49,11 @@ def check(mesh: Mesh, skip: Skip = frozenset()) -> tuple[list[str], Plan | None]
     # removed site changes no pair whose path it was not on.
     routings = [Routing(graph, c) for c in components if len(c) > 1]
     try:
-        allocations, standby = _allocations(mesh, graph, routings)
+        allocations = _allocations(mesh, graph, routings)
     except ValueError as exc:
         return [f"relays: {exc}"], None
     plan = Plan(
         allocations=allocations,
-        standby_allocations=standby,
         relays=mesh.relays,
         overlay_network=str(mesh.overlay_network),
         link_kinds=tuple(k for k in LINK_KINDS if k in kinds),
@@ -66,34 +66,45 @@ def check(mesh: Mesh, skip: Skip = frozenset()) -> tuple[list[str], Plan | None]
     return [], plan
 
 
-def _allocations(
-    mesh: Mesh, graph: LinkGraph, routings: Sequence[Routing]
-) -> tuple[dict[tuple[str, str], RelayAllocation], dict[tuple[str, str], RelayAllocation]]:
-    """A relay allocation for every pair that the routing links with a relay kind, and for
-    every punch pair: it starts on the relay (connect first) and the sidecar upgrades it; and
-    their standby allocations on other relays (:func:`.relays.allocate_with_standby`)."""
+def _allocations(mesh: Mesh, graph: LinkGraph, routings: Sequence[Routing]) -> Allocations | None:
+    """When the mesh has relays: a relay, and a standby relay, for every pair the routing links
+    (:func:`.relays.allocate`): a relayed pair uses it, a punch pair starts on it until the
+    sidecar upgrades it, a direct pair falls back to it when its direct path dies."""
+    relays = {r.name: r.addresses[0] for r in mesh.relays if r.addresses}
+    if not relays:
+        return None
     nodes = graph.nodes
-    relayed = []
+    kind_index = {kind: k for k, kind in enumerate(LINK_KINDS)}
+    # per group: the kind index of its link with each group, as a bytes.translate table
+    kinds_of = [
+        bytes(kind_index.get(k or "", 0) for k in row).ljust(256, b"\0") for row in graph.kind
+    ]
+    group_of = graph.group_of
+    partners: list[array[int]] = [array("I") for _ in nodes]
+    kinds: list[bytes] = [b""] * len(nodes)
+    few_groups = len(graph.members) < 256  # a group's index fits a byte
     for routing in routings:
         local, next_hop = routing.local, routing.next_hop
+        size = len(local)
+        members = array("I", local)
+        identity = array("I", range(size))
+        groups = bytes(group_of[i] for i in local) if few_groups else b""
         for s, i in enumerate(local):
-            row = next_hop[s]
-            for d in range(s + 1, len(local)):
-                if row[d] == d:
-                    kind = graph.link(i, local[d])
-                    # A punch pair starts on a relay when the mesh has one.
-                    if kind in RELAY_KINDS or (kind == "punch" and mesh.relays):
-                        a, b = sorted((nodes[i].name, nodes[local[d]].name))
-                        relayed.append((a, b, kind))
-    if not relayed:
-        return {}, {}
-    relays = {r.name: r.addresses[0] for r in mesh.relays if r.addresses}
+            row, mine = next_hop[s], kinds_of[group_of[i]]
+            if row[s + 1 :] == identity[s + 1 :]:
+                # Linked with every later member (with relays, most sites are): C-speed copies.
+                partners[i] = members[s + 1 :]
+                if few_groups:
+                    kinds[i] = groups[s + 1 :].translate(mine)
+                    continue
+            else:
+                partners[i] = array("I", [local[d] for d in range(s + 1, size) if row[d] == d])
+            kinds[i] = bytes([mine[group_of[j]] for j in partners[i]])
+    pairs = LinkedPairs([node.name for node in nodes], partners, kinds)
     ports = {r.name: RelayPorts(r.first_port, r.last_port, r.listen_port) for r in mesh.relays}
     rtt = {node.name: dict(node.site.relay_rtt_ms) for node in nodes}
     keys = {node.name: node.site.public_key or "" for node in nodes}
-    previous = [a for a in mesh.previous_allocations if not a.get("standby")]
-    standby = [a for a in mesh.previous_allocations if a.get("standby")]
-    return allocate_with_standby(relayed, relays, rtt, previous, keys, ports, standby)
+    return allocate(pairs, relays, rtt, mesh.previous_allocations, keys, ports)
 
 
 def build_plan(mesh: Mesh) -> Plan:

@@ -48,6 +48,7 @@ __all__ = [
     "Route",
     "SettingChange",
     "SiteChange",
+    "SitePortChange",
     "diff_plans",
     "headline",
     "load_plan",
@@ -56,7 +57,8 @@ __all__ = [
 ]
 
 FORMATS = ("text", "markdown", "json")
-DIFF_VERSION = 1  # of the JSON form: a consumer checks it
+# Of the JSON form: a consumer checks it. 2: allocations without ports, site_ports added.
+DIFF_VERSION = 2
 SETTINGS = ("overlay_network", "link_kinds", "keepalive")
 FACTS = ("nat_class", "endpoint", "public_key")
 _MISSING = "(none)"
@@ -142,19 +144,29 @@ class SiteChange:
 class Allocation:
     relay: str
     address: str
-    ports: tuple[int, int]
 
 
 @dataclass(frozen=True, kw_only=True)
 class AllocationChange:
-    """A relayed pair's allocation added (``old`` None), removed (``new`` None) or moved;
-    ``standby``: its standby allocation (relay failover)."""
+    """A pair's allocation added (``old`` None), removed (``new`` None) or moved to another
+    relay; ``standby``: its standby allocation (relay failover). Its ports are the sites':
+    :class:`SitePortChange`."""
 
     a: str
     b: str
     old: Allocation | None
     new: Allocation | None
     standby: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class SitePortChange:
+    """A site's relay port (the same on every relay) changed, given or taken back; sites
+    added or removed are left out (their own lines say it)."""
+
+    site: str
+    old: int | None
+    new: int | None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,6 +191,7 @@ class PlanDiff:
     pairs: tuple[PairChange, ...] = ()
     sites: tuple[SiteChange, ...] = ()
     allocations: tuple[AllocationChange, ...] = ()
+    site_ports: tuple[SitePortChange, ...] = ()
     disturbed: tuple[Disturbance, ...] = ()
 
     @property
@@ -195,6 +208,7 @@ class PlanDiff:
             "pairs_changed": len(self.pairs),
             "sites_changed": len(self.sites),
             "allocations_changed": len(self.allocations),
+            "site_ports_changed": len(self.site_ports),
             "tunnels_disturbed": len(self.disturbed),
         }
 
@@ -274,6 +288,7 @@ def diff_plans(
         + _allocations(
             old.get("standby_allocations", []), new.get("standby_allocations", []), standby=True
         ),
+        site_ports=_site_ports(old_relays, new_relays, set(old_sites) & set(new_sites)),
         disturbed=_disturbed({**old_sites, **old_relays}, {**new_sites, **new_relays}),
     )
 
@@ -403,8 +418,7 @@ def _peer(old: Mapping[str, Any], new: Mapping[str, Any]) -> PeerChange | None:
 
 
 def _allocation(data: Mapping[str, Any]) -> Allocation:
-    ports = data["ports"]
-    return Allocation(relay=data["relay"], address=data["address"], ports=(ports[0], ports[1]))
+    return Allocation(relay=data["relay"], address=data["address"])
 
 
 def _allocations(
@@ -412,11 +426,33 @@ def _allocations(
 ) -> tuple[AllocationChange, ...]:
     before = {(a["a"], a["b"]): _allocation(a) for a in old}
     after = {(a["a"], a["b"]): _allocation(a) for a in new}
-    # A kind alone changing (punch -> relay on the same ports) is a pair's change, shown there.
+    # A kind alone changing (punch -> relay on the same relay) is a pair's change, shown there;
+    # a site's port changing is the site's (every one of its pairs would show it).
     return tuple(
         AllocationChange(a=a, b=b, old=before.get((a, b)), new=after.get((a, b)), standby=standby)
         for a, b in sorted(set(before) | set(after))
         if before.get((a, b)) != after.get((a, b))
+    )
+
+
+def _ports(relays: Mapping[str, Any]) -> dict[str, int]:
+    """Site -> its relay port, from the relays' site lists (a plan before per-site ports has
+    none)."""
+    found: dict[str, int] = {}
+    for relay in relays.values():
+        for entry in relay.get("sites", []) if isinstance(relay, Mapping) else []:
+            found.setdefault(entry["name"], entry["port"])
+    return found
+
+
+def _site_ports(
+    old: Mapping[str, Any], new: Mapping[str, Any], kept: set[str]
+) -> tuple[SitePortChange, ...]:
+    before, after = _ports(old), _ports(new)
+    return tuple(
+        SitePortChange(site=site, old=before.get(site), new=after.get(site))
+        for site in sorted(kept & (set(before) | set(after)))
+        if before.get(site) != after.get(site)
     )
 
 
@@ -532,6 +568,7 @@ def headline(diff: PlanDiff) -> str:
         (len(diff.pairs), "pair", "changed"),
         (len(diff.sites), "site", "changed"),
         (len(diff.allocations), "relay allocation", "changed"),
+        (len(diff.site_ports), "relay port", "changed"),
     ]
     parts = [f"{_plural(n, word)} {what}" for n, word, what in counts if n]
     disturbed = len(diff.disturbed) or "none"
@@ -642,8 +679,11 @@ def _grouped(sites: Sequence[SiteChange]) -> list[Item]:
 
 
 def _where(allocation: Allocation) -> str:
-    low, high = allocation.ports
-    return f"{allocation.relay} ({allocation.address}, ports {low}-{high})"
+    return f"{allocation.relay} ({allocation.address})"
+
+
+def _port_line(change: SitePortChange) -> str:
+    return f"{change.site}: {_value(change.old)} -> {_value(change.new)}"
 
 
 def _allocation_line(change: AllocationChange) -> str:
@@ -683,6 +723,10 @@ def _sections(diff: PlanDiff) -> list[tuple[str, list[Item]]]:
         ("Pairs", [(_pair_line(p), []) for p in diff.pairs]),
         ("Sites", _grouped(diff.sites)),
         ("Relay allocations", [(_allocation_line(a), []) for a in diff.allocations]),
+        (
+            "Relay ports (a site's port on every relay)",
+            [(_port_line(c), []) for c in diff.site_ports],
+        ),
         (
             "Live tunnels disturbed",
             [(f"{d.a} -- {d.b}: {'; '.join(d.reasons)}", []) for d in diff.disturbed],

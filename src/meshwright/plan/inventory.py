@@ -5,8 +5,8 @@ here, where plain unit tests reach it: which host variables and facts the planne
 plugins gather only the names in :data:`SITE_VARS`, :data:`RELAY_VARS`), a site's endpoint from
 its NAT facts, this run's facts or the state file for hosts outside ``--limit``, the operator's
 ``mesh_endpoint`` override, the mesh-wide settings (which every site must agree on), the
-sidecar configurations of UDP-blocked sites, and the state file's layout. No I/O: the plugins
-read and write the files, as text.
+sidecar configurations (relays of UDP-blocked sites, traversal of the others), and the state
+file's layout. No I/O: the plugins read and write the files, as text.
 
 - :func:`validate_inventory`: every problem the inventory alone shows (no facts needed), for
   the static check that runs before any host is touched.
@@ -436,7 +436,7 @@ def _site(
 
 
 def _relay(name: str, host: Mapping[str, Any], saved: RelayState) -> dict[str, Any]:
-    """A relay: its addresses and allocation ports, and its WireGuard key and overlay address
+    """A relay: its addresses and site port range, and its WireGuard key and overlay address
     when it has them. The ports' defaults are the planner's (one place)."""
     addresses = host.get("relay_public_addresses", [])
     relay: dict[str, Any] = {
@@ -537,7 +537,7 @@ class InventoryPlan:
     plan_json: str
     state: State
     state_json: str
-    sidecars: dict[str, dict[str, Any]]  # UDP-blocked site -> its sidecar's peers and relays
+    sidecars: dict[str, dict[str, Any]]  # site -> its sidecar: relays (UDP-blocked), traversal
     tls_sites: dict[str, str]  # UDP-blocked site -> its certificate (PEM), pinned by relays
     pending: tuple[str, ...] = ()  # sites left out of the plan: no key or NAT facts yet
 
@@ -625,14 +625,15 @@ def plan_inventory(
         for name, host in inventory.relays.items()
     }
     plan_json = plan.to_json()
-    sidecars = sidecar_configs(plan.allocations.values(), blocked, tls_ports, fingerprints, standby)
+    sidecars = sidecar_configs(plan, blocked, tls_ports, fingerprints, standby)
     wgstun_ports = {
         name: _number(host.get("relay_wgstun_port", DEFAULT_WGSTUN_PORT))
         for name, host in inventory.relays.items()
         if host.get("relay_wgstun", True)
     }
     keys = {name: site.get("public_key") for name, site in found.sites.items()}
-    for name, traversal in traversal_configs(json.loads(plan_json), wgstun_ports, keys).items():
+    configs = traversal_configs(json.loads(plan_json), wgstun_ports, keys, blocked)
+    for name, traversal in configs.items():
         # This run's NAT facts: the site's public addresses are candidates too.
         nat = inventory.sites[name].get("mesh_nat")
         public = list(nat.get("public_addresses") or []) if isinstance(nat, Mapping) else []
@@ -676,14 +677,22 @@ def _saved_relay(state: State, name: str) -> RelayState:
 
 
 def traversal_configs(
-    plan: Mapping[str, Any], wgstun_ports: Mapping[str, object], keys: Mapping[str, Any]
+    plan: Mapping[str, Any],
+    wgstun_ports: Mapping[str, object],
+    keys: Mapping[str, Any],
+    blocked: Iterable[str] = (),
 ) -> dict[str, dict[str, Any]]:
-    """For every site with punch or UDP-relayed peers, what its sidecar's traversal needs: its
-    own key, overlay address and listen port; each such peer's key, overlay address, relay
-    endpoint (where the pair starts, and falls back to) and relay, its standby endpoint and
-    relay (where it goes when that relay dies), and whether it may go direct (``upgrade``:
-    punch peers); the relays whose WG-STUN service tells where they see its WireGuard socket
-    (their overlay addresses) and whether they are alive."""
+    """For every site that can send UDP (not in ``blocked``) and has relay allocations, what its
+    sidecar's traversal needs: its own key, overlay address and listen port; for each peer with
+    an allocation: its key, overlay address, ``mode`` (a relay-tcp peer's is ``relay``: this
+    side's half of the pair is relayed UDP), ``direct_endpoint`` (a direct peer's planned
+    endpoint, may be null; null otherwise), the relay endpoint (the relay's address and this
+    site's own port: where a punch or relay pair starts, and where a pair falls back to) and
+    relay, its standby endpoint and relay (where it goes when that relay dies), and whether it
+    may go direct (``upgrade``: punch and direct peers); and the relays whose WG-STUN service
+    tells where they see its WireGuard socket (their overlay addresses) and whether they are
+    alive. A UDP-blocked site has no traversal: its WireGuard follows its peers from relay to
+    relay (roaming), through the TLS carrier's socket for each relay."""
     sites = plan.get("sites", {})
     relays = [
         {"name": name, "overlay_address": relay["overlay_address"], "port": wgstun_ports[name]}
@@ -693,27 +702,34 @@ def traversal_configs(
     preferred = _by_pair(plan.get("allocations", []))
     standby = _by_pair(plan.get("standby_allocations", []))
     configs: dict[str, dict[str, Any]] = {}
+    no_udp = set(blocked)
     for name, site in sorted(sites.items()):
+        if name in no_udp:
+            continue
         peers = []
         for peer in site.get("peers", []):
-            other = peer["name"]
-            if peer.get("mode") not in ("punch", "relay") or not peer.get("endpoint"):
-                continue
-            if other not in sites:
+            other, mode = peer["name"], peer.get("mode")
+            mode = "relay" if mode == "relay-tcp" else mode
+            if mode not in ("punch", "relay", "direct") or other not in sites:
                 continue
             pair = (min(name, other), max(name, other))
+            allocation = preferred.get(pair)
+            if allocation is None:
+                continue
+            side = 0 if name == pair[0] else 1
             entry = {
                 "name": other,
                 "public_key": peer["public_key"],
                 "overlay_address": sites[other]["overlay_address"],
-                "relay_endpoint": peer["endpoint"],
-                "relay": preferred.get(pair, {}).get("relay", ""),
-                "upgrade": peer["mode"] == "punch",
+                "mode": mode,
+                "direct_endpoint": peer.get("endpoint") if mode == "direct" else None,
+                "relay_endpoint": format_endpoint(allocation["address"], allocation["ports"][side]),
+                "relay": allocation["relay"],
+                "upgrade": mode != "relay",
             }
             spare = standby.get(pair)
             if spare is not None:
-                port = spare["ports"][0 if name == pair[0] else 1]
-                entry["standby_endpoint"] = format_endpoint(spare["address"], port)
+                entry["standby_endpoint"] = format_endpoint(spare["address"], spare["ports"][side])
                 entry["standby_relay"] = spare["relay"]
             peers.append(entry)
         if peers:
@@ -733,34 +749,36 @@ def _by_pair(allocations: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], 
 
 
 def sidecar_configs(
-    allocations: Iterable[RelayAllocation],
+    plan: Plan,
     blocked: Iterable[str],
     tls_ports: Mapping[str, object],
     fingerprints: Mapping[str, str],
     standby: Mapping[str, str] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """For every UDP-blocked site with relayed pairs: its peers (the other site, the relay, its
-    own side's port) and the relays it reaches over TLS (address, TLS port, pinned
-    fingerprints: the certificate the relay serves and its standby)."""
+    """For every UDP-blocked site with relay allocations: the relays it reaches over TLS
+    (address, TLS port, pinned fingerprints: the certificate the relay serves and its standby),
+    each with the site's own port (``site_port``, the same on every relay) and the loopback
+    port its sidecar listens on for that relay (``local_port``: WireGuard's endpoint for every
+    peer relayed through it is ``127.0.0.1:local_port``)."""
     standby = standby or {}
-    udp_blocked = set(blocked)
+    addresses = plan.relay_addresses
     configs: dict[str, dict[str, Any]] = {}
-    for allocation in allocations:
-        for side, site in enumerate((allocation.a, allocation.b)):
-            if site not in udp_blocked:
-                continue
-            other = allocation.b if side == 0 else allocation.a
-            config = configs.setdefault(site, {"peers": [], "relays": {}})
-            config["peers"].append(
-                {"name": other, "relay": allocation.relay, "port": allocation.ports[side]}
-            )
-            config["relays"][allocation.relay] = {
-                "address": allocation.address,
-                "port": tls_ports.get(allocation.relay, DEFAULT_RELAY_TLS_PORT),
-                "fingerprint": fingerprints.get(allocation.relay, ""),
+    for site in sorted(set(blocked)):
+        site_port = plan.site_port(site)
+        carriers = plan.relays_of(site)
+        if site_port is None or not carriers:
+            continue
+        local = plan.local_ports(site)
+        relays: dict[str, dict[str, Any]] = {}
+        for relay in carriers:
+            relays[relay] = {
+                "address": addresses[relay],
+                "port": tls_ports.get(relay, DEFAULT_RELAY_TLS_PORT),
+                "fingerprint": fingerprints.get(relay, ""),
+                "site_port": site_port,
+                "local_port": local[relay],
             }
-            if allocation.relay in standby:
-                config["relays"][allocation.relay]["standby_fingerprint"] = standby[
-                    allocation.relay
-                ]
+            if relay in standby:
+                relays[relay]["standby_fingerprint"] = standby[relay]
+        configs[site] = {"relays": relays}
     return configs

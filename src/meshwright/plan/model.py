@@ -33,8 +33,9 @@ RELAY_KINDS = frozenset({"relay", "relay-tcp"})
 DEFAULT_LINK_KINDS = frozenset({"direct"})
 DEFAULT_KEEPALIVE = 25
 DEFAULT_LISTEN_PORT = 51820
-# A relay's allocation ports, unless its inventory says otherwise (relay_first_port and
-# relay_last_port): 10,000 port pairs. Defined here only; the plan hands them on.
+# A relay's site ports, unless its inventory says otherwise (relay_first_port and
+# relay_last_port): one per site, the same on every relay, so room for 20,000 sites. Defined
+# here only; the plan hands them on.
 DEFAULT_RELAY_FIRST_PORT = 40000
 DEFAULT_RELAY_LAST_PORT = 59999
 
@@ -90,7 +91,7 @@ class Site:
 
 @dataclass(frozen=True, kw_only=True)
 class Relay:
-    """A relay node: its public addresses (the first carries the allocations and WireGuard).
+    """A relay node: its public addresses (the first carries the site ports and WireGuard).
 
     With a ``public_key`` and an ``overlay_address`` it is also a WireGuard peer of every site
     that can send UDP, for the control plane only: each side's allowed IPs for the other hold
@@ -102,7 +103,7 @@ class Relay:
     public_key: str | None = None
     overlay_address: str | None = None
     listen_port: int = DEFAULT_LISTEN_PORT
-    # Its allocation ports, inclusive (slot k: first + 2k and first + 2k + 1).
+    # Its site ports, inclusive: a site's port lies in every relay's range (plan.relays).
     first_port: int = DEFAULT_RELAY_FIRST_PORT
     last_port: int = DEFAULT_RELAY_LAST_PORT
 
@@ -117,5 +118,6 @@ class Mesh:
     link_kinds: frozenset[str] = DEFAULT_LINK_KINDS
     keepalive: int = DEFAULT_KEEPALIVE
     listen_port: int = DEFAULT_LISTEN_PORT
-    # The previous plan's relay allocations (its "allocations" list): kept while still valid.
+    # The previous plan's relay allocations (its "allocations", and its "standby_allocations"
+    # marked "standby": true): relays and site ports kept while still valid.
     previous_allocations: tuple[Mapping[str, object], ...] = ()

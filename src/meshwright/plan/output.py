@@ -8,6 +8,7 @@ read-only mapping and ``plan.pairs`` a read-only sequence, both in a fixed order
 from __future__ import annotations
 
 import json
+from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,7 +18,8 @@ from typing import Any, NamedTuple, overload
 from ..wire.endpoint import format_endpoint
 from .links import LinkGraph
 from .model import Relay
-from .relays import RelayAllocation
+from .relays import NONE as NO_RELAY
+from .relays import Allocations, AllocationView, LinkedPairs, allocate, local_ports
 from .routing import Routing
 from .validate import Node
 
@@ -117,12 +119,13 @@ class Plan:
         "_graph",
         "_keepalive",
         "_local",
+        "_local_ports",
         "_mesh_prefixes",
         "_nodes",
         "_part",
         "_prefixes",
+        "_relay_hosts",
         "_routings",
-        "_standby",
         "link_kinds",
         "overlay_network",
         "unreachable",
@@ -138,13 +141,17 @@ class Plan:
         graph: LinkGraph,
         routings: Sequence[Routing],
         unreachable: Mapping[str, str],
-        allocations: Mapping[tuple[str, str], RelayAllocation] | None = None,
-        standby_allocations: Mapping[tuple[str, str], RelayAllocation] | None = None,
+        allocations: Allocations | None = None,
         relays: Sequence[Relay] = (),
     ) -> None:
         self.overlay_network = overlay_network
-        self._allocations = dict(allocations or {})
-        self._standby = dict(standby_allocations or {})
+        # Indexed by node index: the planner allocates over every node, in name order.
+        self._allocations = allocations or allocate(LinkedPairs((), (), ()), {}, {})
+        self._local_ports: dict[int, dict[str, int]] = {}  # by the site's listen port
+        # Each relay's address as an endpoint's host part ("[v6]" bracketed), once.
+        self._relay_hosts = [
+            format_endpoint(address, 0).rsplit(":", 1)[0] for address in self._allocations.addresses
+        ]
         # Relays that are WireGuard peers of the sites (control plane only).
         self._control = sorted(
             (r for r in relays if r.public_key and r.overlay_address and r.addresses),
@@ -173,14 +180,39 @@ class Plan:
     # --- views ---------------------------------------------------------------------------------
 
     @property
-    def allocations(self) -> Mapping[tuple[str, str], RelayAllocation]:
-        """The relay allocation of every relayed pair, by (a, b)."""
-        return self._allocations
+    def allocations(self) -> AllocationView:
+        """The relay allocation of every linked pair (when the mesh has relays), by (a, b)."""
+        return self._allocations.preferred
 
     @property
-    def standby_allocations(self) -> Mapping[tuple[str, str], RelayAllocation]:
+    def standby_allocations(self) -> AllocationView:
         """The standby allocation (another relay: failover) of every pair that has one."""
-        return self._standby
+        return self._allocations.standby
+
+    def site_port(self, name: str) -> int | None:
+        """``name``'s relay port (the same on every relay); None when it has none."""
+        return self._allocations.port(name)
+
+    def local_ports(self, name: str) -> dict[str, int]:
+        """Relay -> the loopback port ``L_r`` of UDP-blocked site ``name``'s sidecar for that
+        relay (:func:`.relays.local_ports`), for every relay of the mesh."""
+        for node in self._nodes_named(name):
+            return self._local_ports_of(node)
+        raise KeyError(name)
+
+    @property
+    def relay_addresses(self) -> dict[str, str]:
+        """Every relay that carries allocations -> the address its site ports are bound on."""
+        found = self._allocations
+        return dict(zip(found.relays, found.addresses, strict=True))
+
+    def relays_of(self, name: str) -> list[str]:
+        """The relays that carry an allocation or standby allocation of site ``name``."""
+        try:
+            i = self._allocations.site_index(name)
+        except KeyError:
+            return []
+        return [r for r, sites in self._allocations.sites_on().items() if _holds(sites, i)]
 
     @property
     def keepalive(self) -> int:
@@ -228,9 +260,9 @@ class Plan:
             "sites": {node.name: self._site_plan(node).to_dict() for node in self._nodes},
             "pairs": [pair.to_dict() for pair in self.pairs],
             "unreachable": dict(self.unreachable),
-            "allocations": [a.to_dict() for a in self._allocations.values()],
-            "standby_allocations": [a.to_dict() for a in self._standby.values()],
-            "relays": {r.name: self._relay_plan(r) for r in self._control},
+            "allocations": [a.to_dict() for a in self.allocations.values()],
+            "standby_allocations": [a.to_dict() for a in self.standby_allocations.values()],
+            "relays": self._relay_plans(),
         }
 
     def to_json(self) -> str:
@@ -307,6 +339,10 @@ class Plan:
             if d != me:
                 buckets[row[d]].append(prefix)
         graph = self._graph
+        allocations = self._allocations
+        relay_of = allocations.relay_of if allocations.relays else lambda i, j: NO_RELAY
+        relay_names, relay_hosts = allocations.relays, self._relay_hosts
+        own_port = allocations.ports[node.index] if allocations.relays else 0
         peers = []
         for hop in sorted(buckets):
             other = nodes[local[hop]]
@@ -314,16 +350,15 @@ class Plan:
             if kind is None:  # pragma: no cover - a next hop is always a linked neighbour
                 raise RuntimeError(f"routing: {node.name} routes to {other.name} without a link")
             endpoint, keepalive = _peer_settings(node, other, kind, self._keepalive)
-            low, high = sorted((node.name, other.name))
-            allocation = self._allocations.get((low, high))
-            if allocation is not None:
-                # A site that cannot send UDP reaches its side through its sidecar, which
-                # listens on loopback on the same port and carries it over TLS.
-                endpoint = (
-                    allocation.local_endpoint_of(node.name)
-                    if node.eclass == "blocked"
-                    else allocation.endpoint_of(node.name)
-                )
+            r = NO_RELAY if kind == "direct" else relay_of(node.index, other.index)
+            if r != NO_RELAY:
+                # The relay's address and this site's own port; a site that cannot send UDP
+                # reaches it through its sidecar, which listens on loopback (one port per
+                # relay) and carries it over TLS.
+                if node.eclass == "blocked":
+                    endpoint = f"127.0.0.1:{self._local_ports_of(node)[relay_names[r]]}"
+                else:
+                    endpoint = f"{relay_hosts[r]}:{own_port}"
             peers.append(
                 Peer(
                     other.name,
@@ -360,6 +395,33 @@ class Plan:
             tuple(routes),
             self._mesh_prefixes[part],
         )
+
+    def _local_ports_of(self, node: Node) -> dict[str, int]:
+        listen_port = node.site.listen_port
+        found = self._local_ports.get(listen_port)
+        if found is None:
+            found = local_ports(self._allocations.relays, avoid=(listen_port,))
+            self._local_ports[listen_port] = found
+        return found
+
+    def _relay_plans(self) -> dict[str, dict[str, Any]]:
+        """Every relay: its address and the sites it serves (each with its port and key); and
+        for a control-plane relay its WireGuard (:meth:`_relay_plan`)."""
+        allocations = self._allocations
+        names, ports, keys = allocations.pairs.names, allocations.ports, allocations.keys
+        on = allocations.sites_on()
+        plans: dict[str, dict[str, Any]] = {
+            relay: {
+                "address": address,
+                "sites": [
+                    {"name": names[i], "port": ports[i], "public_key": keys[i]} for i in on[relay]
+                ],
+            }
+            for relay, address in zip(allocations.relays, allocations.addresses, strict=True)
+        }
+        for relay in self._control:
+            plans.setdefault(relay.name, {}).update(self._relay_plan(relay))
+        return plans
 
     def _relay_plan(self, relay: Relay) -> dict[str, Any]:
         """A relay's WireGuard: every site that can send UDP, allowed only its overlay address."""
@@ -446,6 +508,11 @@ def _write_json(value: Any, depth: int, head: str, lines: list[str]) -> None:
         lines.append(f"{pad}]")
     else:
         lines.append(f"{pad}{head}{_INLINE(value)}")
+
+
+def _holds(ascending: Sequence[int], value: int) -> bool:
+    k = bisect_left(ascending, value)
+    return k < len(ascending) and ascending[k] == value
 
 
 def _peer_settings(

@@ -7,7 +7,7 @@ The dict::
      "keepalive": 25,                     # optional
      "listen_port": 51820,                # optional: the sites' default
      "relays": [{"name": "r1", "addresses": ["198.51.100.10"],            # optional
-                 "first_port": 40000, "last_port": 59999}],  # allocation ports, optional
+                 "first_port": 40000, "last_port": 59999}],  # site ports, optional
      "sites": [{"name": "a", "public_key": "...", "overlay_address": "10.99.0.1",
                 "lan_prefixes": ["192.168.1.0/24"], "nat_class": "open",
                 "endpoint": "198.51.100.1:51820", "listen_port": 51820, "required": true,

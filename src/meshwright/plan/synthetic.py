@@ -44,13 +44,15 @@ def synthetic_mesh(
     no_direct: float = 0.0,
     no_relay: float = 0.0,
     prefix: str = "s",
+    relay_rtts: bool = False,
 ) -> Mesh:
     """``count`` sites with NAT classes drawn from ``mix``.
 
     ``spokes``: the fraction of NATed sites whose policy names hubs (one or two of the first
     ``hq_count`` open sites). ``no_direct``/``no_relay``: fractions of sites with that policy flag
-    false. Sites that may end up without a path (blocked sites when relay-tcp is not usable, and
-    sites with a policy flag off) are not required.
+    false. ``relay_rtts``: every site that can send UDP has a probe round trip to each relay
+    (2-150 ms, as distinct as real ones). Sites that may end up without a path (blocked sites
+    when relay-tcp is not usable, and sites with a policy flag off) are not required.
     """
     rng = random.Random(seed)
     kinds = frozenset(link_kinds)
@@ -74,6 +76,9 @@ def synthetic_mesh(
         allow_direct = rng.random() >= no_direct
         allow_relay = rng.random() >= no_relay
         required = (nat_class != "blocked" or tcp_ok) and allow_direct and allow_relay
+        rtts: tuple[tuple[str, float], ...] = ()
+        if relay_rtts and nat_class != "blocked":
+            rtts = tuple((f"relay{k}", round(rng.uniform(2.0, 150.0), 1)) for k in range(relays))
         lans = tuple(
             str(ipaddress.ip_network((lan_base + ((i * lans_per_site + k) << 8), 24)))
             for k in range(lans_per_site)
@@ -88,6 +93,7 @@ def synthetic_mesh(
                 endpoint=endpoint,
                 policy=Policy(allow_direct=allow_direct, allow_relay=allow_relay, hubs=hubs),
                 required=required,
+                relay_rtt_ms=rtts,
             )
         )
     relay_nodes = tuple(

@@ -119,11 +119,11 @@ def check_mesh(mesh: Mesh, skip: Skip = frozenset()) -> tuple[list[str], list[No
             add(f"relay {relay.name}: listen port {relay.listen_port!r} is not a port in 1-65535")
         first, last = relay.first_port, relay.last_port
         if not (_is_port(first) and _is_port(last)):
-            add(f"relay {relay.name}: allocation ports {first!r}-{last!r} are not ports in 1-65535")
-        elif last - first < 1:
+            add(f"relay {relay.name}: site ports {first!r}-{last!r} are not ports in 1-65535")
+        elif last < first:
             add(
-                f"relay {relay.name}: allocation ports {first}-{last} hold no port pair"
-                " (the first must be below the last)"
+                f"relay {relay.name}: site ports {first}-{last} hold no port"
+                " (the first must not be above the last)"
             )
     for name, times in sorted(relay_count.items()):
         if times > 1:

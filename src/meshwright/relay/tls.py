@@ -1,9 +1,9 @@
-"""The relay's TLS service: sites that cannot send UDP reach their allocation ports over TLS.
+"""The relay's TLS service: sites that cannot send UDP reach their relay port over TLS.
 
 :class:`TlsClients` serves the TLS connections of the sites' sidecars
 (:mod:`meshwright.site.sidecar`) inside a ``selectors`` loop that someone else owns, such as
 :class:`.server.RelayServer`'s. Each connection carries :mod:`meshwright.wire.frames`:
-``(allocation port, WireGuard datagram)``.
+``(the site's relay port, WireGuard datagram)``.
 
 Who may connect
 ---------------
@@ -14,7 +14,8 @@ anchor, so no CA exists whose key could mint new site identities. After the hand
 certificate's :func:`.tcp.fingerprint` names the site, and that is what authorises: a
 certificate that merely chains to a site's certificate (a site key can sign others, its
 certificate says ``CA:TRUE``) has another fingerprint and is closed as ``unknown_certificate``.
-A site may use only its own allocation ports; frames for any other port are dropped and counted.
+A site may use only its own ports (the relay service gives each its one site port); frames for any
+other port are dropped and counted.
 
 A site certificate must be: X.509 v3, self-signed, currently valid (OpenSSL checks the dates),
 ``basicConstraints=critical,CA:TRUE``, and if it has ``keyUsage`` that must include
@@ -41,8 +42,15 @@ Until its handshake is done a connection is unproven, and one source (an IPv4 ad
 (:mod:`.admission`); more are closed at once as ``rejected_source_limit``. Together these keep
 one host from filling the connection table that UDP-blocked sites need (docs/relays.md).
 
-A site that connects again supersedes its older connection, which is closed:
-:meth:`TlsClients.send` always goes to the newest.
+A site that connects again supersedes its older connection, make-before-break:
+:meth:`TlsClients.send` goes to the newest from the moment it is proven, but the older one is
+closed only after ``supersede_grace`` (1 s, by :meth:`TlsClients.close_idle`), or earlier when
+the site closes it. Until then it is still read, its frames handed on, and what was queued on it
+is still written: the datagrams in flight on it when the site switched, either way, arrive. A
+sidecar replaces its connection when a certificate rotates (its own or the relay's) and does the
+same on its side, so a live rotation drops nothing. A site holds at most one superseded
+connection (a third connection closes the oldest at once), so the connection table is not
+the site's to fill.
 
 Writes are queued per connection, up to ``max_buffer`` bytes. The frames queued in one wake-up
 of the loop (RelayServer drains up to 256 datagrams from a socket at a time) are written
@@ -87,6 +95,8 @@ DEFAULT_IDLE_TIMEOUT = 120.0
 DEFAULT_HANDSHAKE_TIMEOUT = 5.0
 DEFAULT_MAX_BUFFER = 512 * 1024
 DEFAULT_MAX_CONNECTIONS = 1024
+# How long a site's superseded connection may still deliver and flush: its frames in flight.
+DEFAULT_SUPERSEDE_GRACE = 1.0
 # Sites behind one NAT share a source; each holds one connection, briefly two on reconnect.
 DEFAULT_MAX_UNPROVEN_PER_SOURCE = 16
 _ACCEPT_BATCH = 64
@@ -194,14 +204,15 @@ class TlsClients:
     """The sites' TLS connections, served from someone else's ``selectors`` loop.
 
     ``sites`` maps a site name to its certificate(s) in PEM, ``ports`` a site name to the
-    allocation ports it may use. ``on_datagram(site, port, payload)`` gets every frame a site
+    ports it may use. ``on_datagram(site, port, payload)`` gets every frame a site
     sends for one of its ports; ``on_other(sock, first_bytes)`` gets non-TLS connections.
     Neither callback may block; exceptions from them are counted, never propagated.
 
     Use: :meth:`register` the loop's selector, then :meth:`listen` (or pass your own listening
     socket's accepted connections to :meth:`accept` / :meth:`adopt`); in the loop hand every key
-    for which :meth:`owns` is true to :meth:`handle`, and call :meth:`close_idle` now and then
-    (every second is plenty).
+    for which :meth:`owns` is true to :meth:`handle`, and call :meth:`close_idle` after every
+    wake-up of the loop, at least once a second (it closes superseded connections when their
+    grace is over, and scans for idle ones once a second).
     """
 
     def __init__(
@@ -218,6 +229,7 @@ class TlsClients:
         max_buffer: int = DEFAULT_MAX_BUFFER,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_unproven_per_source: int = DEFAULT_MAX_UNPROVEN_PER_SOURCE,
+        supersede_grace: float = DEFAULT_SUPERSEDE_GRACE,
         log: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -227,6 +239,7 @@ class TlsClients:
         self.handshake_timeout = handshake_timeout
         self.max_buffer = max_buffer
         self.max_connections = max_connections
+        self.supersede_grace = supersede_grace
         self._unproven = SourceSlots(max_unproven_per_source, max_connections)
         self.log = log or (lambda _message: None)
         self.clock = clock
@@ -235,6 +248,8 @@ class TlsClients:
         self._listeners: list[socket.socket] = []
         self._connections: set[_Connection] = set()
         self._by_site: dict[str, _Connection] = {}
+        # Site -> its superseded connection and when it is closed (at most one per site).
+        self._superseded: dict[str, tuple[_Connection, float]] = {}
         self._context: ssl.SSLContext
         self._sites: dict[str, str] = {}  # fingerprint -> site
         self._ports: dict[str, frozenset[int]] = {}
@@ -381,8 +396,12 @@ class TlsClients:
         self.counters["accepted"] += 1
 
     def close_idle(self, now: float | None = None) -> None:
-        """Close connections idle too long or stuck in the handshake; at most one scan a second."""
+        """Close superseded connections whose grace is over, and connections idle too long or
+        stuck in the handshake (at most one scan a second for those)."""
         now = self.clock() if now is None else now
+        for connection, deadline in list(self._superseded.values()):
+            if now >= deadline:
+                self._close(connection, "superseded")
         if now < self._next_scan:
             return
         self._next_scan = now + 1.0
@@ -528,16 +547,24 @@ class TlsClients:
             return
         connection.state, connection.site, connection.fingerprint = _OPEN, site, pin
         self._prove(connection)
-        connection.last_seen = self.clock()
+        connection.last_seen = now = self.clock()
         older = self._by_site.get(site)
         self._by_site[site] = connection
         if older is not None:
-            self._close(older, "superseded")
+            self._supersede(site, older, now)
         self.counters["handshakes"] += 1
         self.log(f"relay tls: {site} connected from {connection.peer}")
         self._set_events(connection)
         # The client may have sent frames right behind its Finished message.
         self._read(connection)
+
+    def _supersede(self, site: str, older: _Connection, now: float) -> None:
+        """Keep a site's older connection for ``supersede_grace``, out of :meth:`send`'s way:
+        frames in flight on it, either way, are not lost to the switch."""
+        oldest = self._superseded.get(site)
+        if oldest is not None:
+            self._close(oldest[0], "superseded")  # one per site, whatever a site does
+        self._superseded[site] = (older, now + self.supersede_grace)
 
     def _read(self, connection: _Connection) -> None:
         ended = connection.receive(_READ_BUDGET, self._received, self._deliver)
@@ -602,6 +629,11 @@ class TlsClients:
         self._prove(connection)
         connection.closed = True
         self._connections.discard(connection)
-        if connection.site is not None and self._by_site.get(connection.site) is connection:
-            del self._by_site[connection.site]
+        site = connection.site
+        if site is not None:
+            if self._by_site.get(site) is connection:
+                del self._by_site[site]
+            superseded = self._superseded.get(site)
+            if superseded is not None and superseded[0] is connection:
+                del self._superseded[site]
         self.counters[f"closed_{reason}"] += 1

@@ -11,16 +11,24 @@ that site's tunnel), so no further authentication is needed. Two relays give two
 observations, and from them the mapping behaviour of WireGuard's socket itself (libtelio's
 WG-STUN, done without extra keys).
 
-The answer also lists, in meshwright's ALSO-MAPPED attributes, every other address this relay
-has confirmed for the same site on its allocations (the relay service's state file). A NAT can
-map one inside socket to several public ports at once: after its table was flushed while
+The answer also lists, in meshwright's ALSO-MAPPED attributes, the address this relay's relay
+service has confirmed for the same site on its port (its state file), when it differs. A NAT
+can map one inside socket to several public ports at once: after its table was flushed while
 traffic flowed, say, the flows that clashed keep their new ports, and the NAT gives each new
 flow one of them (Linux reuses the mapping of the socket's newest flow). A peer that pings
 only one of them may never get in; the sidecar offers them all.
 
-:class:`WgStunAnswerer` is pure (it is given the endpoints); :func:`main` is the service
-(``meshwright-node wg-stun``), which reads the endpoints from WireGuard with
-:mod:`meshwright.site.wgdevice`, at most every :data:`REFRESH` seconds.
+Sites also take an answer as "this relay is up" (they ask every relay once a second, and move
+the pairs on one that answered nothing for a while to their standby relay), so it answers only
+while the relay's forwarding service runs: that service's loop touches its state file every
+second, and while the file is older than :data:`RELAY_SILENT_AFTER`, or missing, requests are
+dropped (counted as ``dropped_relay_silent``). Without this, a relay whose forwarding service
+alone died or hung would still answer, and its pairs would never move.
+
+:class:`WgStunAnswerer` is pure (it is given the endpoints, and whether the relay service is
+alive); :func:`main` is the service (``meshwright-node wg-stun``), which reads the endpoints
+from WireGuard with :mod:`meshwright.site.wgdevice`, and the state file's age, at most every
+:data:`REFRESH` seconds.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
 import selectors
 import signal
 import socket
@@ -44,6 +53,13 @@ __all__ = ["WgStunAnswerer", "main"]
 Address = tuple[str, int]
 REFRESH = 0.5
 RELAY_STATE = "/var/lib/meshwright-relay/state.json"
+# The relay service's loop writes or touches its state file about every second (a little
+# later when busy: a save takes 0.23 s at 10,000 sites), so an mtime this old is two or more
+# missed touches: the service is dead or hung. Not much longer: sites find a relay down after
+# 4 s without answers (traversal.RELAY_DEAD_AFTER), asking once a second, so with this and
+# REFRESH the pairs it carried are on their standby relay some 8.5 s after it stopped, within
+# the 10 s the failover aims at. A clean stop dates the file back, so silence starts at once.
+RELAY_SILENT_AFTER = 3.0
 DEFAULT_PORT = 3480
 SOFTWARE = "meshwright wg-stun"
 
@@ -55,6 +71,9 @@ class WgStunAnswerer:
         self.endpoints: dict[str, Address] = {}  # overlay address -> WireGuard endpoint
         self.also: dict[str, tuple[Address, ...]] = {}  # overlay address -> other mappings
         self.counters: Counter[str] = Counter()
+        # False: the relay service is down or hung. Then nothing is answered, so that sites
+        # find this relay down and move its pairs to their standby.
+        self.relay_alive = True
 
     def update(
         self,
@@ -74,6 +93,9 @@ class WgStunAnswerer:
 
     def handle(self, datagram: bytes, source: Address) -> bytes | None:
         """The answer to a datagram from overlay address ``source``; None: drop it."""
+        if not self.relay_alive:
+            self.counters["dropped_relay_silent"] += 1
+            return None
         try:
             request = stun.decode(datagram)
         except stun.StunError:
@@ -95,21 +117,22 @@ MAX_ALSO = 8  # more distinct mappings of one socket than this is no NAT we can 
 
 
 def confirmed_addresses(snapshot: Mapping[str, Any]) -> dict[str, set[Address]]:
-    """Public key -> every address the relay's allocations have confirmed for it, from the
-    relay service's state file (``{"allocations": {name: {"spec": [address, ports, keys],
-    "confirmed": [a, b]}}}``); anything malformed is skipped."""
+    """Public key -> the address the relay service has confirmed for it, from its state file
+    (``{"sites": {name: {"public_key": key, "confirmed": [host, port] | null}}}``, see
+    :mod:`.server`); anything malformed, and a UDP-blocked site's pseudo-address, is skipped."""
     found: dict[str, set[Address]] = {}
-    allocations = snapshot.get("allocations")
-    if not isinstance(allocations, Mapping):
+    sites = snapshot.get("sites")
+    if not isinstance(sites, Mapping):
         return found
-    for entry in allocations.values():
+    for entry in sites.values():
         try:
-            keys = entry["spec"][2]
-            for key, address in zip(keys, entry["confirmed"], strict=True):
-                if address is not None:
-                    host, port = address
-                    found.setdefault(str(key), set()).add((str(host), int(port)))
-        except (KeyError, IndexError, TypeError, ValueError):
+            key, address = entry["public_key"], entry["confirmed"]
+            if address is None:
+                continue
+            host, port = address
+            ipaddress.ip_address(host)
+            found.setdefault(str(key), set()).add((str(host), int(port)))
+        except (KeyError, TypeError, ValueError):
             continue
     return found
 
@@ -140,6 +163,46 @@ def relay_state(path: str) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def relay_alive(path: str, now: float) -> bool:
+    """Whether the relay service's loop touched its state file ``path`` within
+    :data:`RELAY_SILENT_AFTER` of ``now`` (wall clock, as the file's mtime)."""
+    try:
+        age = now - os.stat(path).st_mtime
+    except OSError:
+        return False  # no relay service here, or it never ran
+    # abs: after the clock stepped back, an mtime in the future proves nothing (a live service
+    # touches the file again within a second).
+    return abs(age) < RELAY_SILENT_AFTER
+
+
+def refresh(
+    answerer: WgStunAnswerer,
+    interface: str,
+    read: Callable[[str], Mapping[str, tuple[str, Address | None]]],
+    state_file: str,
+    now: float,
+    log: Callable[[str], None],
+) -> None:
+    """Tell ``answerer`` what it answers from: WireGuard's endpoints, the relay service's
+    state file, and whether that service is alive (``now``: wall clock); says when that
+    changes."""
+    alive = relay_alive(state_file, now)
+    if alive != answerer.relay_alive:
+        if alive:
+            log("wg-stun: answering again: the relay service runs")
+        else:
+            log(
+                f"wg-stun: not answering: the relay service has not touched {state_file} "
+                f"for {RELAY_SILENT_AFTER:g} s (down or hung), so that sites fail over"
+            )
+        answerer.relay_alive = alive
+    try:
+        answerer.update(read(interface), relay_state(state_file))
+    except Exception as exc:  # the interface may be down for a moment: keep serving
+        answerer.counters["read_errors"] += 1
+        log(f"wg-stun: cannot read {interface}: {exc}")
+
+
 def serve(
     listen: Address,
     interface: str,
@@ -147,6 +210,7 @@ def serve(
     read: Callable[[str], Mapping[str, tuple[str, Address | None]]] = overlay_endpoints,
     state_file: str = RELAY_STATE,
     clock: Callable[[], float] = time.monotonic,
+    wall: Callable[[], float] = time.time,
     log: Callable[[str], None] = print,
 ) -> None:
     answerer = WgStunAnswerer()
@@ -176,11 +240,7 @@ def serve(
             continue
         now = clock()
         if now - refreshed >= REFRESH:
-            try:
-                answerer.update(read(interface), relay_state(state_file))
-            except Exception as exc:  # the interface may be down for a moment: keep serving
-                answerer.counters["read_errors"] += 1
-                log(f"wg-stun: cannot read {interface}: {exc}")
+            refresh(answerer, interface, read, state_file, wall(), log)
             refreshed = now
         answer = answerer.handle(datagram, source[:2])
         if answer is not None:

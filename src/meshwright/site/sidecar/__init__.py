@@ -2,11 +2,12 @@
 
 Two parts, each configured by its part of ``/etc/meshwright/sidecar.json``:
 
-* traversal (:mod:`.traversal`, the decisions; :mod:`.daemon`, the I/O): keeps every ``punch``
-  peer on its best working path, relayed or direct, by setting WireGuard's endpoint; it never
-  carries site traffic itself (docs/sidecar.md);
+* traversal (:mod:`.traversal`, the decisions; :mod:`.daemon`, the I/O): keeps every peer with
+  a relay allocation on its best working path, relayed or direct (punch peers upgraded, direct
+  peers watched, relayed ones failed over), by setting WireGuard's endpoint; it never carries
+  site traffic itself (docs/sidecar.md);
 * the TLS carrier (:mod:`.carrier`, configured by :mod:`.config`): carries a UDP-blocked site's
-  WireGuard datagrams to its relays over TLS.
+  WireGuard datagrams to its relays over TLS, one local socket per relay.
 
 ``meshwright sidecar status [--json]`` prints the traversal state file as a table or JSON.
 """
@@ -23,7 +24,6 @@ from typing import Any
 from .carrier import Sidecar
 from .config import (
     Config,
-    PeerSpec,
     SidecarConfigError,
     TlsRelay,
     TraversalConfig,
@@ -33,7 +33,6 @@ from .config import (
 
 __all__ = [
     "Config",
-    "PeerSpec",
     "Sidecar",
     "SidecarConfigError",
     "TlsRelay",
@@ -63,7 +62,7 @@ def _cell(value: Any, suffix: str = "") -> str:
 
 
 def format_status(state: dict[str, Any]) -> str:
-    """The state file as a table: one line per punch peer."""
+    """The state file as a table: one line per peer."""
     rows = [_COLUMNS]
     for name, peer in sorted(state.get("peers", {}).items()):
         path = peer["path"] if peer.get("phase") == "idle" else f"{peer['path']} ({peer['phase']})"
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         return _status(argv[1:])
     parser = argparse.ArgumentParser(
         prog="meshwright sidecar",
-        description="keep punch peers on their best path; carry a UDP-blocked site over TLS",
+        description="keep peers on their best path; carry a UDP-blocked site over TLS",
     )
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     args = parser.parse_args(argv)

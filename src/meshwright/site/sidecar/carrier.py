@@ -1,22 +1,27 @@
 """`meshwright sidecar`: carries a UDP-blocked site's WireGuard datagrams to its relays over TLS.
 
-A site whose network drops UDP (its pairs are ``relay-tcp``) cannot reach its relay allocation
-ports. Its WireGuard instead uses ``127.0.0.1:<allocation port>`` as the endpoint of each such
-peer, and this service, on the same host, carries the datagrams over one TLS connection per relay
-to the relay's TCP port 443 (:mod:`meshwright.relay.tls` is the other end), in the frames of
-:mod:`meshwright.wire.frames`. The configuration (JSON, written by the playbook)::
+A site whose network drops UDP (its pairs are ``relay-tcp``) cannot reach its relay port. Its
+WireGuard instead uses ``127.0.0.1:<local port of the relay>`` as the endpoint of every peer
+relayed through that relay, and this service, on the same host, carries the datagrams over one
+TLS connection per relay to the relay's TCP port 443 (:mod:`meshwright.relay.tls` is the other
+end), in the frames of :mod:`meshwright.wire.frames`. The configuration (JSON, written by the
+playbook)::
 
     {"relays": {"relay1": {"address": "198.51.100.10", "port": 443,
                            "fingerprint": "sha256:<hex of the SHA-256 of the relay's DER cert>",
-                           "standby_fingerprint": "sha256:<hex>"}},
-     "peers": [{"name": "hard1", "relay": "relay1", "port": 40003}],
+                           "standby_fingerprint": "sha256:<hex>",
+                           "site_port": 40003, "local_port": 41000}},
      "certificate": "/etc/meshwright/sidecar.crt", "key": "/etc/meshwright/sidecar.key",
      "wireguard_port": 51820}
 
-For each peer a UDP socket is bound on ``127.0.0.1:<port>``. What arrives there from
-``127.0.0.1:<wireguard_port>`` goes to the peer's relay as a frame for ``port``; anything from
-another source is dropped and counted. Frames from the relay for ``port`` go out of that socket
-to ``127.0.0.1:<wireguard_port>``, so WireGuard sees its peer's endpoint answer.
+``site_port`` is this site's port on the relays (the same number on every relay), ``local_port``
+this relay's socket here (one per relay, chosen by the plan). For each relay a UDP socket is
+bound on ``127.0.0.1:<local_port>``. What arrives there from ``127.0.0.1:<wireguard_port>`` goes
+to the relay as a frame for ``site_port``, whichever peer it is for (the relay tells the peers
+apart by WireGuard's session indices, as on UDP); anything from another source is dropped and
+counted. Frames from the relay for ``site_port`` go out of that socket to
+``127.0.0.1:<wireguard_port>``, so WireGuard sees its peers' endpoint answer; frames for any
+other port are dropped and counted.
 
 The relay is authenticated by its pinned certificate fingerprint, not by a CA: the handshake
 runs with ``CERT_NONE`` and the SHA-256 of the DER certificate the relay presented is compared
@@ -37,15 +42,27 @@ accepted the certificate. A keepalive frame goes out every 30 s and the relay an
 a relay silent for 90 s is considered gone. While a relay is not connected, WireGuard's
 datagrams for it are dropped and counted: WireGuard retransmits its handshakes itself, and a
 queue would only deliver stale ones. Writes are queued up to a bound; beyond it frames are
-dropped and counted, never reordered. The datagrams read in one wake-up (up to 256 per peer
+dropped and counted, never reordered. The datagrams read in one wake-up (up to 256 per local
 socket) go out together on the next writable event, or as soon as 64 KiB are queued: a few TLS
-records and one send for all of them, not one each per datagram. The peer sockets get 4 MiB
+records and one send for all of them, not one each per datagram. The local sockets get 4 MiB
 buffers where the system allows (:func:`meshwright.wire.stream.widen_buffers`).
 
 One thread, one ``selectors`` loop, non-blocking sockets. SIGHUP re-reads the configuration
-(unchanged peers keep their sockets, unchanged relays their connections; a changed certificate
-or key reconnects all), SIGTERM stops, counters go to stderr every 60 s. Standard library only:
-it runs on Debian's python3.
+(a relay whose local port is unchanged keeps its socket, one whose address, TLS port and pinned
+certificate are unchanged keeps its connection, even with a new site port), SIGTERM stops,
+counters go to stderr every 60 s. Standard library only: it runs on Debian's python3.
+
+Replacing a connection is make-before-break. When a reload unpins the certificate an open
+connection was shown, or changes the site's own certificate or key, that connection retires
+rather than closes: WireGuard's datagrams keep going through it while the new one connects;
+once the new one is open they go there, and the retiring one is still read (the relay may have
+sent on it until it saw the new one; it does the same on its side, see
+:mod:`meshwright.relay.tls`) and flushes what was queued on it, until the relay closes it or
+:data:`RETIRE_GRACE` has passed. If the new one fails, or is not open within
+:data:`CONNECT_TIMEOUT`, the retiring one is closed at once: a retired certificate keeps no
+connection alive beyond the attempt to replace it. A relay with a new address or TLS port, or
+no longer configured, is disconnected at once. Counted as ``connections_retired`` and
+``retired_<why it ended>``.
 """
 
 from __future__ import annotations
@@ -75,17 +92,20 @@ from meshwright.wire.frames import (
 )
 from meshwright.wire.stream import PEER_CLOSED, FramedStream, Frames, tune, widen_buffers
 
-from .config import Config, PeerSpec, SidecarConfigError, TlsRelay, load_config
+from .config import Config, SidecarConfigError, TlsRelay, load_config
 
-__all__ = ["Config", "PeerSpec", "Sidecar", "SidecarConfigError", "TlsRelay", "load_config"]
+__all__ = ["Config", "Sidecar", "SidecarConfigError", "TlsRelay", "load_config"]
 
 MIN_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
 CONNECT_TIMEOUT = 10.0  # TCP connect and TLS handshake together
 SILENT_TIMEOUT = 3 * KEEPALIVE_INTERVAL  # the relay answers every keepalive
+# How long a replaced connection is still read once its replacement is open: what the relay
+# sent on it until it saw the new one (it closes it itself after 1 s).
+RETIRE_GRACE = 2.0
 MAX_BUFFER = 256 * 1024
 LOG_INTERVAL = 60.0
-_BATCH = 256  # datagrams or reads per wake-up, so one busy peer cannot starve the others
+_BATCH = 256  # datagrams or reads per wake-up, so one busy relay cannot starve the others
 
 _IDLE, _CONNECTING, _HANDSHAKE, _OPEN = "idle", "connecting", "handshake", "open"
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
@@ -101,13 +121,14 @@ def client_context(certificate: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
-class _Peer:
-    """The selector data of one peer's local UDP socket."""
+class _Local:
+    """The selector data of one relay's local UDP socket: WireGuard's endpoint for every peer
+    relayed through it."""
 
-    __slots__ = ("sock", "spec")
+    __slots__ = ("port", "relay", "sock")
 
-    def __init__(self, spec: PeerSpec, sock: socket.socket) -> None:
-        self.spec, self.sock = spec, sock
+    def __init__(self, relay: str, port: int, sock: socket.socket) -> None:
+        self.relay, self.port, self.sock = relay, port, sock
 
 
 class _Link(FramedStream):
@@ -120,6 +141,7 @@ class _Link(FramedStream):
         "last_received",
         "next_attempt",
         "presented",
+        "retire_at",
         "spec",
         "started",
         "state",
@@ -131,6 +153,7 @@ class _Link(FramedStream):
         self.state = _IDLE
         self.backoff = MIN_BACKOFF
         self.next_attempt = now
+        self.retire_at = now  # when a retiring connection is closed at the latest
         self.reset(now)
 
     def reset(self, now: float) -> None:
@@ -143,14 +166,16 @@ class _Link(FramedStream):
         self.last_keepalive = now
 
 
-def _same_but_pins(spec: TlsRelay, link: _Link) -> bool:
-    """Whether ``spec`` differs from the link's only in pins that still cover its connection."""
-    same_relay = (spec.name, spec.address, spec.port) == (
-        link.spec.name,
-        link.spec.address,
-        link.spec.port,
-    )
-    return same_relay and link.presented is not None and link.presented in spec.pins
+def _same_relay(spec: TlsRelay, link: _Link) -> bool:
+    """Whether ``spec`` names the relay the link connects to: the same address and TLS port."""
+    return (spec.address, spec.port) == (link.spec.address, link.spec.port)
+
+
+def _keeps_connection(spec: TlsRelay, link: _Link) -> bool:
+    """Whether the link's connection serves ``spec`` too: the same relay address and TLS port,
+    and a certificate that is still pinned (a connection still in its handshake is checked
+    against ``spec``'s pins when it ends). Site and local ports are not the connection's."""
+    return _same_relay(spec, link) and (link.presented is None or link.presented in spec.pins)
 
 
 class Sidecar:
@@ -169,7 +194,7 @@ class Sidecar:
     ) -> None:
         self.config_path = config
         self.log = log
-        self.host = host  # where the peer sockets bind and WireGuard is reached
+        self.host = host  # where the local sockets bind and WireGuard is reached
         self.clock = clock
         self.rng = rng or random.Random()
         self.log_interval = log_interval
@@ -178,9 +203,10 @@ class Sidecar:
         self.selector = selectors.DefaultSelector()
         self._context: ssl.SSLContext | None = None
         self._credentials = b""  # digest of the certificate and key files in use
-        self._peers: dict[str, _Peer] = {}
-        self._routes: dict[tuple[str, int], _Peer] = {}  # (relay, port) -> peer
+        self._locals: dict[str, _Local] = {}  # by relay
         self._links: dict[str, _Link] = {}
+        # By relay: the open connection a reload replaces, until the new one has taken over.
+        self._retiring: dict[str, _Link] = {}
         # WireGuard's datagrams are read into this, one at a time: one byte more than a frame
         # may carry, so a longer datagram is cut there and still counted as too big.
         self._datagram = memoryview(bytearray(MAX_PAYLOAD + 1))
@@ -215,13 +241,18 @@ class Sidecar:
         signal.signal(signal.SIGINT, lambda *_: self.stop())
 
     def status(self) -> dict[str, str]:
-        """Relay -> connection state ("idle", "connecting", "handshake", "open")."""
-        return {name: link.state for name, link in list(self._links.items())}
+        """Relay -> connection state ("idle", "connecting", "handshake", "open"); a connection
+        being replaced shows as "<relay> (retiring)"."""
+        states = {name: link.state for name, link in list(self._links.items())}
+        for name, link in list(self._retiring.items()):
+            states[f"{name} (retiring)"] = link.state
+        return states
 
     # --- configuration --------------------------------------------------------------------
 
     def reload(self) -> bool:
-        """Bring peers and relay connections to the file's; on error keep the current ones."""
+        """Bring local sockets and relay connections to the file's; on error keep the current
+        ones."""
         try:
             config = load_config(self.config_path)
             credentials = hashlib.sha256(
@@ -234,58 +265,86 @@ class Sidecar:
             return False
         now = self.clock()
         self._context = context
-        if credentials != self._credentials:
-            self._credentials = credentials
-            for name in list(self._links):
-                self._drop_link(name)  # reconnect with the new certificate
-        for name, peer in list(self._peers.items()):
-            if config.peers.get(name) != peer.spec:
-                self._close_peer(name)
-        for name, spec in config.peers.items():
-            if name not in self._peers:
-                self._open_peer(spec)
-        wanted = {spec.relay for spec in config.peers.values()}  # relays no peer uses stay idle
+        renewed = credentials != self._credentials
+        self._credentials = credentials
+        # Closed before any is opened: two relays may swap local ports.
+        for name, local in list(self._locals.items()):
+            relay = config.relays.get(name)
+            if relay is None or relay.local_port != local.port:
+                self._close_local(name)
+        for name, relay in config.relays.items():
+            if name not in self._locals:
+                self._open_local(relay)
         for name, link in list(self._links.items()):
             relay = config.relays.get(name)
-            if relay is not None and relay != link.spec and _same_but_pins(relay, link):
-                link.spec = relay  # a rotation's new pins: this connection is still pinned
-            elif name not in wanted or relay != link.spec:
-                self._drop_link(name)
-        for name in sorted(wanted):
+            if relay is None or not _same_relay(relay, link):
+                self._drop_link(name)  # nothing there to hand its datagrams over to
+            elif renewed:
+                self._replace_link(name, relay, now, "a new site certificate")
+            elif not _keeps_connection(relay, link):
+                self._replace_link(name, relay, now, "its certificate is no longer pinned")
+            else:
+                link.spec = relay  # new pins or ports: this connection still serves them
+        for name, relay in sorted(config.relays.items()):
             if name not in self._links:
-                self._links[name] = _Link(config.relays[name], now)
-        self._routes = {(p.spec.relay, p.spec.port): p for p in self._peers.values()}
+                self._links[name] = _Link(relay, now)
         self.config = config
-        self.log(f"sidecar: {len(self._peers)} peers over {len(self._links)} relays")
+        ports = ", ".join(f"{r.name} on {r.local_port}" for r in config.relays.values())
+        self.log(f"sidecar: {len(self._links)} relays ({ports or 'none'})")
         return True
 
-    def _open_peer(self, spec: PeerSpec) -> None:
+    def _open_local(self, relay: TlsRelay) -> None:
         sock = socket.socket(
             socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_DGRAM
         )
         try:
             widen_buffers(sock)
-            sock.bind((self.host, spec.port))
+            sock.bind((self.host, relay.local_port))
             sock.setblocking(False)
         except OSError as exc:
             sock.close()
             self.counters["bind_errors"] += 1
-            where = format_endpoint(self.host, spec.port)
-            self.log(f"sidecar: peer {spec.name}: cannot bind {where}: {exc}")
+            where = format_endpoint(self.host, relay.local_port)
+            self.log(f"sidecar: relay {relay.name}: cannot bind {where}: {exc}")
             return
-        peer = _Peer(spec, sock)
-        self.selector.register(sock, _READ, peer)
-        self._peers[spec.name] = peer
+        local = _Local(relay.name, relay.local_port, sock)
+        self.selector.register(sock, _READ, local)
+        self._locals[relay.name] = local
 
-    def _close_peer(self, name: str) -> None:
-        peer = self._peers.pop(name)
+    def _close_local(self, name: str) -> None:
+        local = self._locals.pop(name)
         with contextlib.suppress(KeyError, ValueError):
-            self.selector.unregister(peer.sock)
-        peer.sock.close()
+            self.selector.unregister(local.sock)
+        local.sock.close()
 
     def _drop_link(self, name: str) -> None:
+        link = self._links.pop(name, None)
+        if link is not None:
+            self._close_socket(link)
+        self._end_retiring(name, "dropped")
+
+    def _replace_link(self, name: str, relay: TlsRelay, now: float, why: str) -> None:
+        """Take the link out of service for a new one (which the caller adds); an open one
+        retires, make-before-break (see the module's documentation)."""
         link = self._links.pop(name)
+        if link.state != _OPEN:
+            self._close_socket(link)  # it carries nothing yet: a fresh start
+            return
+        self._end_retiring(name, "replaced")  # one retiring connection per relay at most
+        link.spec = relay  # a new site port applies to what it still carries
+        link.retire_at = now + CONNECT_TIMEOUT  # the new one is open by then, or has failed
+        self._retiring[name] = link
+        self.counters["connections_retired"] += 1
+        self.log(f"sidecar: {name}: {why}: reconnecting; the old connection carries on meanwhile")
+
+    def _end_retiring(self, name: str, reason: str) -> None:
+        """Close the relay's retiring connection, if it has one."""
+        link = self._retiring.pop(name, None)
+        if link is None:
+            return
         self._close_socket(link)
+        self.counters[f"retired_{reason}"] += 1
+        self.log(f"sidecar: {name}: the old connection is closed ({reason})")
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -304,7 +363,7 @@ class Sidecar:
                     data = key.data
                     if data is None:
                         self._drain_wake()
-                    elif isinstance(data, _Peer):
+                    elif isinstance(data, _Local):
                         self._from_wireguard(data)
                     elif isinstance(data, _Link):
                         self._link_event(data, mask)
@@ -322,10 +381,10 @@ class Sidecar:
         self.log(f"sidecar: relays {state} counters {json.dumps(self.counters, sort_keys=True)}")
 
     def close(self) -> None:
-        for name in list(self._links):
+        for name in {*self._links, *self._retiring}:
             self._drop_link(name)
-        for name in list(self._peers):
-            self._close_peer(name)
+        for name in list(self._locals):
+            self._close_local(name)
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(self._wake_read)
         self._wake_read.close()
@@ -338,9 +397,16 @@ class Sidecar:
                 pass
 
     def _timers(self, now: float) -> float:
-        """Start due connections, time out stuck or silent ones, send keepalives; returns how
-        long select() may wait."""
+        """Start due connections, time out stuck or silent ones, send keepalives, close
+        retiring ones whose time is up; returns how long select() may wait."""
         wait = 1.0
+        for name, retiring in list(self._retiring.items()):
+            if now >= retiring.retire_at:
+                current = self._links.get(name)
+                replaced = current is not None and current.state == _OPEN
+                self._end_retiring(name, "grace_over" if replaced else "replacement_timeout")
+            else:
+                wait = min(wait, retiring.retire_at - now)
         for link in list(self._links.values()):
             if link.state == _IDLE:
                 if now >= link.next_attempt:
@@ -366,17 +432,15 @@ class Sidecar:
 
     # --- WireGuard's side -----------------------------------------------------------------
 
-    def _from_wireguard(self, peer: _Peer) -> None:
+    def _from_wireguard(self, local: _Local) -> None:
         config = self.config
         if config is None:
             return
         expected = (self.host, config.wireguard_port)
-        link = self._links.get(peer.spec.relay)
-        port = peer.spec.port
         buffer = self._datagram
         for _ in range(_BATCH):
             try:
-                size, source = peer.sock.recvfrom_into(buffer)
+                size, source = local.sock.recvfrom_into(buffer)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -389,29 +453,38 @@ class Sidecar:
             if not 0 < size <= MAX_PAYLOAD:
                 self.counters["dropped_bad_size"] += 1
                 continue
-            # Checked for every datagram: a full batch's write may have failed and closed it.
-            if link is None or link.state != _OPEN:
+            # Chosen for every datagram: a full batch's write may have failed and closed it.
+            link = self._carrier(local.relay)
+            if link is None:
                 self.counters["dropped_disconnected"] += 1
                 continue
-            if self._queue(link, port, buffer[:size]):
+            # Every peer's datagrams carry this site's port: the relay tells them apart.
+            if self._queue(link, link.spec.site_port, buffer[:size]):
                 self.counters["datagrams_to_relay"] += 1
+
+    def _carrier(self, name: str) -> _Link | None:
+        """The connection that takes WireGuard's datagrams for relay ``name``: the newest once
+        it is open, until then the one it replaces; None when neither is open."""
+        for link in (self._links.get(name), self._retiring.get(name)):
+            if link is not None and link.state == _OPEN:
+                return link
+        return None
 
     def _to_wireguard(self, link: _Link, frames: list[tuple[int, bytes]]) -> None:
         config = self.config
         if config is None:
             return
         destination = (self.host, config.wireguard_port)
-        relay = link.spec.name
+        local = self._locals.get(link.spec.name)
         for port, payload in frames:
             if port == KEEPALIVE_PORT:
                 self.counters["keepalives_answered"] += 1
                 continue
-            peer = self._routes.get((relay, port))
-            if peer is None:
+            if port != link.spec.site_port or local is None:
                 self.counters["dropped_unknown_port"] += 1
                 continue
             try:
-                peer.sock.sendto(payload, destination)
+                local.sock.sendto(payload, destination)
                 self.counters["datagrams_to_wireguard"] += 1
             except OSError:
                 self.counters["dropped_send_error"] += 1
@@ -444,7 +517,10 @@ class Sidecar:
         link.state = _CONNECTING
 
     def _link_event(self, link: _Link, mask: int) -> None:
-        if link.sock is None or self._links.get(link.spec.name) is not link:
+        name = link.spec.name
+        if link.sock is None or (
+            link is not self._links.get(name) and link is not self._retiring.get(name)
+        ):
             return  # closed earlier in this batch of events
         try:
             if link.state == _OPEN:
@@ -498,6 +574,10 @@ class Sidecar:
         link.state = _OPEN
         now = self.clock()
         link.last_received = link.last_keepalive = now
+        retiring = self._retiring.get(link.spec.name)
+        if retiring is not None:
+            # WireGuard's datagrams come here from now on; the old one is read a while longer.
+            retiring.retire_at = min(retiring.retire_at, now + RETIRE_GRACE)
         self.counters["connects"] += 1
         relay = format_endpoint(link.spec.address, link.spec.port)
         self.log(f"sidecar: connected to {link.spec.name} ({relay})")
@@ -547,7 +627,13 @@ class Sidecar:
             link.watch(self.selector)
 
     def _fail(self, link: _Link, reason: str, detail: str = "") -> None:
-        """Close the connection and schedule the next attempt, backing off."""
+        """Close the connection and schedule the next attempt, backing off; a retiring one is
+        just closed, and goes too when its replacement fails."""
+        name = link.spec.name
+        if link is self._retiring.get(name):
+            self._end_retiring(name, reason)
+            return
+        self._end_retiring(name, "replacement_failed")
         was_open = link.state == _OPEN
         self._close_socket(link)
         self.counters[f"disconnects_{reason}"] += 1

@@ -1,5 +1,9 @@
 """The sidecar's configuration (JSON, written by the sidecar role): parsed and checked, no I/O
-but reading the file. Errors name the entry and the value."""
+but reading the file. Errors name the entry and the value.
+
+Two parts, both optional: the TLS carrier's (a UDP-blocked site: ``relays``, ``certificate``,
+``key``, ``wireguard_port``; :mod:`.carrier` shows the format) and ``traversal`` (a UDP site
+with relayed, punch or direct peers; :func:`parse_traversal`)."""
 
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ from meshwright.metrics import MetricsSetting, parse_setting
 from meshwright.wire.endpoint import EndpointError, parse_endpoint
 from meshwright.wire.frames import normalize_fingerprint
 
+from .traversal import MODES, PeerConfig
+
 
 class SidecarConfigError(ValueError):
     """The configuration is unusable; the message names the entry and the value."""
@@ -22,8 +28,10 @@ class SidecarConfigError(ValueError):
 class TlsRelay:
     name: str
     address: str
-    port: int
+    port: int  # the relay's TLS port
     fingerprint: str  # "sha256:<hex>" of the certificate the relay serves
+    site_port: int  # this site's relay port (the same on every relay): what its frames carry
+    local_port: int  # 127.0.0.1:<it>: WireGuard's endpoint for every peer through this relay
     # The relay's standby certificate: pinned too, so that the relay may switch to it (a
     # rotation) before this site's configuration names it alone. RFC 7469's backup pin.
     standby_fingerprint: str | None = None
@@ -36,16 +44,8 @@ class TlsRelay:
 
 
 @dataclass(frozen=True)
-class PeerSpec:
-    name: str
-    relay: str
-    port: int  # the allocation port on the relay, and the local UDP port WireGuard talks to
-
-
-@dataclass(frozen=True)
 class Config:
     relays: dict[str, TlsRelay]
-    peers: dict[str, PeerSpec]
     certificate: Path
     key: Path
     wireguard_port: int
@@ -71,52 +71,46 @@ def _pin(value: object, where: str) -> str:
 
 
 def parse_config(data: Any) -> Config:
-    """The configuration from its JSON value; SidecarConfigError names what is wrong."""
+    """The carrier's configuration from its JSON value; SidecarConfigError names what is
+    wrong."""
     if not isinstance(data, dict):
         raise SidecarConfigError("the configuration is not a JSON object")
+    if data.get("peers"):
+        # The carrier of a relay pair per peer: its plan has no site_port or local_port.
+        raise SidecarConfigError(
+            "peers: no longer used (one local port per relay: relays.<name>.local_port);"
+            " run the playbook again"
+        )
+    wireguard_port = _port(data.get("wireguard_port", 51820), "wireguard_port")
     relays: dict[str, TlsRelay] = {}
     raw_relays = data.get("relays") or {}
     if not isinstance(raw_relays, dict):
         raise SidecarConfigError("relays: not an object")
+    used: dict[int, str] = {wireguard_port: "wireguard_port"}
     for name, entry in raw_relays.items():
         where = f"relays.{name}"
         if not isinstance(entry, dict):
             raise SidecarConfigError(f"{where}: not an object")
         pin = _pin(entry.get("fingerprint"), f"{where}.fingerprint")
         standby = entry.get("standby_fingerprint")
+        local_port = _port(entry.get("local_port"), f"{where}.local_port")
+        # WireGuard tells the relays apart by these endpoints: one each.
+        if local_port in used:
+            raise SidecarConfigError(
+                f"{where}.local_port: {local_port} is also {used[local_port]}'s"
+            )
+        used[local_port] = name
         relays[name] = TlsRelay(
             name,
             _text(entry.get("address"), f"{where}.address"),
             _port(entry.get("port", 443), f"{where}.port"),
             pin,
+            _port(entry.get("site_port"), f"{where}.site_port"),
+            local_port,
             None if standby is None else _pin(standby, f"{where}.standby_fingerprint"),
         )
-    wireguard_port = _port(data.get("wireguard_port", 51820), "wireguard_port")
-    peers: dict[str, PeerSpec] = {}
-    used: dict[int, str] = {}
-    raw_peers = data.get("peers") or []
-    if not isinstance(raw_peers, list):
-        raise SidecarConfigError("peers: not a list")
-    for position, entry in enumerate(raw_peers):
-        where = f"peers[{position}]"
-        if not isinstance(entry, dict):
-            raise SidecarConfigError(f"{where}: not an object")
-        name = _text(entry.get("name"), f"{where}.name")
-        relay = _text(entry.get("relay"), f"{where}.relay")
-        port = _port(entry.get("port"), f"{where}.port")
-        if relay not in relays:
-            raise SidecarConfigError(f"{where}: relay {relay!r} is not in relays")
-        if name in peers:
-            raise SidecarConfigError(f"{where}: peer {name!r} appears twice")
-        # Every peer needs its own local port, whichever relay it is on.
-        if port in used or port == wireguard_port:
-            other = used.get(port, "wireguard_port")
-            raise SidecarConfigError(f"{where}: local port {port} is also {other}'s")
-        used[port] = name
-        peers[name] = PeerSpec(name, relay, port)
     return Config(
         relays,
-        peers,
         Path(_text(data.get("certificate"), "certificate")),
         Path(_text(data.get("key"), "key")),
         wireguard_port,
@@ -132,7 +126,7 @@ def load_config(path: Path) -> Config:
     return parse_config(data)
 
 
-# --- traversal (UDP sites): the punch peers the sidecar upgrades ------------------------------
+# --- traversal (UDP sites): the peers whose path the sidecar chooses -------------------------
 
 
 @dataclass(frozen=True)
@@ -145,18 +139,6 @@ class StunRelayPeer:
 
 
 @dataclass(frozen=True)
-class PunchPeer:
-    name: str
-    public_key: str
-    overlay_address: str
-    relay_endpoint: tuple[str, int]
-    relay: str = ""
-    standby_endpoint: tuple[str, int] | None = None
-    standby_relay: str = ""
-    upgrade: bool = True
-
-
-@dataclass(frozen=True)
 class TraversalConfig:
     site: str
     public_key: str
@@ -166,7 +148,7 @@ class TraversalConfig:
     control_port: int
     public_addresses: tuple[str, ...]
     relays: tuple[StunRelayPeer, ...]
-    peers: tuple[PunchPeer, ...]
+    peers: tuple[PeerConfig, ...]
     state_file: Path
     metrics: MetricsSetting | None = None  # Prometheus metrics (meshwright.metrics); None: off
 
@@ -199,6 +181,22 @@ def _endpoint(value: object, where: str) -> tuple[str, int]:
     return (endpoint.host, endpoint.port)
 
 
+def _mode(entry: dict[str, Any], where: str) -> str:
+    """The peer's mode; a configuration without one (written before direct peers had any)
+    says ``upgrade``: true for punch, false for relay. Both given must agree."""
+    upgrade = entry.get("upgrade")
+    if upgrade is not None and not isinstance(upgrade, bool):
+        raise SidecarConfigError(f"{where}.upgrade: not true or false")
+    mode = entry.get("mode")
+    if mode is None:
+        return "relay" if upgrade is False else "punch"
+    if mode not in MODES:
+        raise SidecarConfigError(f"{where}.mode: {mode!r} is not one of {', '.join(MODES)}")
+    if upgrade is not None and upgrade != (mode != "relay"):
+        raise SidecarConfigError(f"{where}.upgrade: {upgrade} contradicts mode {mode}")
+    return str(mode)
+
+
 def parse_traversal(data: Any) -> TraversalConfig:
     """The ``traversal`` part of the sidecar's configuration."""
     data = _object(data, "traversal")
@@ -228,11 +226,9 @@ def parse_traversal(data: Any) -> TraversalConfig:
         seen.add(name)
         endpoint = _endpoint(entry.get("relay_endpoint"), f"{where}.relay_endpoint")
         standby = entry.get("standby_endpoint")
-        upgrade = entry.get("upgrade", True)
-        if not isinstance(upgrade, bool):
-            raise SidecarConfigError(f"{where}.upgrade: not true or false")
+        direct = entry.get("direct_endpoint")
         peers.append(
-            PunchPeer(
+            PeerConfig(
                 name,
                 _text(entry.get("public_key"), f"{where}.public_key"),
                 _address(entry.get("overlay_address"), f"{where}.overlay_address"),
@@ -240,7 +236,8 @@ def parse_traversal(data: Any) -> TraversalConfig:
                 str(entry.get("relay") or ""),
                 None if standby is None else _endpoint(standby, f"{where}.standby_endpoint"),
                 str(entry.get("standby_relay") or ""),
-                upgrade,
+                _mode(entry, where),
+                None if direct is None else _endpoint(direct, f"{where}.direct_endpoint"),
             )
         )
     return TraversalConfig(
@@ -273,6 +270,6 @@ def load_sidecar_file(path: Path) -> tuple[Config | None, TraversalConfig | None
     except ValueError as exc:
         raise SidecarConfigError(f"not JSON: {exc}") from None
     data = _object(data, "the configuration")
-    carrier = parse_config(data) if data.get("peers") or data.get("relays") else None
+    carrier = parse_config(data) if data.get("relays") or data.get("peers") else None
     traversal = parse_traversal(data["traversal"]) if data.get("traversal") else None
     return carrier, traversal

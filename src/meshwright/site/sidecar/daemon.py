@@ -7,13 +7,13 @@ One thread, one ``selectors`` loop. It owns:
 * the probe socket (:class:`~.rawudp.ProbeSocket`): probes from and to WireGuard's listen port;
 * the WG-STUN client socket, also on the overlay address: every :data:`STUN_INTERVAL` it asks
   each relay where that relay sees WireGuard's socket (:mod:`meshwright.relay.wgstun`);
-* WireGuard itself, through :class:`WireGuardControl`: every :data:`SAMPLE_INTERVAL` each punch
-  peer's counters, and endpoint changes when the core decides them;
-* the mute table (:class:`NftMuter`): nftables rules that give relayed datagrams of a peer on a
-  direct path the direct endpoint as their source, before WireGuard sees them;
+* WireGuard itself, through :class:`WireGuardControl`: each peer's counters and endpoint, every
+  :data:`SAMPLE_BUSY` or :data:`SAMPLE_IDLE` seconds, and every :data:`SAMPLE_GRACE` while a
+  peer is in the grace after a switch to direct (so that an endpoint a relayed datagram pulled
+  back to the relay is set again within that); endpoint changes when the core decides them;
 * the state file, rewritten atomically every second while something changes, which
   ``meshwright sidecar status`` prints; the same state, with WireGuard's handshake times and
-  byte counters of the punch peers, is what its Prometheus metrics show
+  byte counters of the peers, is what its Prometheus metrics show
   (:mod:`meshwright.metrics`, when the configuration has ``metrics``).
 
 Nothing here decides anything: every decision is the core's.
@@ -44,7 +44,6 @@ from .rawudp import ProbeSocket
 from .traversal import (
     Action,
     Log,
-    Mute,
     PeerConfig,
     Remap,
     ResetSession,
@@ -52,16 +51,18 @@ from .traversal import (
     SendProbe,
     SetEndpoint,
     Traversal,
-    Unmute,
 )
 
-__all__ = ["NftMuter", "TraversalDaemon", "WireGuardControl"]
+__all__ = ["TraversalDaemon", "WireGuardControl"]
 
 Address = tuple[str, int]
 # WireGuard's counters: often while data flows on a direct path (fallback within 3 s), seldom
-# when nothing moves (an idle sidecar costs next to nothing).
+# when nothing moves (an idle sidecar costs next to nothing), and very often for the 2 s after
+# a switch to direct: a relayed datagram that pulled the endpoint back to the relay then
+# costs at most this long on the relay (each sample is one netlink dump of the interface).
 SAMPLE_BUSY = 0.25
 SAMPLE_IDLE = 1.0
+SAMPLE_GRACE = 0.1
 STUN_INTERVAL = 25.0  # libtelio re-polls WG-STUN every 25 s; mappings live longer than that
 # With standby relays, each relay is asked every second too: an answer says it is up, and four
 # missed ones (traversal.RELAY_DEAD_AFTER) move the peers on it to their standby.
@@ -69,7 +70,6 @@ RELAY_CHECK = 1.0
 STATE_INTERVAL = 1.0
 LOOP_INTERVAL = 0.25  # the longest sleep; the core's next_wakeup makes it shorter
 IP_FREEBIND = 15
-MUTE_TABLE = "meshwright_sidecar"
 
 
 class WireGuardControl(Protocol):
@@ -82,50 +82,6 @@ class WireGuardControl(Protocol):
     def reset_session(self, public_key: str) -> None: ...
 
     def close(self) -> None: ...
-
-
-class NftMuter:
-    """The mute rules, one nftables table replaced whole at each change (changes are rare)."""
-
-    def __init__(self, listen_port: int, run: Callable[[str], None] | None = None) -> None:
-        self.listen_port = listen_port
-        self.rules: dict[str, tuple[Address, Address]] = {}
-        self._run = run or self._nft
-
-    @staticmethod
-    def _nft(script: str) -> None:
-        subprocess.run(["nft", "-f", "-"], input=script.encode(), check=True, capture_output=True)
-
-    def render(self) -> str:
-        lines = [
-            f"table ip {MUTE_TABLE}",
-            f"delete table ip {MUTE_TABLE}",
-            f"table ip {MUTE_TABLE} {{",
-            "\tchain relayed {",
-            # Before conntrack (raw priority), so the rewritten datagram joins the direct flow.
-            "\t\ttype filter hook prerouting priority raw; policy accept;",
-        ]
-        for peer, ((relay_ip, relay_port), (direct_ip, direct_port)) in sorted(self.rules.items()):
-            lines.append(
-                f"\t\tip saddr {relay_ip} udp sport {relay_port} udp dport {self.listen_port}"
-                f" ip saddr set {direct_ip} udp sport set {direct_port}"
-                f' comment "{peer}"'
-            )
-        lines += ["\t}", "}", ""]
-        return "\n".join(lines)
-
-    def mute(self, peer: str, relay: Address, direct: Address) -> None:
-        if self.rules.get(peer) != (relay, direct):
-            self.rules[peer] = (relay, direct)
-            self._run(self.render())
-
-    def unmute(self, peer: str) -> None:
-        if self.rules.pop(peer, None) is not None:
-            self._run(self.render())
-
-    def clear(self) -> None:
-        self.rules.clear()
-        self._run(self.render())
 
 
 def local_addresses(excluded: Iterable[str]) -> list[str]:
@@ -152,7 +108,6 @@ class TraversalDaemon:
         wireguard: WireGuardControl,
         *,
         probes: ProbeSocket | None = None,
-        muter: NftMuter | None = None,
         log: Callable[[str], None] = print,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
@@ -167,7 +122,6 @@ class TraversalDaemon:
         self.counters: Counter[str] = Counter()
         self.core = Traversal(config.site, config.public_key, self._peer_configs(), os.urandom)
         self.probes = probes or ProbeSocket(config.listen_port)
-        self.muter = muter or NftMuter(config.listen_port)
         self._addresses = addresses or (lambda: local_addresses([config.interface]))
         self.selector = selectors.DefaultSelector()
         self.control = self._overlay_socket(config.control_port)
@@ -181,7 +135,8 @@ class TraversalDaemon:
         self._stopping = False
         self._reload = False
         self._last_counters: dict[str, tuple[int, int]] = {}
-        # Punch peer -> WireGuard's counters and latest handshake, as last sampled.
+        self._sampled_at = float("-inf")
+        # Peer -> WireGuard's counters and latest handshake, as last sampled.
         self.wireguard_peers: dict[str, dict[str, Any]] = {}
         # What a scrape reads (from the metrics thread): replaced whole, never changed.
         self.published: dict[str, Any] = {}
@@ -226,25 +181,17 @@ class TraversalDaemon:
             return
         self.config = config
         self.metrics.update(config.metrics)
-        self.carry_out(self.core.configure(self._peer_configs()))
+        self.carry_out(self.core.configure(self._peer_configs(), self._live_endpoints()))
         self.refresh_candidates()
         self.ask_relays()
-        self.log(f"sidecar: reloaded, {len(config.peers)} punch peers")
+        self.log(f"sidecar: reloaded, {self._peers_text()}")
 
     def _peer_configs(self) -> list[PeerConfig]:
-        return [
-            PeerConfig(
-                p.name,
-                p.public_key,
-                p.overlay_address,
-                p.relay_endpoint,
-                p.relay,
-                p.standby_endpoint,
-                p.standby_relay,
-                p.upgrade,
-            )
-            for p in self.config.peers
-        ]
+        return list(self.config.peers)
+
+    def _peers_text(self) -> str:
+        modes = Counter(p.mode for p in self.config.peers)
+        return ", ".join(f"{n} {mode} peers" for mode, n in sorted(modes.items())) or "no peers"
 
     def _live_endpoints(self) -> dict[str, Address | None]:
         """WireGuard's endpoint for each peer now (none known when it cannot be read)."""
@@ -271,15 +218,11 @@ class TraversalDaemon:
                     self.wireguard.set_endpoint(action.public_key, action.endpoint)
                 elif isinstance(action, ResetSession):
                     self.wireguard.reset_session(action.public_key)
-                elif isinstance(action, Mute):
-                    self.muter.mute(action.peer, action.relay, action.direct)
-                elif isinstance(action, Unmute):
-                    self.muter.unmute(action.peer)
                 elif isinstance(action, Remap):
                     self.remap()
                 elif isinstance(action, Log):
                     self.log(f"sidecar: {action.peer}: {action.text}")
-            except (OSError, subprocess.CalledProcessError, RuntimeError) as exc:
+            except (OSError, RuntimeError) as exc:
                 self.counters[f"{type(action).__name__.lower()}_errors"] += 1
                 self.log(f"sidecar: {type(action).__name__} failed: {exc}")
 
@@ -339,7 +282,8 @@ class TraversalDaemon:
     # --- the loop -------------------------------------------------------------------------
 
     def sample(self, now: float) -> bool:
-        """Feed the counters to the core; True when a punch peer's counters moved."""
+        """Feed the counters to the core; True when a peer's counters moved."""
+        self._sampled_at = now
         try:
             peers = self.wireguard.sample()
         except (OSError, RuntimeError) as exc:
@@ -382,17 +326,14 @@ class TraversalDaemon:
 
     def serve_forever(self) -> None:
         self.metrics.update(self.config.metrics)
-        self.muter.clear()
         self.refresh_candidates()
         self.ask_relays()
-        # Every punch peer starts on its relay: whatever a previous run left is undone.
+        # Every punch peer starts on its relay (whatever a previous run left is undone), every
+        # direct one where WireGuard has it.
         self.carry_out(self.core.configure([]))
         self.carry_out(self.core.configure(self._peer_configs(), self._live_endpoints()))
         self.core.start(self.clock())
-        self.log(
-            f"sidecar: traversal for {len(self.config.peers)} punch peers on port "
-            f"{self.config.listen_port}"
-        )
+        self.log(f"sidecar: traversal for {self._peers_text()} on port {self.config.listen_port}")
         now = self.clock()
         next_sample, next_stun, next_state = now, now + STUN_INTERVAL, now
         next_check = now + RELAY_CHECK
@@ -417,9 +358,14 @@ class TraversalDaemon:
             now = self.clock()
             if now >= settle or len(self.mapped) == len(self.config.relays):
                 self.carry_out(self.core.tick(now, self.wall()))
+            if self.core.reasserting(now):  # a switch to direct since the last sample, too
+                next_sample = min(next_sample, self._sampled_at + SAMPLE_GRACE)
             if now >= next_sample:
                 busy = self.sample(now)
-                next_sample = now + (SAMPLE_BUSY if busy else SAMPLE_IDLE)
+                if self.core.reasserting(now):
+                    next_sample = now + SAMPLE_GRACE
+                else:
+                    next_sample = now + (SAMPLE_BUSY if busy else SAMPLE_IDLE)
             if now >= next_stun:
                 self.refresh_candidates()
                 self.ask_relays()
@@ -459,8 +405,6 @@ class TraversalDaemon:
     def close(self) -> None:
         self.metrics.close()
         self.carry_out(self.core.stop())
-        with contextlib.suppress(OSError, subprocess.CalledProcessError):
-            self.muter.clear()
         self.selector.close()
         self.control.close()
         self.stun_socket.close()

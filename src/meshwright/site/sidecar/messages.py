@@ -11,18 +11,20 @@ address is the named peer's. They are JSON objects::
     {"v": 1, "type": "nominate", "from": "easy1", "session": ..., "use": "198.51.100.21:51820"}
     {"v": 1, "type": "fallback", "from": "easy1", "session": ...}
     {"v": 1, "type": "hello", "from": "easy2", "session": "<16 hex: this run of the sidecar>"}
-
     {"v": 1, "type": "bye", "from": "easy2", "session": "<16 hex: this run of the sidecar>"}
+    {"v": 1, "type": "watch", "from": "easy1", "session": ..., "key": "<64 hex>"}
 
-A sidecar says ``hello`` to every punch peer when it starts: it has just put them all back on
+A sidecar says ``hello`` to every peer when it starts: it has just put its punch peers back on
 their relays, so the peer follows and (if it controls the pair) offers at once. It says ``bye``
 when it stops: a peer that would start probing alone drops its attempt instead (its pings
 would reach this site's NAT before any of this site's own and leave a conntrack clash behind).
+``watch`` gives a pair that starts on its direct path (the plan's ``direct`` mode, no offer)
+the session and probe key that its check pings use; the controlling side sends it.
 
 Probes travel outside WireGuard, from and to the WireGuard listen port, so they must
 authenticate themselves: each carries an HMAC-SHA256 (first 16 bytes) keyed by the attempt's
-session key, a fresh random 32-byte key that only the two sidecars know (it went in the offer,
-inside the tunnel). Binary, big-endian::
+session key, a fresh random 32-byte key that only the two sidecars know (it went in the offer or
+the watch, inside the tunnel). Binary, big-endian::
 
     magic 4 (ff 4d 57 50)  kind 1 (1 ping, 2 pong)  zero 1  session 8  seq 4
     pong only: observed port 2, observed address family 1 (4 or 6), address 4 or 16
@@ -70,7 +72,7 @@ MAC_SIZE = 16
 SESSION_SIZE = 8
 KEY_SIZE = 32
 CONTROL_VERSION = 1
-CONTROL_TYPES = ("offer", "answer", "nominate", "fallback", "hello", "bye")
+CONTROL_TYPES = ("offer", "answer", "nominate", "fallback", "hello", "bye", "watch")
 MAX_CANDIDATES = 16
 MAX_CONTROL_SIZE = 4096
 _HEAD = struct.Struct(">4sBB8sI")
@@ -93,10 +95,13 @@ class Control:
     type: str
     sender: str
     session: bytes
-    key: bytes | None = None  # offer only
+    key: bytes | None = None  # offer and watch only
     candidates: tuple[Address, ...] = field(default_factory=tuple)  # offer and answer
     start_at: float | None = None  # offer and answer: the wall-clock time both start probing
     use: Address | None = None  # nominate only: the endpoint the receiver uses for the sender
+    # offer and answer, optional: the sender sidecar's run (its hellos' session), so that a
+    # hello from the run a pair just upgraded with is not taken for a restart
+    run: bytes | None = None
 
 
 def _mac(key: bytes, body: bytes) -> bytes:
@@ -161,6 +166,8 @@ def encode_control(message: Control) -> bytes:
         data["start_at"] = message.start_at
     if message.use is not None:
         data["use"] = format_endpoint(*message.use)
+    if message.run is not None and message.type in ("offer", "answer"):
+        data["run"] = message.run.hex()
     return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -199,7 +206,7 @@ def decode_control(datagram: bytes) -> Control:
     if not isinstance(sender, str) or not sender:
         raise MessageError("from: not a name")
     session = _hex(data.get("session"), SESSION_SIZE, "session")
-    key = _hex(data.get("key"), KEY_SIZE, "key") if kind == "offer" else None
+    key = _hex(data.get("key"), KEY_SIZE, "key") if kind in ("offer", "watch") else None
     candidates: tuple[Address, ...] = ()
     if kind in ("offer", "answer"):
         raw = data.get("candidates")
@@ -219,7 +226,10 @@ def decode_control(datagram: bytes) -> Control:
         if not math.isfinite(start_at):
             raise MessageError("start_at: not a time")
     use = _address(data.get("use"), "use") if kind == "nominate" else None
-    message = Control(kind, sender, session, key, candidates, start_at, use)
+    run = None
+    if kind in ("offer", "answer") and "run" in data:
+        run = _hex(data["run"], SESSION_SIZE, "run")
+    message = Control(kind, sender, session, key, candidates, start_at, use, run)
     # The limit holds for the message as encode_control writes it too, so that whatever is
     # accepted can be written again and accepted. Its output can be longer than what came in:
     # it escapes non-ASCII (2 bytes of UTF-8 become a 6-byte \uXXXX) and writes addresses

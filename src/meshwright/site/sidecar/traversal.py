@@ -3,9 +3,9 @@ to fall back. No sockets, no clock, no files: the daemon feeds it control messag
 WireGuard's counters and the time, and carries out the actions it returns (the shape of
 :mod:`meshwright.relay.forward` under :mod:`meshwright.relay.server`).
 
-One :class:`Traversal` per site; one :class:`PeerLink` per peer the plan marks ``punch``. A
-punch peer starts on its relay allocation, so it is never unconnected, and the sidecar upgrades
-it (docs/sidecar.md has the design, its timers and why):
+One :class:`Traversal` per site; one :class:`PeerLink` per peer the plan gives it (its
+``mode``). A ``punch`` peer starts on its relay allocation, so it is never unconnected, and the
+sidecar upgrades it (docs/sidecar.md has the design, its timers and why):
 
 1. **Offer.** The *controlling* side of the pair (the smaller WireGuard public key, so both
    sides agree without talking) sends an offer through the tunnel: a fresh session id and
@@ -19,17 +19,26 @@ it (docs/sidecar.md has the design, its timers and why):
 3. **Nominate and switch.** The controlling side picks the best validated candidate (a private,
    same-LAN address over a public one) and tells the other side which of its own addresses
    to use (the one the pong observed); the other side accepts only an address from which it
-   received an authentic ping in this session. Each side first *mutes* its relay allocation
-   (relayed datagrams still in flight get the direct endpoint as their source, so WireGuard's
-   roaming cannot pull the endpoint back to the relay), then sets WireGuard's endpoint.
+   received an authentic ping in this session. Each side sets WireGuard's endpoint, and the
+   other side (the last to switch) also starts a new WireGuard session on the direct path,
+   which the relay never saw and so cannot carry. For :data:`REASSERT_GRACE` after that,
+   relayed datagrams still in flight may pull WireGuard's endpoint back to the relay
+   (roaming): when the daemon's sample shows it there, the direct endpoint is set again
+   (``endpoint_reasserted``). The relay's address and port cannot tell this peer's datagrams
+   from other peers' (one relay port per site), so nothing is rewritten on the way in. Without
+   the new session a pull would echo: while pulled, a side sends through the relay, which
+   pulls the other side, and so on, for as long as data flows both ways.
 4. **Watch.** On a direct path, WireGuard's counters tell when this side sends data and hears
    nothing (:data:`SUSPECT_AFTER`); then it pings the direct endpoint every
    :data:`CHECK_INTERVAL`, and with no pong for :data:`DEAD_AFTER` it falls back: relay
-   endpoint, relay unmuted, a ``fallback`` message to the peer.
+   endpoint, a new WireGuard session through the relay (:class:`ResetSession`: the relay
+   forwards a session only after it forwarded its handshake), a ``fallback`` message to the
+   peer. After the grace, WireGuard's endpoint on the relay means the peer sends there: follow.
 5. **Back off.** A failed attempt or a fallback waits :data:`BACKOFF_MIN` seconds, times
    :data:`BACKOFF_FACTOR` after each further failure, up to :data:`BACKOFF_MAX` (beyond NAT
-   UDP timeouts, so that retries stop keeping a stale conntrack entry alive); a direct path
-   that holds :data:`STABLE_AFTER` resets it.
+   UDP timeouts, so that retries stop keeping a stale conntrack entry alive); an attempt
+   that heard nothing of the peer waits at least :data:`CLASH_WAIT` (the stale entries of a
+   conntrack clash expire first); a direct path that holds :data:`STABLE_AFTER` resets it.
 6. **Restarts.** A starting sidecar says hello, a stopping one bye (:meth:`Traversal.start`,
    :meth:`Traversal.stop`), so that both sides of a pair stay in step.
 7. **Relay failover.** A peer may have a standby allocation on another relay. The daemon asks
@@ -40,7 +49,13 @@ it (docs/sidecar.md has the design, its timers and why):
    other relay has seen none of its handshakes, so it cannot have proven the two addresses).
    Both sides see the same relay die, so both move. Nothing moves back when the relay
    returns (no flap): a peer falls back to its plan's relay, when up, after a direct path dies.
-   Peers the plan keeps relayed (``upgrade`` off: two hard NATs) never offer.
+   Peers the plan keeps relayed (mode ``relay``: two hard NATs) never offer.
+
+A ``direct`` peer (a pair the plan connects directly) starts where WireGuard has it: on its
+direct path (the plan's ``direct_endpoint``, or whatever WireGuard learned when that is null),
+never moved to the relay at start. The controlling side gives it a session and probe key for
+its check pings (a ``watch`` message), and it is watched like an upgraded path (4.); when it
+dies it falls back to its relay and upgrades again like a punch pair.
 """
 
 from __future__ import annotations
@@ -71,8 +86,8 @@ from .messages import (
 )
 
 __all__ = [
+    "MODES",
     "Action",
-    "Mute",
     "PeerConfig",
     "PeerLink",
     "Remap",
@@ -81,7 +96,6 @@ __all__ = [
     "SendProbe",
     "SetEndpoint",
     "Traversal",
-    "Unmute",
 ]
 
 Address = tuple[str, int]
@@ -97,9 +111,14 @@ NOMINATE_GRACE = 0.15  # after a public path validates, wait this long for a pri
 SUSPECT_AFTER = 0.75  # data sent on a direct path with nothing received this long: check it
 CHECK_INTERVAL = 0.2  # pings to the direct endpoint while it is suspect
 DEAD_AFTER = 1.0  # a suspect path with no pong this long is dead: fall back
-MUTE_GRACE = 2.0  # relayed datagrams still in flight after a switch: far more than a relay trip
+# After a switch to direct: relayed datagrams still in flight (far more than a relay trip) may
+# pull WireGuard's endpoint back to the relay; it is set to the direct one again meanwhile.
+REASSERT_GRACE = 2.0
 STABLE_AFTER = 60.0  # a direct path that held this long forgets earlier failures
 BACKOFF_MIN, BACKOFF_FACTOR, BACKOFF_MAX = 2.0, 4.0, 128.0
+# After an attempt that heard not one ping of the peer (what a conntrack clash looks like):
+# past Linux's 30 s unreplied-UDP timeout, since any earlier retry refreshes the stale entries.
+CLASH_WAIT = 35.0
 HELLO_AT = (0.0, 1.0, 3.0)  # after start: a peer's sidecar may be starting too; repeats are ignored
 RELAY_KEEPALIVE = 20.0  # while direct: under the 30 s a Linux NAT keeps an unanswered mapping
 KEEPALIVE_BYTES = 32  # a WireGuard keepalive: a transport header and tag, no payload
@@ -110,18 +129,29 @@ PING_WINDOW = 1024  # a ping this far behind the newest one of its session count
 RELAY_DEAD_AFTER = 4.0
 
 
+MODES = ("punch", "relay", "direct")
+
+
 @dataclass(frozen=True)
 class PeerConfig:
-    """A punch peer, as the plan gives it."""
+    """A peer with a relay allocation, as the plan gives it (``traversal.peers``)."""
 
     name: str
     public_key: str
     overlay_address: str
-    relay_endpoint: Address  # this side's relay allocation port: WireGuard's relayed endpoint
+    relay_endpoint: Address  # this side's relay port: WireGuard's relayed endpoint
     relay: str = ""  # the relay of that allocation (the plan's choice)
-    standby_endpoint: Address | None = None  # this side's port of the standby allocation
+    standby_endpoint: Address | None = None  # this side's port on the standby relay
     standby_relay: str = ""
-    upgrade: bool = True  # False: a pair the plan keeps relayed (it only fails over)
+    # punch: starts relayed, upgraded; relay: kept relayed (it only fails over); direct: starts
+    # on its direct path (direct_endpoint, or what WireGuard learned), falls back, upgrades.
+    mode: str = "punch"
+    direct_endpoint: Address | None = None
+
+    @property
+    def upgrade(self) -> bool:
+        """Whether the pair may go direct (the plan keeps relay pairs relayed)."""
+        return self.mode != "relay"
 
 
 @dataclass(frozen=True)
@@ -141,20 +171,6 @@ class SetEndpoint:
     peer: str
     public_key: str
     endpoint: Address
-
-
-@dataclass(frozen=True)
-class Mute:
-    """Give datagrams from ``relay`` the source ``direct`` before WireGuard sees them."""
-
-    peer: str
-    relay: Address
-    direct: Address
-
-
-@dataclass(frozen=True)
-class Unmute:
-    peer: str
 
 
 @dataclass(frozen=True)
@@ -179,7 +195,7 @@ class Log:
     text: str
 
 
-Action = SendControl | SendProbe | SetEndpoint | ResetSession | Mute | Unmute | Remap | Log
+Action = SendControl | SendProbe | SetEndpoint | ResetSession | Remap | Log
 
 
 LAN_NETWORKS = tuple(
@@ -204,7 +220,7 @@ def _rank(address: Address) -> tuple[int, str, int]:
 
 @dataclass
 class PeerLink:
-    """One punch peer's state: path, endpoint, the attempt in progress, backoff, liveness."""
+    """One peer's state: path, endpoint, the attempt in progress, backoff, liveness."""
 
     config: PeerConfig
     controlling: bool
@@ -227,7 +243,7 @@ class PeerLink:
     failures: int = 0
     unanswered: int = 0  # offers in a row that got no answer
     direct_since: float | None = None
-    mute_until: float | None = None
+    reassert_until: float | None = None  # the grace after a switch to direct
     failed_session: bytes | None = None  # the session whose path death was counted
     last_proof: float | None = None
     rtt: float | None = None
@@ -265,6 +281,7 @@ class PeerLink:
 
         return {
             "peer": self.config.name,
+            "mode": self.config.mode,
             "path": self.path,
             "endpoint": None if self.endpoint is None else format_endpoint(*self.endpoint),
             "relay_endpoint": format_endpoint(*self.relay_endpoint),
@@ -290,6 +307,7 @@ class PeerLink:
                 else None
             ),
             "suspect": self.suspect_since is not None,
+            "reasserted": self.counters["endpoint_reasserted"],
         }
 
 
@@ -303,7 +321,7 @@ def backoff(failures: int) -> float:
 
 
 class Traversal:
-    """Every punch peer of one site. ``random`` gives fresh random bytes (``os.urandom``)."""
+    """Every peer of one site. ``random`` gives fresh random bytes (``os.urandom``)."""
 
     def __init__(
         self,
@@ -325,13 +343,17 @@ class Traversal:
         self.unanswered_since: dict[str, float] = {}
         self.answered_at: dict[str, float] = {}
         self.relays_down: set[str] = set()  # found down, and not answering since
+        # Per relay endpoint (one per relay: every peer through it shares it): when its NAT
+        # mapping next needs a keepalive.
+        self.keepalive_due: dict[Address, float] = {}
         self.configure(peers)
 
     def start(self, now: float) -> None:
-        """The daemon started: every punch peer is on its relay here. Say hello to each peer
-        (:data:`HELLO_AT`), so that it follows: a peer still direct would keep sending there
-        and WireGuard would roam to it while this side's state says relay. A controlling
-        peer also offers at once, instead of waiting for its offer to this side to time out."""
+        """The daemon started: every punch peer is on its relay here, every direct peer where
+        WireGuard had it. Say hello to each peer (:data:`HELLO_AT`), so that it follows: a
+        punch peer still direct would keep sending there and WireGuard would roam to it while
+        this side's state says relay. A controlling peer also offers at once, instead of
+        waiting for its offer to this side to time out, or sends its direct peer's watch."""
         self.hellos = [now + delay for delay in HELLO_AT]
 
     def stop(self) -> list[Action]:
@@ -345,15 +367,15 @@ class Traversal:
     def configure(
         self, peers: Sequence[PeerConfig], live: Mapping[str, Address | None] | None = None
     ) -> list[Action]:
-        """Apply a new peer list: new peers start on their relay, removed ones are dropped,
-        a peer whose relay allocation moved goes back to it. ``live``: WireGuard's endpoints
-        now, by peer; one on the peer's other relay (a failover before a restart) means the
-        plan's relay has not seen the session: it starts anew."""
+        """Apply a new peer list: removed peers are dropped; new or changed punch and relay
+        peers go to their relay; new or changed direct peers stay where WireGuard has them.
+        ``live``: WireGuard's endpoints now, by peer. A punch or relay peer found elsewhere
+        than on its relay (a direct path, or the other relay after a failover) starts a new
+        session there: the relay forwards a session only after it forwarded its handshake."""
         actions: list[Action] = []
         wanted = {p.name: p for p in peers}
         for name in list(self.links):
             if name not in wanted:
-                actions.append(Unmute(name))
                 del self.links[name]
         for name, config in wanted.items():
             old = self.links.get(name)
@@ -362,13 +384,55 @@ class Traversal:
             link = PeerLink(config, controlling=self.public_key < config.public_key)
             self.links[name] = link
             now_at = (live or {}).get(name)
-            reset = now_at is not None and now_at == config.standby_endpoint
+            if config.mode == "direct":
+                actions += self._keep_where_it_is(link, old, now_at)
+                continue
+            reset = now_at is not None and now_at != config.relay_endpoint
             actions += self._to_relay(link, "configured", reset=reset)
             if old is not None and old.path == "direct" and old.session is not None:
                 # The peer still sends to us directly: tell it, so both start over on relays.
                 message = Control("fallback", self.name, old.session)
                 actions.append(SendControl(name, encode_control(message)))
         return actions
+
+    def _keep_where_it_is(
+        self, link: PeerLink, old: PeerLink | None, now_at: Address | None
+    ) -> list[Action]:
+        """A direct peer, new or changed: on its relay if WireGuard has it there (an earlier
+        run fell back), else on its direct path, which nothing sets here (WireGuard has it,
+        from the plan or from the peer's packets)."""
+        name, config = link.config.name, link.config
+        if old is not None and old.is_relay_endpoint(now_at) and not link.is_relay_endpoint(now_at):
+            # On a relay the plan no longer gives it: onto the new one, a new session.
+            return self._to_relay(link, "configured", reset=True)
+        if now_at is not None and link.is_relay_endpoint(now_at):
+            link.on_standby = now_at != config.relay_endpoint
+            link.endpoint = now_at
+            where = f" via {link.relay}" if link.relay else ""
+            return [Log(name, f"relay (configured: WireGuard is there){where}")]
+        link.path = "direct"
+        link.endpoint = now_at or config.direct_endpoint
+        if old is not None and old.path == "direct" and old.session is not None:
+            # A reload: the pair's session and key go on (the peer's check pings use them).
+            link.session, link.key, link.peer_run = old.session, old.key, old.peer_run
+        shown = "WireGuard's" if link.endpoint is None else format_endpoint(*link.endpoint)
+        return [Log(name, f"direct via {shown} (configured)"), *self._send_watch(link)]
+
+    def _send_watch(self, link: PeerLink) -> list[Action]:
+        """The controlling side of a direct pair on its direct path: the session and probe
+        key both sides' check pings use (the pair had no offer to agree one)."""
+        if (
+            link.config.mode != "direct"
+            or not link.controlling
+            or link.path != "direct"
+            or link.phase != "idle"
+        ):
+            return []
+        if link.session is None:
+            self._new_session(link)
+        assert link.session is not None and link.key is not None
+        message = Control("watch", self.name, link.session, link.key)
+        return [SendControl(link.config.name, encode_control(message))]
 
     def set_candidates(self, candidates: Iterable[Address]) -> None:
         """This site's own candidates: LAN addresses, relay-observed mappings, public ones.
@@ -441,8 +505,6 @@ class Traversal:
                 times.append(link.next_ping)
             elif link.path == "direct":
                 times.append(link.next_relay_keepalive)
-                if link.mute_until is not None:
-                    times.append(link.mute_until)
             elif (
                 link.path == "relay"
                 and link.controlling
@@ -451,6 +513,15 @@ class Traversal:
             ):
                 times.append(link.next_attempt)
         return min(times)
+
+    def reasserting(self, now: float) -> bool:
+        """Whether a peer is in the grace after a switch to direct: the daemon then samples
+        WireGuard's endpoints often, so that one a relayed datagram pulled back to the relay
+        is set again within a sample (:meth:`on_counters`)."""
+        return any(
+            link.path == "direct" and link.reassert_until is not None and now < link.reassert_until
+            for link in self.links.values()
+        )
 
     def tick(self, now: float, wall: float) -> list[Action]:
         actions: list[Action] = []
@@ -489,13 +560,22 @@ class Traversal:
         link.counters["attempts"] += 1
         assert link.session is not None and link.key is not None
         offer = Control(
-            "offer", self.name, link.session, link.key, self.candidates, wall + START_DELAY
+            "offer",
+            self.name,
+            link.session,
+            link.key,
+            self.candidates,
+            wall + START_DELAY,
+            run=self.run,
         )
         return [SendControl(link.config.name, encode_control(offer))]
 
     def _new_session(self, link: PeerLink) -> None:
-        link.session = self._random(SESSION_SIZE)
-        link.key = self._random(KEY_SIZE)
+        self._set_session(link, self._random(SESSION_SIZE), self._random(KEY_SIZE))
+
+    @staticmethod
+    def _set_session(link: PeerLink, session: bytes, key: bytes) -> None:
+        link.session, link.key = session, key
         link.outstanding.clear()
         link.validated.clear()
         link.ping_sources.clear()
@@ -554,31 +634,48 @@ class Traversal:
         link.endpoint = endpoint
         link.rtt = rtt
         link.direct_since = link.last_proof = now
-        link.mute_until = now + MUTE_GRACE
+        link.reassert_until = now + REASSERT_GRACE
         link.unanswered_since = link.suspect_since = None
         link.unanswered_bytes = 0
         link.counters["upgrades"] += 1
-        relay = link.relay_endpoint
-        return [
-            Mute(link.config.name, relay, endpoint),
-            SetEndpoint(link.config.name, link.config.public_key, endpoint),
-            Log(link.config.name, f"direct via {format_endpoint(*endpoint)}"),
-        ]
+        name, key = link.config.name, link.config.public_key
+        actions: list[Action] = [SetEndpoint(name, key, endpoint)]
+        if not link.controlling:
+            # The side that switches last starts a session on the direct path, which the relay
+            # never saw and cannot forward: a relayed datagram that pulls either WireGuard
+            # back to the relay for a moment (roaming) then makes the other side send
+            # nothing through the relay that the relay carries back, so the pull cannot echo
+            # between the two (and the old session's datagrams still in flight here are
+            # dropped instead of pulling). The controlling side keeps its session: its
+            # nominate message may still be in WireGuard's queue.
+            actions += self._restart_wireguard(link)
+        return [*actions, Log(name, f"direct via {format_endpoint(*endpoint)}")]
 
     def _to_relay(self, link: PeerLink, why: str, reset: bool = False) -> list[Action]:
         """Onto the relay path in use; ``reset``: a relay that has not seen this session."""
         link.path = "relay"
         link.phase = "idle"
         link.endpoint = link.relay_endpoint
-        link.direct_since = link.mute_until = None
+        link.direct_since = link.reassert_until = None
         link.suspect_since = link.unanswered_since = None
         name, key = link.config.name, link.config.public_key
-        actions: list[Action] = [Unmute(name), SetEndpoint(name, key, link.relay_endpoint)]
+        actions: list[Action] = [SetEndpoint(name, key, link.relay_endpoint)]
         if reset:
-            actions.append(ResetSession(name, key))
+            actions += self._restart_wireguard(link)
         # "relay (why)" first: tests and bench/sidecar_bench.py read the journal for it.
         where = f" via {link.relay}" if link.relay else ""
         return [*actions, Log(name, f"relay ({why}){where}")]
+
+    def _restart_wireguard(self, link: PeerLink) -> list[Action]:
+        """WireGuard's session with the peer started anew, and something for WireGuard to send
+        (a hello, which the peer takes as a repeated one), so that it starts the new session
+        at once. A side with nothing of its own to send would otherwise wait: an open site has
+        no keepalive, and the peer goes on sending with the old session's keys, which makes
+        it start a new one only after 15 s without an answer; and a relay that knows neither
+        site's address proves them only from both sides' handshakes."""
+        name, key = link.config.name, link.config.public_key
+        hello = encode_control(Control("hello", self.name, self.run))
+        return [ResetSession(name, key), SendControl(name, hello)]
 
     def _no_answer(self, link: PeerLink, now: float) -> list[Action]:
         # Most often the peer's sidecar is (re)starting: ask again soon (and its hello brings
@@ -595,50 +692,65 @@ class Traversal:
     def _fail(self, link: PeerLink, now: float, why: str) -> list[Action]:
         link.phase = "idle"
         link.failures += 1
-        link.next_attempt = now + backoff(link.failures)
-        link.counters["failed_attempts"] += 1
         wait = backoff(link.failures)
+        if not link.ping_sources:
+            # Nothing of the peer got in: most likely a conntrack clash (a first ping that
+            # arrived before a side's own left), which only silence cures. A lost probe or
+            # two never silences a whole attempt.
+            wait = max(wait, CLASH_WAIT)
+            why += ", nothing heard"
+        link.next_attempt = now + wait
+        link.counters["failed_attempts"] += 1
         return [Remap(), Log(link.config.name, f"attempt failed ({why}); next in {wait:.0f} s")]
 
     def _watch(self, link: PeerLink, now: float) -> list[Action]:
-        assert link.direct_since is not None
+        if link.direct_since is None:  # a direct peer as configured: watched from now
+            link.direct_since = now
         if now - link.direct_since >= STABLE_AFTER:
             link.failures = 0
-        if link.mute_until is not None and now >= link.mute_until:
+        if link.reassert_until is not None and now >= link.reassert_until:
             # Relayed datagrams in flight at the switch have arrived. From now on one from
             # the relay means the peer sends there: WireGuard follows it, and so do we.
-            link.mute_until = None
-            return [Unmute(link.config.name)]
+            link.reassert_until = None
         if link.suspect_since is None:
-            if now >= link.next_relay_keepalive:
-                # Keep this side's NAT mapping towards the relay allocation: on fallback the
-                # relay's first datagram then finds it, instead of clashing with its expiry.
-                link.next_relay_keepalive = now + RELAY_KEEPALIVE
-                link.counters["relay_keepalives"] += 1
-                return [SendProbe(link.relay_endpoint, MAGIC)]
-            return []
+            return self._relay_keepalive(link, now)
         if now - link.suspect_since >= DEAD_AFTER:
             return self._fall_back(link, now, "direct path silent")
-        if now >= link.next_ping and link.endpoint is not None:
+        # No session (a direct peer whose watch has not come): nothing can prove the path,
+        # and the fallback comes after DEAD_AFTER.
+        if now >= link.next_ping and link.endpoint is not None and link.key is not None:
             link.next_ping = now + CHECK_INTERVAL
             return self._pings(link, [link.endpoint], now)
         return []
+
+    def _relay_keepalive(self, link: PeerLink, now: float) -> list[Action]:
+        """Keep this side's NAT mapping towards the relay: on fallback the relay's first
+        datagram then finds it, instead of clashing with its expiry. One keepalive per relay
+        endpoint, however many peers on a direct path share it."""
+        if now < link.next_relay_keepalive:
+            return []
+        link.next_relay_keepalive = now + RELAY_KEEPALIVE
+        target = link.relay_endpoint
+        if now < self.keepalive_due.get(target, 0.0):
+            return []
+        self.keepalive_due[target] = now + RELAY_KEEPALIVE
+        link.counters["relay_keepalives"] += 1
+        return [SendProbe(target, MAGIC)]
 
     def _fall_back(self, link: PeerLink, now: float, why: str) -> list[Action]:
         link.counters["fallbacks"] += 1
         link.failed_session = link.session
         link.failures += 1
         link.next_attempt = now + backoff(link.failures)
-        # Back to the plan's relay when it is up, else the standby. The plan's relay proved
-        # both addresses when the pair started there (and the keepalives kept them); another
-        # relay may never have seen a handshake of the pair: a new session, through it.
-        was = link.on_standby
+        # Back to the plan's relay when it is up, else the standby. Always a new session: a
+        # relay forwards a session's data only after it forwarded its handshake, and this one
+        # may have been made (or rekeyed, every two minutes) on the direct path, or the relay
+        # may never have seen the pair at all (a direct pair, a standby relay).
         link.on_standby = link.config.standby_endpoint is not None and not self.relay_up(
             link.config.relay, now
         )
-        reset = link.on_standby or was != link.on_standby
         # The message goes through WireGuard: after the switch, or it takes the dead path.
-        actions = [*self._to_relay(link, why, reset=reset), Remap()]
+        actions = [*self._to_relay(link, why, reset=True), Remap()]
         if link.session is not None:
             message = Control("fallback", self.name, link.session)
             actions.append(SendControl(link.config.name, encode_control(message)))
@@ -658,7 +770,16 @@ class Traversal:
         link.rx, link.tx = rx, tx
         if link.path != "direct":
             return self._follow_to_direct(link, endpoint, now)
-        if link.is_relay_endpoint(endpoint) and link.mute_until is None:
+        if link.is_relay_endpoint(endpoint):
+            if (
+                link.reassert_until is not None
+                and now < link.reassert_until
+                and link.endpoint is not None
+            ):
+                # A relayed datagram that was in flight at the switch: WireGuard roamed back
+                # to the relay. The switch stands: set the direct endpoint again.
+                link.counters["endpoint_reasserted"] += 1
+                return [SetEndpoint(link.config.name, link.config.public_key, link.endpoint)]
             # WireGuard followed an authenticated packet from the relay: the peer is there
             # (its fallback message may not have come through: a NAT that moved, say).
             # Not counted as a failure: a restarted peer is there too. A fallback message
@@ -666,6 +787,11 @@ class Traversal:
             link.counters["fallbacks"] += 1
             link.next_attempt = max(link.next_attempt, now + BACKOFF_MIN)
             return [*self._to_relay(link, "peer is on the relay"), Remap()]
+        if endpoint is not None and endpoint != link.endpoint:
+            # WireGuard roamed to another direct address (the peer's NAT moved, or a direct
+            # peer's endpoint learned from its packets): checks go where WireGuard sends.
+            link.endpoint = endpoint
+            link.counters["endpoint_learned"] += 1
         if previous_rx is None or previous_tx is None:
             return []
         if rx != previous_rx:
@@ -735,6 +861,7 @@ class Traversal:
             "fallback": self._on_fallback,
             "hello": self._on_hello,
             "bye": self._on_bye,
+            "watch": self._on_watch,
         }[message.type]
         return handler(link, message, now, wall)
 
@@ -746,11 +873,9 @@ class Traversal:
         if link.path == "direct":
             # The controlling side offers only from its relay: follow it there, then upgrade.
             actions += self._to_relay(link, "peer offered anew")
-        link.session, link.key = message.session, message.key
-        link.outstanding.clear()
-        link.validated.clear()
-        link.ping_sources.clear()
-        link.ping_seqs.clear()
+        assert message.key is not None
+        self._set_session(link, message.session, message.key)
+        link.peer_run = message.run or link.peer_run  # its hellos from this run repeat it
         link.remote_candidates = message.candidates
         assert message.start_at is not None
         # Both sides must send their first probes at the same moment (the conntrack clash):
@@ -763,7 +888,12 @@ class Traversal:
         link.counters["attempts"] += 1
         self._begin_probing(link, now)
         answer = Control(
-            "answer", self.name, message.session, candidates=self.candidates, start_at=start_at
+            "answer",
+            self.name,
+            message.session,
+            candidates=self.candidates,
+            start_at=start_at,
+            run=self.run,
         )
         return [*actions, SendControl(link.config.name, encode_control(answer))]
 
@@ -772,6 +902,7 @@ class Traversal:
             self.counters["dropped_control_unexpected"] += 1
             return []
         link.remote_candidates = message.candidates
+        link.peer_run = message.run or link.peer_run  # its hellos from this run repeat it
         link.unanswered = 0
         if message.start_at is not None:  # later when the offer came late; never earlier
             moved = now + min(max(message.start_at - wall, 0.0), OFFER_TIMEOUT)
@@ -816,8 +947,12 @@ class Traversal:
     def _on_hello(self, link: PeerLink, message: Control, now: float, wall: float) -> list[Action]:
         if message.session == link.peer_run:
             self.counters["hello_repeated"] += 1
-            return []
+            return self._send_watch(link)  # in case the first one was lost
         link.peer_run = message.session
+        if link.path == "direct" and link.config.mode == "direct":
+            # The restarted peer kept WireGuard's endpoint, so the pair stays direct; its
+            # sidecar lost the session its check pings need.
+            return self._send_watch(link)
         if link.path == "direct":
             # Not a failure of the path: the peer offers (or is offered) anew at once.
             return self._to_relay(link, "peer restarted")
@@ -839,6 +974,22 @@ class Traversal:
         link.outstanding.clear()
         link.next_attempt = now + BACKOFF_MIN
         return [Log(link.config.name, "peer stopped: attempt dropped")]
+
+    def _on_watch(self, link: PeerLink, message: Control, now: float, wall: float) -> list[Action]:
+        if (
+            link.controlling
+            or link.config.mode != "direct"
+            or link.path != "direct"
+            or link.phase != "idle"
+            or message.key is None
+        ):
+            self.counters["dropped_control_unexpected"] += 1
+            return []
+        if message.session == link.session:
+            self.counters["watch_repeated"] += 1
+            return []
+        self._set_session(link, message.session, message.key)
+        return []
 
     # --- probes ---------------------------------------------------------------------------
 
