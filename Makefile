@@ -110,9 +110,16 @@ lab-test: setup
 molecule: setup
 	$(BIN)/molecule test --scenario-name default
 
-# Molecule first, so that the run ends with pytest's summary line.
+# Molecule first, so that the run ends with pytest's summary line. Molecule's own last lines
+# are its destroy step's: when verify fails, its failures are repeated at the very end (a
+# wide COLUMNS keeps pytest from cutting each failure's message short).
 test: setup lint
-	$(BIN)/molecule test --scenario-name default
+	@mkdir -p $(CACHE); set -o pipefail; \
+	COLUMNS=250 $(BIN)/molecule test --scenario-name default 2>&1 | tee $(CACHE)/molecule.log || { \
+	  echo "molecule failed; what its verifier reported:"; \
+	  sed 's/\x1b\[[0-9;]*m//g' $(CACHE)/molecule.log \
+	    | sed -n '/short test summary info/,/ in [0-9.]*s/p' | cut -c1-400; \
+	  exit 1; }
 	$(BIN)/pytest -q tests
 
 clean: demo-down
