@@ -61,7 +61,9 @@ options:
         C([v6]:port) for IPv6), C(allowed_ips) (list of prefixes) and C(keepalive) (null, 0
         or seconds). A peer whose C(mode) is C(punch) gets its endpoint only when it is new
         (its relay allocation); after that the site's sidecar decides it (relayed or direct),
-        and a run leaves it alone. Other keys are ignored.
+        and a run leaves it alone. A peer found at one of its C(fallback_endpoints) (a list of
+        the pair's other relay paths, where the sidecar moves it after a relay failover or a
+        dead direct path) is left there too. Other keys are ignored.
     type: list
     elements: dict
     required: true

@@ -263,12 +263,19 @@ def test_every_peer_relayed_through_a_relay_shares_the_sites_one_endpoint_there(
     for (x, y), allocation in plan.allocations.items():
         for me, other in ((x, y), (y, x)):
             peer = _peer(plan, me, other)
+
+            def via(relay: str, me: str = me) -> str:
+                if me == "d":
+                    return f"127.0.0.1:{plan.local_ports('d')[relay]}"
+                return f"{address[relay]}:{plan.site_port(me)}"
+
+            standby = via(plan.standby_allocations[(x, y)].relay)
             if peer.mode == "direct":  # its direct endpoint; the relay is its fallback
                 assert not peer.endpoint or not peer.endpoint.startswith(tuple(address.values()))
-            elif me == "d":
-                assert peer.endpoint == f"127.0.0.1:{plan.local_ports('d')[allocation.relay]}"
+                assert peer.fallback_endpoints == (via(allocation.relay), standby)
             else:
-                assert peer.endpoint == f"{address[allocation.relay]}:{plan.site_port(me)}"
+                assert peer.endpoint == via(allocation.relay)
+                assert peer.fallback_endpoints == (standby,)
     ports = {name: plan.site_port(name) for name in "abcd"}
     assert len(set(ports.values())) == 4
     relays = plan.to_dict()["relays"]
@@ -468,6 +475,8 @@ def test_to_dict_shape_and_json_round_trip():
         "keepalive": 25,
         "mode": "direct",
         "allowed_ips": ["10.99.0.1/32", "10.99.0.3/32", "192.168.1.0/24", "192.168.3.0/24"],
+        # Its relay allocation: where the sidecar moves it when the direct path dies.
+        "fallback_endpoints": ["198.51.100.10:40000"],
     }
     assert data["pairs"][0] == {
         "a": "east",

@@ -429,3 +429,30 @@ def test_a_punch_peers_endpoint_is_set_only_when_the_peer_is_new() -> None:
     assert ws._endpoint_change(wanted, parse_endpoint("203.0.113.22:51820")) == parse_endpoint(
         "198.51.100.10:40001"
     )
+
+
+def test_a_peer_on_one_of_its_fallback_endpoints_stays_there() -> None:
+    """After a relay failover the sidecar has the pair on its standby relay (or a UDP-blocked
+    site's WireGuard roamed to its carrier's socket for that relay): a run leaves it there,
+    and moves only a peer that is somewhere the plan does not know."""
+    from meshwright.site import wgstate as ws
+    from meshwright.wire.endpoint import parse_endpoint
+
+    key = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg="
+    peer = {
+        "name": "b",
+        "public_key": key,
+        "endpoint": "198.51.100.10:40001",
+        "mode": "relay",
+        "fallback_endpoints": ["203.0.113.30:40001"],
+    }
+    (wanted,) = ws._peers([peer], None, None).values()
+    assert ws._endpoint_change(wanted, parse_endpoint("203.0.113.30:40001")) is None
+    assert ws._endpoint_change(wanted, parse_endpoint("198.51.100.10:40001")) is None
+    assert ws._endpoint_change(wanted, parse_endpoint("203.0.113.22:51820")) == parse_endpoint(
+        "198.51.100.10:40001"
+    )
+    assert ws._endpoint_change(wanted, None) == parse_endpoint("198.51.100.10:40001")
+    for bad in ("203.0.113.30", ["not an endpoint"]):
+        with pytest.raises(ws.SpecError, match="peer b"):
+            ws._peers([{**peer, "fallback_endpoints": bad}], None, None)

@@ -33,7 +33,9 @@ class Peer(NamedTuple):
 
     ``allowed_ips``: the overlay address and LAN prefixes of every site whose next hop is this
     peer, sorted. ``endpoint``/``keepalive`` as WireGuard takes them (None: not set). ``mode`` is
-    the link kind.
+    the link kind. ``fallback_endpoints``: the pair's other relay paths from this side, which
+    the sidecar (or, on a UDP-blocked site, WireGuard's roaming) may move the peer to at run
+    time: its relay allocation when ``endpoint`` is a direct one, and its standby allocation.
     """
 
     name: str
@@ -42,6 +44,7 @@ class Peer(NamedTuple):
     keepalive: int | None
     mode: str
     allowed_ips: tuple[str, ...]
+    fallback_endpoints: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -51,6 +54,7 @@ class Peer(NamedTuple):
             "keepalive": self.keepalive,
             "mode": self.mode,
             "allowed_ips": list(self.allowed_ips),
+            "fallback_endpoints": list(self.fallback_endpoints),
         }
 
 
@@ -340,9 +344,18 @@ class Plan:
                 buckets[row[d]].append(prefix)
         graph = self._graph
         allocations = self._allocations
-        relay_of = allocations.relay_of if allocations.relays else lambda i, j: NO_RELAY
+        relay_of = allocations.relay_of if allocations.relays else lambda i, j, s=False: NO_RELAY
         relay_names, relay_hosts = allocations.relays, self._relay_hosts
         own_port = allocations.ports[node.index] if allocations.relays else 0
+
+        def via(r: int) -> str:
+            # The relay's address and this site's own port; a site that cannot send UDP
+            # reaches it through its sidecar, which listens on loopback (one port per relay)
+            # and carries it over TLS.
+            if node.eclass == "blocked":
+                return f"127.0.0.1:{self._local_ports_of(node)[relay_names[r]]}"
+            return f"{relay_hosts[r]}:{own_port}"
+
         peers = []
         for hop in sorted(buckets):
             other = nodes[local[hop]]
@@ -350,15 +363,10 @@ class Plan:
             if kind is None:  # pragma: no cover - a next hop is always a linked neighbour
                 raise RuntimeError(f"routing: {node.name} routes to {other.name} without a link")
             endpoint, keepalive = _peer_settings(node, other, kind, self._keepalive)
-            r = NO_RELAY if kind == "direct" else relay_of(node.index, other.index)
-            if r != NO_RELAY:
-                # The relay's address and this site's own port; a site that cannot send UDP
-                # reaches it through its sidecar, which listens on loopback (one port per
-                # relay) and carries it over TLS.
-                if node.eclass == "blocked":
-                    endpoint = f"127.0.0.1:{self._local_ports_of(node)[relay_names[r]]}"
-                else:
-                    endpoint = f"{relay_hosts[r]}:{own_port}"
+            pair = (node.index, other.index)
+            relayed = [via(r) for r in (relay_of(*pair), relay_of(*pair, True)) if r != NO_RELAY]
+            if relayed and kind != "direct":  # a direct pair starts on its direct path
+                endpoint = relayed.pop(0)
             peers.append(
                 Peer(
                     other.name,
@@ -367,6 +375,7 @@ class Plan:
                     keepalive,
                     kind,
                     tuple(buckets[hop]),
+                    tuple(relayed),
                 )
             )
         if node.eclass != "blocked":  # a site that cannot send UDP has no UDP path to a relay

@@ -131,6 +131,9 @@ class WantedPeer:
     # A punch peer's endpoint is the sidecar's once the peer exists (relayed or direct):
     # the wanted endpoint (its relay allocation) is only where a new peer starts.
     endpoint_initial_only: bool = False
+    # The pair's other relay paths (the plan's fallback_endpoints): a peer the sidecar moved
+    # there (a relay failover, a dead direct path), or that roamed there, stays there.
+    fallback_addresses: tuple[Endpoint, ...] = ()
 
     @property
     def preshared_digest(self) -> str | None:
@@ -355,6 +358,12 @@ def _peers(
         if key == own_public:
             raise SpecError(f"peer {name} has this node's own public key")
         endpoint, addresses = _endpoint(name, peer.get("endpoint"), resolve)
+        fallbacks = peer.get("fallback_endpoints") or []
+        if isinstance(fallbacks, str) or not isinstance(fallbacks, list):
+            raise SpecError(f"peer {name}: fallback_endpoints must be a list of endpoints")
+        fallback_addresses = tuple(
+            found for value in fallbacks for found in _endpoint(name, value, resolve)[1]
+        )
         keepalive = peer.get("keepalive") or 0
         valid = isinstance(keepalive, int) and not isinstance(keepalive, bool)
         if not valid or not 0 <= keepalive <= 65535:
@@ -383,6 +392,7 @@ def _peers(
             endpoint_addresses=addresses,
             keepalive=keepalive,
             endpoint_initial_only=peer.get("mode") == "punch",
+            fallback_addresses=fallback_addresses,
         )
     return wanted
 
@@ -469,9 +479,11 @@ def _peer_change(peer: WantedPeer, current: PeerState | None) -> SetPeer | None:
 
 
 def _endpoint_change(peer: WantedPeer, running: Endpoint | None) -> Endpoint | None:
-    """The endpoint to set, None to leave it (none wanted, or the running one is wanted, or
-    the sidecar owns it)."""
+    """The endpoint to set, None to leave it (none wanted, or the running one is wanted or
+    one of the pair's fallbacks, or the sidecar owns it)."""
     if peer.endpoint is None or running in peer.endpoint_addresses:
+        return None
+    if running is not None and running in peer.fallback_addresses:
         return None
     if peer.endpoint_initial_only and running is not None:
         return None
