@@ -14,7 +14,8 @@ reaches them, and a tiny network between them:
   leaves an unreplied entry, and a later outbound packet to that remote gets a new public port;
 * two sites can share one LAN and one NAT (which hairpins: a packet to its own public address
   is translated and filtered like one from outside);
-* ``cut`` drops everything between the two sites' public addresses;
+* ``cut`` drops everything between the two sites' public addresses, ``cut_from`` only what
+  leaves that public address for the other;
 * the relay always delivers, after ``relay_delay``.
 
 WireGuard is modelled by a record per site: its endpoint for the peer (SetEndpoint sets it;
@@ -210,6 +211,7 @@ class Sim:
         self.sites = {a.name: a, b.name: b}
         self.net_delay, self.lan_delay, self.relay_delay = net_delay, lan_delay, relay_delay
         self.cut = False
+        self.cut_from: str | None = None
         self.step = 0
         self.now = T0
         self._queue: list[tuple[float, int, Callable[[], None]]] = []
@@ -314,7 +316,8 @@ class Sim:
 
     def inbound(self, source: Address, destination: Address, payload: bytes | Wg) -> None:
         publics = {self.a.nat.public, self.b.nat.public}
-        if self.cut and len(publics) == 2 and {source[0], destination[0]} == publics:
+        between_sites = len(publics) == 2 and {source[0], destination[0]} == publics
+        if between_sites and (self.cut or source[0] == self.cut_from):
             return
         for site in self.sites.values():
             nat = site.nat
@@ -676,6 +679,24 @@ def test_conntrack_clash_waits_until_the_stale_entries_expire() -> None:
     for site in (sim.a, sim.b):
         assert actions_of(site, SetEndpoint)[0][0] > offers[-1]
     assert any("nothing heard" in a.text for _, a in actions_of(sim.a, Log))
+
+
+def test_an_attempt_that_heard_the_peer_but_validated_nothing_waits_as_long() -> None:
+    """One way open, the other not (bravo's pings and pongs never reach alpha, as when both
+    NATs clashed and one lets the other's pings in): bravo hears alpha's pings, nothing
+    validates, and both sides wait past the unreplied timeout, as after a silent attempt, so
+    that no retry keeps the stale entries alive."""
+    sim = easy_pair()
+    sim.cut_from = sim.b.nat.public
+    sim.run(200.0)
+    for site in (sim.a, sim.b):
+        failed, _ = _failures_and_offers(site)
+        assert len(failed) >= 3, site.name
+        gaps = [later - earlier for earlier, later in itertools.pairwise(failed)]
+        assert min(gaps) >= CLASH_WAIT, (site.name, failed)
+    heard = [a.text for _, a in actions_of(sim.b, Log) if a.text.startswith("attempt failed")]
+    assert heard and "nothing heard" not in heard[0]
+    assert sim.paths() == ("relay", "relay")
 
 
 def test_clash_on_one_side_is_survived_by_following_the_observed_port() -> None:
@@ -1407,6 +1428,47 @@ def test_a_relay_silent_while_the_other_was_not_heard_since_moves_nothing() -> N
         actions += core.tick(now, now + WALL)
     assert not [a for a in actions if isinstance(a, SetEndpoint)]
     assert core.relays_down == {"r1", "r2"}
+
+
+def _asking(core: Traversal, start: float, seconds: int, answers: dict[str, float]) -> list[Action]:
+    """Like :func:`_seconds`, but each relay in ``answers`` answers only from that moment on."""
+    actions: list[Action] = []
+    for second in range(seconds):
+        now = start + second
+        for relay in ("r1", "r2"):
+            core.relay_asked(relay, now)
+            if relay in answers and now >= answers[relay]:
+                core.relay_answered(relay, now + 0.01)
+        for step in range(10):
+            actions += core.tick(now + step / 10, now + step / 10 + WALL)
+    return actions
+
+
+def test_a_relay_whose_first_handshake_is_lost_after_wireguard_returns_is_not_down() -> None:
+    """This site's WireGuard went away (the asks could not be sent) and came back: every relay
+    needs a new handshake, and one whose first initiation was lost answers only after
+    WireGuard's 5 s retry. The other relay answering at once proves nothing about it."""
+    core = _failover_core()
+    _seconds(core, T0, 3, {"r1", "r2"})
+    core.relay_asked("r1", T0 + 3)  # asked; then WireGuard goes: the answer never comes
+    core.relay_asked("r2", T0 + 3)
+    core.wireguard_gone()
+    back = T0 + 10
+    actions = _asking(core, back, 8, {"r2": back, "r1": back + 5.4})
+    assert not [a for a in actions if isinstance(a, SetEndpoint | traversal.ResetSession)]
+    assert core.relays_down == set()
+
+
+def test_a_relay_dead_since_the_start_is_found_down_once_its_handshakes_had_time() -> None:
+    core = _failover_core()
+    unheard = round(traversal.RELAY_DEAD_UNHEARD)
+    actions = _asking(core, T0, unheard, {"r2": T0})
+    assert not [a for a in actions if isinstance(a, SetEndpoint)]
+    actions = _asking(core, T0 + unheard, 2, {"r2": T0})
+    assert [a for a in actions if isinstance(a, SetEndpoint)] == [
+        SetEndpoint("bravo", KEY_BETA, (STANDBY, 40101))
+    ]
+    assert core.relays_down == {"r1"}
 
 
 # --- the grace after a switch: relayed datagrams in flight ------------------------------------

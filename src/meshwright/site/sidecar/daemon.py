@@ -254,7 +254,9 @@ class TraversalDaemon:
             try:
                 self.stun_socket.sendto(request, (relay.overlay_address, relay.port))
             except OSError:
-                continue  # this site's WireGuard is not up: that says nothing of the relay
+                # This site's WireGuard is not up: that says nothing of the relay.
+                self.core.wireguard_gone()
+                continue
             self.core.relay_asked(relay.name, now)
         if len(self._stun_pending) > 64:
             self._stun_pending = dict(list(self._stun_pending.items())[-16:])

@@ -37,16 +37,19 @@ sidecar upgrades it (docs/sidecar.md has the design, its timers and why):
 5. **Back off.** A failed attempt or a fallback waits :data:`BACKOFF_MIN` seconds, times
    :data:`BACKOFF_FACTOR` after each further failure, up to :data:`BACKOFF_MAX` (beyond NAT
    UDP timeouts, so that retries stop keeping a stale conntrack entry alive); an attempt
-   that heard nothing of the peer waits at least :data:`CLASH_WAIT` (the stale entries of a
-   conntrack clash expire first); a direct path that holds :data:`STABLE_AFTER` resets it.
+   that validated nothing waits at least :data:`CLASH_WAIT` (the stale entries of a
+   conntrack clash, on one NAT or both, expire first); a direct path that holds
+   :data:`STABLE_AFTER` resets it.
 6. **Restarts.** A starting sidecar says hello, a stopping one bye (:meth:`Traversal.start`,
    :meth:`Traversal.stop`), so that both sides of a pair stay in step.
 7. **Relay failover.** A peer may have a standby allocation on another relay. The daemon asks
    every relay where it sees WireGuard's socket each second (:meth:`Traversal.relay_asked`,
    :meth:`Traversal.relay_answered`); a relay that has answered nothing for
-   :data:`RELAY_DEAD_AFTER` is down. A peer on a relay that is down moves to its other relay,
-   if that one is up, and its WireGuard session is started anew (:class:`ResetSession`: the
-   other relay has seen none of its handshakes, so it cannot have proven the two addresses).
+   :data:`RELAY_DEAD_AFTER` is down (:data:`RELAY_DEAD_UNHEARD` while it has not answered
+   since this site's WireGuard came up: WireGuard first needs a handshake with it). A peer on
+   a relay that is down moves to its other relay, if that one is up, and its WireGuard
+   session is started anew (:class:`ResetSession`: the other relay has seen none of its
+   handshakes, so it cannot have proven the two addresses).
    Both sides see the same relay die, so both move. Nothing moves back when the relay
    returns (no flap): a peer falls back to its plan's relay, when up, after a direct path dies.
    Peers the plan keeps relayed (mode ``relay``: two hard NATs) never offer.
@@ -116,8 +119,8 @@ DEAD_AFTER = 1.0  # a suspect path with no pong this long is dead: fall back
 REASSERT_GRACE = 2.0
 STABLE_AFTER = 60.0  # a direct path that held this long forgets earlier failures
 BACKOFF_MIN, BACKOFF_FACTOR, BACKOFF_MAX = 2.0, 4.0, 128.0
-# After an attempt that heard not one ping of the peer (what a conntrack clash looks like):
-# past Linux's 30 s unreplied-UDP timeout, since any earlier retry refreshes the stale entries.
+# After an attempt that validated nothing (what a conntrack clash looks like): past Linux's
+# 30 s unreplied-UDP timeout, since any earlier retry refreshes the stale entries.
 CLASH_WAIT = 35.0
 HELLO_AT = (0.0, 1.0, 3.0)  # after start: a peer's sidecar may be starting too; repeats are ignored
 RELAY_KEEPALIVE = 20.0  # while direct: under the 30 s a Linux NAT keeps an unanswered mapping
@@ -127,6 +130,11 @@ PING_WINDOW = 1024  # a ping this far behind the newest one of its session count
 # A relay asked every second (the daemon's RELAY_CHECK) that answered nothing this long is down:
 # four lost answers in a row, and the peers on it are over in well under 10 s.
 RELAY_DEAD_AFTER = 4.0
+# A relay not heard since this site's WireGuard came up (or the sidecar started) has no
+# WireGuard session with it yet: the first ask waits for a handshake, and WireGuard sends a
+# lost initiation again only after 5 s (REKEY_TIMEOUT). Silence proves death only after two
+# such retries.
+RELAY_DEAD_UNHEARD = 12.0
 
 
 MODES = ("punch", "relay", "direct")
@@ -343,6 +351,7 @@ class Traversal:
         self.unanswered_since: dict[str, float] = {}
         self.answered_at: dict[str, float] = {}
         self.relays_down: set[str] = set()  # found down, and not answering since
+        self.relays_heard: set[str] = set()  # answered since this site's WireGuard came up
         # Per relay endpoint (one per relay: every peer through it shares it): when its NAT
         # mapping next needs a keepalive.
         self.keepalive_due: dict[Address, float] = {}
@@ -450,18 +459,28 @@ class Traversal:
         """``relay`` answered: it is up (again; what moved away stays where it is)."""
         self.unanswered_since.pop(relay, None)
         self.answered_at[relay] = now
+        self.relays_heard.add(relay)
         if relay in self.relays_down:
             self.relays_down.discard(relay)
             self.counters["relays_back"] += 1
 
+    def wireguard_gone(self) -> None:
+        """The daemon could not ask: this site's own WireGuard is down. Its silence says
+        nothing of the relays, and once it is back every relay needs a new handshake."""
+        self.unanswered_since.clear()
+        self.relays_heard.clear()
+
     def relay_up(self, relay: str, now: float) -> bool:
         since = self.unanswered_since.get(relay)
-        return not relay or since is None or now - since < RELAY_DEAD_AFTER
+        return not relay or since is None or now - since < self._dead_after(relay)
+
+    def _dead_after(self, relay: str) -> float:
+        return RELAY_DEAD_AFTER if relay in self.relays_heard else RELAY_DEAD_UNHEARD
 
     def _failovers(self, now: float) -> list[Action]:
         actions: list[Action] = []
         for relay, since in self.unanswered_since.items():
-            if now - since >= RELAY_DEAD_AFTER and relay not in self.relays_down:
+            if now - since >= self._dead_after(relay) and relay not in self.relays_down:
                 self.relays_down.add(relay)
                 self.counters["relays_down"] += 1
         for link in self.links.values():
@@ -693,11 +712,16 @@ class Traversal:
         link.phase = "idle"
         link.failures += 1
         wait = backoff(link.failures)
-        if not link.ping_sources:
-            # Nothing of the peer got in: most likely a conntrack clash (a first ping that
-            # arrived before a side's own left), which only silence cures. A lost probe or
-            # two never silences a whole attempt.
+        if not link.validated:
+            # Pings every 0.1 s for 3 s: a lost probe or two never leaves a whole attempt
+            # unanswered. A filter or a conntrack clash (a first ping that arrived before a
+            # side's own left) does, on one NAT or on both, and only silence cures a clash: a
+            # retry within the unreplied timeout refreshes the stale entries, whether or not
+            # some of the peer's pings got in (one NAT lets them in, the other drops the
+            # pongs). A side that validated a path (the one that waits for a nomination) had
+            # no clash.
             wait = max(wait, CLASH_WAIT)
+        if not link.ping_sources:
             why += ", nothing heard"
         link.next_attempt = now + wait
         link.counters["failed_attempts"] += 1
