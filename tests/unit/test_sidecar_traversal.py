@@ -871,16 +871,21 @@ def test_idle_direct_path_with_occasional_answered_data_sends_no_probes() -> Non
     assert path_probes(sim.a, start) == path_probes(sim.b, start) == []
 
 
+def _one_way_data(sim: Sim) -> None:
+    """4 s of alpha streaming data that bravo never answers (one-way UDP)."""
+    for _ in range(40):
+        sim.a.tx += 500
+        sim.b.rx += 500
+        sim.run(0.1)
+
+
 def test_suspect_path_that_answers_pings_stays_direct() -> None:
     """Data sent and nothing heard, but the path itself is fine: the check pings prove it."""
     sim = easy_pair()
     upgraded(sim, 1.0)
     sim.run(1.0)
     start = sim.now
-    for _ in range(40):  # alpha streams data; bravo never answers (one-way UDP)
-        sim.a.tx += 500
-        sim.b.rx += 500
-        sim.run(0.1)
+    _one_way_data(sim)
     assert sim.paths() == ("direct", "direct")
     assert actions_of(sim.a, SendProbe, start)  # it did check
     assert actions_of(sim.a, SetEndpoint, start) == []
@@ -1663,10 +1668,7 @@ def test_a_direct_path_with_one_way_traffic_is_proven_by_check_pings() -> None:
     sim.run(2.0)  # both NATs have let the other in
     sim.a.data_every = sim.b.data_every = None
     start = sim.now
-    for _ in range(40):  # alpha streams data; bravo never answers (one-way UDP)
-        sim.a.tx += 500
-        sim.b.rx += 500
-        sim.run(0.1)
+    _one_way_data(sim)
     assert sim.paths() == ("direct", "direct")
     assert path_probes(sim.a, start)  # it did check
     assert sim.b.core.links["alpha"].counters["pongs"] > 0
