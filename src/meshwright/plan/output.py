@@ -8,7 +8,6 @@ read-only mapping and ``plan.pairs`` a read-only sequence, both in a fixed order
 from __future__ import annotations
 
 import json
-from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from ..wire.endpoint import format_endpoint
 from .links import LinkGraph
 from .model import Relay
 from .relays import NONE as NO_RELAY
-from .relays import Allocations, AllocationView, LinkedPairs, allocate, local_ports
+from .relays import Allocations, AllocationView, LinkedPairs, allocate, local_ports, sorted_index
 from .routing import Routing
 from .validate import Node
 
@@ -216,7 +215,9 @@ class Plan:
             i = self._allocations.site_index(name)
         except KeyError:
             return []
-        return [r for r, sites in self._allocations.sites_on().items() if _holds(sites, i)]
+        return [
+            r for r, sites in self._allocations.sites_on().items() if sorted_index(sites, i) >= 0
+        ]
 
     @property
     def keepalive(self) -> int:
@@ -344,7 +345,9 @@ class Plan:
                 buckets[row[d]].append(prefix)
         graph = self._graph
         allocations = self._allocations
-        relay_of = allocations.relay_of if allocations.relays else lambda i, j, s=False: NO_RELAY
+        relays_of_pair = (
+            allocations.relays_of_pair if allocations.relays else lambda i, j: (NO_RELAY, NO_RELAY)
+        )
         relay_names, relay_hosts = allocations.relays, self._relay_hosts
         own_port = allocations.ports[node.index] if allocations.relays else 0
 
@@ -363,8 +366,7 @@ class Plan:
             if kind is None:  # pragma: no cover - a next hop is always a linked neighbour
                 raise RuntimeError(f"routing: {node.name} routes to {other.name} without a link")
             endpoint, keepalive = _peer_settings(node, other, kind, self._keepalive)
-            pair = (node.index, other.index)
-            relayed = [via(r) for r in (relay_of(*pair), relay_of(*pair, True)) if r != NO_RELAY]
+            relayed = [via(r) for r in relays_of_pair(node.index, other.index) if r != NO_RELAY]
             if relayed and kind != "direct":  # a direct pair starts on its direct path
                 endpoint = relayed.pop(0)
             peers.append(
@@ -517,11 +519,6 @@ def _write_json(value: Any, depth: int, head: str, lines: list[str]) -> None:
         lines.append(f"{pad}]")
     else:
         lines.append(f"{pad}{head}{_INLINE(value)}")
-
-
-def _holds(ascending: Sequence[int], value: int) -> bool:
-    k = bisect_left(ascending, value)
-    return k < len(ascending) and ascending[k] == value
 
 
 def _peer_settings(

@@ -55,6 +55,7 @@ __all__ = [
     "allocate",
     "local_ports",
     "site_ports",
+    "sorted_index",
 ]
 
 NEAR_MS = 10.0
@@ -120,6 +121,12 @@ class RelayAllocation:
         }
 
 
+def sorted_index(ascending: Sequence[int], value: int) -> int:
+    """Where ``value`` is in the ascending sequence, or -1."""
+    k = bisect_left(ascending, value)
+    return k if k < len(ascending) and ascending[k] == value else -1
+
+
 class LinkedPairs:
     """The linked pairs of a mesh, compactly: ``partners[a]`` lists (ascending) every site
     ``b`` > ``a`` linked with site ``a``, ``kinds[a]`` the links' kinds (indices into
@@ -154,9 +161,7 @@ class LinkedPairs:
 
     def find(self, a: int, b: int) -> int:
         """The position of ``b`` in ``a``'s row (``a`` < ``b``), or -1."""
-        row = self.partners[a]
-        k = bisect_left(row, b)
-        return k if k < len(row) and row[k] == b else -1
+        return sorted_index(self.partners[a], b)
 
 
 class Allocations:
@@ -206,12 +211,13 @@ class Allocations:
             return None
         return port or None
 
-    def relay_of(self, a: int, b: int, standby: bool = False) -> int:
-        """The relay index of the pair of sites ``a`` and ``b`` (either order), or NONE."""
+    def relays_of_pair(self, a: int, b: int) -> tuple[int, int]:
+        """The relay indices (preferred, standby) of the pair of sites ``a`` and ``b`` (either
+        order); NONE where there is none."""
         if a > b:
             a, b = b, a
         k = self.pairs.find(a, b)
-        return NONE if k < 0 else self.rows[standby][a][k]
+        return (NONE, NONE) if k < 0 else (self.rows[0][a][k], self.rows[1][a][k])
 
     def sites_on(self) -> dict[str, list[int]]:
         """Relay name -> the sites (ascending indices) with an allocation or standby on it."""
