@@ -349,9 +349,8 @@ class Traversal:
         # Per relay: since when it was asked and has not answered (absent: it answered), and
         # when it last answered.
         self.unanswered_since: dict[str, float] = {}
-        self.answered_at: dict[str, float] = {}
+        self.answered_at: dict[str, float] = {}  # since this site's WireGuard came up
         self.relays_down: set[str] = set()  # found down, and not answering since
-        self.relays_heard: set[str] = set()  # answered since this site's WireGuard came up
         # Per relay endpoint (one per relay: every peer through it shares it): when its NAT
         # mapping next needs a keepalive.
         self.keepalive_due: dict[Address, float] = {}
@@ -459,7 +458,6 @@ class Traversal:
         """``relay`` answered: it is up (again; what moved away stays where it is)."""
         self.unanswered_since.pop(relay, None)
         self.answered_at[relay] = now
-        self.relays_heard.add(relay)
         if relay in self.relays_down:
             self.relays_down.discard(relay)
             self.counters["relays_back"] += 1
@@ -468,14 +466,14 @@ class Traversal:
         """The daemon could not ask: this site's own WireGuard is down. Its silence says
         nothing of the relays, and once it is back every relay needs a new handshake."""
         self.unanswered_since.clear()
-        self.relays_heard.clear()
+        self.answered_at.clear()
 
     def relay_up(self, relay: str, now: float) -> bool:
         since = self.unanswered_since.get(relay)
         return not relay or since is None or now - since < self._dead_after(relay)
 
     def _dead_after(self, relay: str) -> float:
-        return RELAY_DEAD_AFTER if relay in self.relays_heard else RELAY_DEAD_UNHEARD
+        return RELAY_DEAD_AFTER if relay in self.answered_at else RELAY_DEAD_UNHEARD
 
     def _failovers(self, now: float) -> list[Action]:
         actions: list[Action] = []
