@@ -39,6 +39,7 @@ import ipaddress
 import itertools
 import json
 import random
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -210,6 +211,7 @@ class Sim:
         self.a, self.b = a, b
         self.sites = {a.name: a, b.name: b}
         self.net_delay, self.lan_delay, self.relay_delay = net_delay, lan_delay, relay_delay
+        self.relay_delay_from: dict[str, float] = {}  # a site's own relay delay, if not the above
         self.cut = False
         self.cut_from: str | None = None
         self.step = 0
@@ -295,7 +297,8 @@ class Sim:
                 self.dropped["relay_unknown_session"] += 1
                 return
             peer = self.peer(site)
-            self.at(self.now + self.relay_delay, lambda: self.receive_wg(peer, None, packet))
+            delay = self.relay_delay_from.get(site.name, self.relay_delay)
+            self.at(self.now + delay, lambda: self.receive_wg(peer, None, packet))
         else:
             assert site.wg_endpoint is not None
             self.send_udp(site, site.wg_endpoint, packet)
@@ -656,16 +659,26 @@ def test_backoff_grows_to_128_s_while_no_path_exists() -> None:
         assert site.wg_endpoint == site.relay_endpoint
 
 
-def test_conntrack_clash_waits_until_the_stale_entries_expire() -> None:
-    """The first attempt's offer and answer are late (a congested relay: later than the
-    start, which bravo moves, and the answer later than that), so bravo's pings reach alpha's
-    Linux NAT before alpha has sent any: alpha's pings then leave from a new port, which
-    bravo's NAT filters, and any retry within 30 s would refresh both stale entries. An
-    attempt that heard nothing waits longer than the unreplied timeout, and the next one
-    finds them gone."""
+def test_a_slow_relay_moves_the_start_past_the_answers_trip() -> None:
+    """Offer and answer through a congested relay (each longer than the offer's lead): bravo
+    moves the start, far enough for its answer to arrive first, and no side's pings reach the
+    other's NAT before its own left: direct at the first attempt."""
     sim = easy_pair(clash_a=True, clash_b=True, relay_delay=0.35)
+    upgraded(sim, 3.0)
+    assert sim.a.nat.clashes == sim.b.nat.clashes == 0
+    assert [c.type for _, c in controls(sim.a)].count("offer") == 1
+
+
+def test_conntrack_clash_waits_until_the_stale_entries_expire() -> None:
+    """The first attempt's answer is late (a congested relay towards alpha: later than the
+    start), so bravo's pings reach alpha's Linux NAT before alpha has sent any: alpha's pings
+    then leave from a new port, which bravo's NAT filters, and any retry within 30 s would
+    refresh both stale entries. An attempt that heard nothing waits longer than the unreplied
+    timeout, and the next one finds them gone."""
+    sim = easy_pair(clash_a=True, clash_b=True)
+    sim.relay_delay_from["bravo"] = 0.37  # the offer's lead is 0.3 s
     sim.run(1.0)
-    sim.relay_delay = 0.02
+    sim.relay_delay_from.clear()
     assert sim.a.nat.clashes == 1
     when = upgraded(sim, 45.0)
     failed, offers = _failures_and_offers(sim.a)
@@ -679,6 +692,10 @@ def test_conntrack_clash_waits_until_the_stale_entries_expire() -> None:
     for site in (sim.a, sim.b):
         assert actions_of(site, SetEndpoint)[0][0] > offers[-1]
     assert any("nothing heard" in a.text for _, a in actions_of(sim.a, Log))
+    # Why, in the log: alpha's first pings left well after the moment agreed on.
+    (why,) = [a.text for _, a in actions_of(sim.a, Log) if a.text.startswith("attempt failed")]
+    late = re.search(r"first pings (\d+) ms after the agreed start", why)
+    assert late is not None and int(late.group(1)) >= 50, why
 
 
 def test_an_attempt_that_heard_the_peer_but_validated_nothing_waits_as_long() -> None:
@@ -702,7 +719,8 @@ def test_an_attempt_that_heard_the_peer_but_validated_nothing_waits_as_long() ->
 def test_clash_on_one_side_is_survived_by_following_the_observed_port() -> None:
     """The same clash, but bravo's NAT filters nothing (endpoint-independent filtering): the
     ping from alpha's new port gets in, and the nomination names the port that arrived."""
-    sim = easy_pair(clash_a=True, relay_delay=0.35)
+    sim = easy_pair(clash_a=True)
+    sim.relay_delay_from["bravo"] = 0.37
     sim.b.nat.inbound = _open_inbound(sim.b.nat)  # type: ignore[method-assign]
     upgraded(sim, 2.0)
     assert sim.a.nat.clashes == 1

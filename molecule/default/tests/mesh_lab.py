@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import testinfra
@@ -77,3 +78,33 @@ def relay_counters(relay: str | None = None) -> dict[str, dict[str, int]]:
             for counter, value in pair.items():
                 total[counter] = total.get(counter, 0) + value
     return counters
+
+
+def site_run(limit: str) -> dict[str, str]:
+    """playbooks/site.yml run again, ``--limit``-ed, as a user would: host -> its recap line
+    (``ok=.. changed=.. failed=..``); the run must succeed."""
+    env = {
+        **os.environ,
+        "ANSIBLE_CONFIG": str(PROJECT / "ansible.cfg"),
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_FORCE_COLOR": "0",
+        "ANSIBLE_STDOUT_CALLBACK": "default",
+    }
+    run = subprocess.run(
+        [
+            "ansible-playbook",
+            "meshwright.mesh.site",
+            "-i",
+            str(EPHEMERAL / "inventory"),
+            "--limit",
+            limit,
+        ],
+        cwd=PROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    out = re.sub(r"\x1b\[[0-9;]*m", "", run.stdout)
+    return dict(re.findall(r"^(\S+)\s+:\s+(ok=.*)$", out, re.M))

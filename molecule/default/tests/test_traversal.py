@@ -421,11 +421,21 @@ def sidecar_path(site: str, peer: str) -> str | None:
 
 
 def wait_for_path(a: str, b: str, path: str, timeout: float, why: str) -> None:
-    """Until both sidecars of the pair have it on `path`."""
+    """Until both sidecars of the pair have it on `path`; if not, what each one says."""
     deadline = time.monotonic() + timeout
     while (sidecar_path(a, b), sidecar_path(b, a)) != (path, path):
-        assert time.monotonic() < deadline, why
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{why}\n" + "\n".join(sidecar_story(*s) for s in ((a, b), (b, a)))
+            )
         time.sleep(0.2)
+
+
+def sidecar_story(site: str, peer: str) -> str:
+    """The sidecar's view of one peer now, and its last minute of journal."""
+    view = sidecar_status(site)["peers"].get(peer)
+    journal = host(site).run(f"journalctl -u {SIDECAR} -o short-unix --no-pager --since -60s")
+    return f"--- {site} on {peer}: {view}\n{journal.stdout[-4000:]}"
 
 
 @contextlib.contextmanager

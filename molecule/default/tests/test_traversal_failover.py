@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 import pytest
-from mesh_lab import INVENTORY, PLAN, endpoint_of, host, lan_address, relay_counters
+from mesh_lab import INVENTORY, PLAN, endpoint_of, host, lan_address, relay_counters, site_run
 from test_relay import direct_pairs_losing_pings
 
 HARD = ("hard1", "hard2")
@@ -177,6 +177,27 @@ def test_a_relayed_pair_moves_to_its_standby_relay_within_10_s_and_stays(death):
     # Judged from where the packets went: through the standby relay.
     after = relay_counters(STANDBY["relay"]).get(NAME, {}).get("forwarded", 0)
     assert after - before >= 200, (before, after)
+
+
+@pytest.mark.usefixtures("relays_come_back")
+def test_a_site_run_after_a_failover_changes_nothing_and_leaves_the_pair_on_its_standby():
+    """The plan still names the relay that died; a run of site.yml after the failover (the
+    relay back) must not put the pair back on it: WireGuard's live endpoint is the sidecar's
+    to choose between the plan's relay and its standby (docs/sidecar.md), and a run that
+    changes nothing touches no live tunnel."""
+    kill(PREFERRED["relay"])
+    deadline = time.monotonic() + 20
+    while not pair_on(STANDBY):
+        assert time.monotonic() < deadline, "the sidecars did not move the pair"
+        time.sleep(0.5)
+    revive(PREFERRED["relay"])
+    recap = site_run(",".join((*HARD, PREFERRED["relay"])))
+    for name in (*HARD, PREFERRED["relay"]):
+        assert "changed=0 " in recap.get(name, "") and "failed=0 " in recap[name], recap
+    assert pair_on(STANDBY), "the run moved the pair back to the relay it had left"
+    sender = host(f"{HARD[0]}-lan1")
+    out = sender.run(f"ping -c 5 -i 0.2 -W 1 -q {lan_address(HARD[1])}").stdout
+    assert " 0% packet loss" in out, out
 
 
 @pytest.mark.usefixtures("relays_come_back")

@@ -239,6 +239,8 @@ class PeerLink:
     key: bytes | None = None
     remote_candidates: tuple[Address, ...] = ()
     start: float = 0.0  # monotonic time probing starts
+    agreed: float = 0.0  # the start both sides agreed on, in this side's monotonic time
+    late: float | None = None  # how long after that moment this attempt's first pings left
     deadline: float = 0.0
     next_ping: float = 0.0
     seq: int = 0
@@ -573,7 +575,7 @@ class Traversal:
         self._new_session(link)
         link.phase = "offered"
         link.deadline = now + OFFER_TIMEOUT
-        link.start = now + START_DELAY
+        link.start = link.agreed = now + START_DELAY
         link.counters["attempts"] += 1
         assert link.session is not None and link.key is not None
         offer = Control(
@@ -598,6 +600,7 @@ class Traversal:
         link.ping_sources.clear()
         link.ping_seqs.clear()
         link.first_validated = None
+        link.late = None
         link.seq = 0
 
     def _begin_probing(self, link: PeerLink, now: float) -> None:
@@ -615,6 +618,8 @@ class Traversal:
         if now >= link.deadline:
             return self._fail(link, now, "no path validated")
         if now >= link.next_ping:
+            if link.late is None:  # the first round: how far off the agreed moment it left
+                link.late = now - link.agreed
             # A peer's LAN address may be ours too (two LANs, one numbering): that ping
             # would reach this very socket and "validate" a path to ourselves.
             targets = [c for c in link.remote_candidates if c not in self.candidates]
@@ -721,6 +726,8 @@ class Traversal:
             wait = max(wait, CLASH_WAIT)
         if not link.ping_sources:
             why += ", nothing heard"
+        if link.late is not None:
+            why += f", first pings {link.late * 1000:.0f} ms after the agreed start"
         link.next_attempt = now + wait
         link.counters["failed_attempts"] += 1
         return [Remap(), Log(link.config.name, f"attempt failed ({why}); next in {wait:.0f} s")]
@@ -905,8 +912,11 @@ class Traversal:
         # Never far ahead: a skewed clock costs at most the attempt.
         start_at = message.start_at
         if start_at - wall < MIN_LEAD:
-            start_at = wall + START_DELAY
-        link.start = now + min(start_at - wall, OFFER_TIMEOUT)
+            # The offer's trip (it left START_DELAY before its start) took long: the answer's
+            # will take about as long, and the start must come after it arrives.
+            trip = min(max(wall - (start_at - START_DELAY), 0.0), OFFER_TIMEOUT)
+            start_at = wall + min(trip + START_DELAY, OFFER_TIMEOUT)
+        link.start = link.agreed = now + min(start_at - wall, OFFER_TIMEOUT)
         link.counters["attempts"] += 1
         self._begin_probing(link, now)
         answer = Control(
@@ -927,8 +937,12 @@ class Traversal:
         link.peer_run = message.run or link.peer_run  # its hellos from this run repeat it
         link.unanswered = 0
         if message.start_at is not None:  # later when the offer came late; never earlier
-            moved = now + min(max(message.start_at - wall, 0.0), OFFER_TIMEOUT)
-            link.start = max(link.start, moved)
+            # An answer that comes after the agreed moment starts this side late: the peer's
+            # first pings may have reached this side's NAT before its own left (a clash).
+            link.agreed = max(link.agreed, now + message.start_at - wall)
+            link.start = max(
+                link.start, now + min(max(message.start_at - wall, 0.0), OFFER_TIMEOUT)
+            )
         self._begin_probing(link, now)
         return []
 
