@@ -59,6 +59,7 @@ SIDECAR_DROP_REASONS = (
     "probe_replay",
     "probe_rate",
     "probe_unexpected",
+    "probe_tunnel",
     "stun",
 )
 PATHS = ("direct", "relay")

@@ -868,3 +868,62 @@ def test_the_daemon_reads_wireguard_every_100_ms_in_a_grace_and_seldom_otherwise
     assert max(b - a for a, b in itertools.pairwise(in_grace)) < 2 * SAMPLE_GRACE
     # Counters that do not move: once a second outside it.
     assert len([t for t in wireguard.read_at if grace[1] + 0.05 <= t]) <= 1
+
+
+@pytest.mark.parametrize(("interface", "tunnelled"), [("lo", True), ("mesh0", False)])
+def test_probes_that_came_through_wireguard_are_dropped_and_counted(tmp_path, interface, tunnelled):
+    """A probe names the interface it arrived on: one through WireGuard's (a peer's ping to
+    one of this site's LAN addresses, routed into the tunnel) proves nothing about a direct
+    path, so the daemon drops it before the core sees it. Real raw sockets, on loopback (here
+    standing in for WireGuard's interface)."""
+    from meshwright.site.sidecar.daemon import TraversalDaemon
+    from meshwright.site.sidecar.messages import MAGIC
+    from meshwright.site.sidecar.rawudp import ProbeSocket
+
+    port = free_udp_port()
+    config = _traversal({})
+    config.update(
+        overlay_address="127.0.0.1",
+        control_port=free_udp_port(),
+        listen_port=port,
+        interface=interface,
+        state_file=str(tmp_path / "state.json"),
+    )
+    probes = ProbeSocket(port)
+    daemon = TraversalDaemon(
+        parse_traversal(config),
+        _SampledWireGuard({}),
+        probes=probes,
+        log=lambda _message: None,
+        addresses=list,
+    )
+    try:
+        probes.send(("127.0.0.1", port), MAGIC + b"\x01" + bytes(40))
+        deadline = time.monotonic() + DEADLINE
+        while not (daemon.counters or daemon.core.counters):
+            assert time.monotonic() < deadline, "the probe never arrived"
+            daemon._drain_probes()
+            time.sleep(0.01)
+    finally:
+        daemon.close()
+    assert daemon.counters["dropped_probe_tunnel"] == (1 if tunnelled else 0)
+    assert daemon.core.counters["dropped_probe_unknown"] == (0 if tunnelled else 1)
+
+
+def test_the_probe_socket_says_which_interface_a_probe_arrived_on():
+    from meshwright.site.sidecar.messages import MAGIC
+    from meshwright.site.sidecar.rawudp import ProbeSocket
+
+    port = free_udp_port()
+    probes = ProbeSocket(port)
+    try:
+        probes.send(("127.0.0.1", port), MAGIC + b"probe")
+        deadline = time.monotonic() + DEADLINE
+        while (received := probes.receive()) is None:
+            assert time.monotonic() < deadline, "the probe never arrived"
+            time.sleep(0.01)
+    finally:
+        probes.close()
+    assert received.source == ("127.0.0.1", port)
+    assert received.payload == MAGIC + b"probe"
+    assert received.interface == socket.if_nametoindex("lo")

@@ -729,6 +729,23 @@ def test_clash_on_one_side_is_survived_by_following_the_observed_port() -> None:
     assert sim.b.wg_endpoint == ("198.51.100.10", port)
 
 
+def test_a_ping_from_an_unknown_port_is_pinged_back_and_can_be_nominated() -> None:
+    """The clash on the controlled side's NAT (bravo starts 50 ms late: alpha's first ping is
+    there first), the controlling side's NAT filters nothing: bravo's pings from its NAT's new
+    port reach alpha, but alpha pings only bravo's candidates, whose port the stale entry
+    holds. Alpha learns the port a ping came from (a peer-reflexive candidate, as in ICE),
+    pings it, and nominates it when its pong comes back from there."""
+    sim = easy_pair(clash_b=True)
+    sim.b.skew = -0.05
+    sim.a.nat.inbound = _open_inbound(sim.a.nat)  # type: ignore[method-assign]
+    upgraded(sim, 2.0)
+    assert sim.b.nat.clashes == 1
+    port = sim.b.nat.entries[(sim.b.private, ("198.51.100.10", WG))].port
+    assert port != WG
+    assert sim.a.wg_endpoint == ("203.0.113.20", port)
+    assert sim.a.core.links["bravo"].counters["peer_reflexive"] == 1
+
+
 def _open_inbound(nat: Nat) -> Callable[[Address, int, float], Address | None]:
     """A NAT that lets in anything to a mapped port (endpoint-independent filtering)."""
 

@@ -14,6 +14,7 @@ back on its plan's relay.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import re
@@ -89,11 +90,17 @@ def tls_pair_on(relay: str) -> bool:
         if {a["a"], a["b"]} == {blocked, udp} and a["relay"] == relay
     )
     udp_end = f"{allocation['address']}:{allocation['ports'][[TLS['a'], TLS['b']].index(udp)]}"
-    carrier = json.loads(host(blocked).check_output("cat /etc/meshwright/sidecar.json"))
-    local = carrier["relays"][relay]["local_port"]
     return endpoint_of(udp, blocked) == udp_end and endpoint_of(blocked, udp) == (
-        f"127.0.0.1:{local}"
+        f"127.0.0.1:{carrier_port(blocked, relay)}"
     )
+
+
+@functools.cache
+def carrier_port(site: str, relay: str) -> int:
+    """The UDP-blocked site's carrier socket for ``relay`` (its sidecar's configuration, which
+    only Ansible writes)."""
+    carrier = json.loads(host(site).check_output("cat /etc/meshwright/sidecar.json"))
+    return int(carrier["relays"][relay]["local_port"])
 
 
 def on_the_plans_relays() -> bool:

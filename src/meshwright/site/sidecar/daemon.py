@@ -401,8 +401,20 @@ class TraversalDaemon:
                 return
             if received is None:
                 return
-            source, payload = received
-            self.carry_out(self.core.on_probe(source, payload, self.clock()))
+            if self._through_wireguard(received.interface):
+                # A ping to one of this site's LAN addresses, routed into the tunnel by the
+                # peer (or its answer): it came through the relay, not a direct path.
+                self.counters["dropped_probe_tunnel"] += 1
+                continue
+            self.carry_out(self.core.on_probe(received.source, received.payload, self.clock()))
+
+    def _through_wireguard(self, interface: int) -> bool:
+        if interface == 0:
+            return False
+        try:
+            return socket.if_indextoname(interface) == self.config.interface
+        except OSError:
+            return False  # gone since it arrived: cannot tell (the core still checks the probe)
 
     def close(self) -> None:
         self.metrics.close()

@@ -13,6 +13,10 @@ The pattern is wireguard-tools' ``contrib/nat-hole-punching`` and NetBird's shar
 classic BPF program attached to the receiving socket passes only UDP datagrams to the listen
 port whose payload starts with the probe magic, so the sidecar never sees WireGuard's traffic.
 IPv4; CAP_NET_RAW.
+
+Each probe comes with the interface it arrived on (``IP_PKTINFO``): a probe to one of the
+peer's LAN addresses is routed into the WireGuard tunnel, and what arrives through the tunnel
+proves nothing about a path outside it (the daemon drops it).
 """
 
 from __future__ import annotations
@@ -21,14 +25,24 @@ import contextlib
 import ctypes
 import socket
 import struct
+from typing import NamedTuple
 
 from .messages import MAGIC
 
-__all__ = ["ProbeSocket", "bpf_program", "udp_header"]
+__all__ = ["ProbeSocket", "Received", "bpf_program", "udp_header"]
 
 Address = tuple[str, int]
 
+
+class Received(NamedTuple):
+    source: Address
+    payload: bytes
+    interface: int  # the index of the interface it arrived on (0: unknown)
+
+
 SO_ATTACH_FILTER = 26
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+_PKTINFO = struct.Struct("i4s4s")  # struct in_pktinfo: ipi_ifindex, ipi_spec_dst, ipi_addr
 # Classic BPF opcodes (linux/filter.h).
 _LDX_B_MSH = 0xB1  # X = 4 * ([k] & 0xf): the IPv4 header's length
 _LD_H_IND = 0x48  # A = half word at X + k
@@ -74,6 +88,7 @@ class ProbeSocket:
             # struct sock_fprog { unsigned short len; struct sock_filter *filter; }
             fprog = struct.pack("HL", count, ctypes.addressof(self._program))
             self.receiver.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+            self.receiver.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
             self.receiver.setblocking(False)
             self.sender.setblocking(False)
             # Whatever queued before the filter was attached is not filtered: discard it.
@@ -92,12 +107,17 @@ class ProbeSocket:
         datagram = udp_header(self.port, port, payload) + payload
         self.sender.sendto(datagram, (host, 0))
 
-    def receive(self) -> tuple[Address, bytes] | None:
-        """One probe and where it came from; None when nothing is waiting."""
+    def receive(self) -> Received | None:
+        """One probe, where it came from and the interface it arrived on; None when nothing
+        is waiting."""
         try:
-            packet = self.receiver.recv(65535)
+            packet, ancillary, _, _ = self.receiver.recvmsg(65535, socket.CMSG_SPACE(32))
         except BlockingIOError:
             return None
+        interface = 0
+        for level, kind, data in ancillary:
+            if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= _PKTINFO.size:
+                interface = _PKTINFO.unpack_from(data)[0]
         if len(packet) < 20:
             return None
         header = (packet[0] & 0x0F) * 4
@@ -106,7 +126,7 @@ class ProbeSocket:
         source_ip = socket.inet_ntoa(packet[12:16])
         source_port, _, length, _ = struct.unpack_from(">HHHH", packet, header)
         payload = packet[header + 8 : header + max(8, length)]
-        return (source_ip, source_port), payload
+        return Received((source_ip, source_port), payload, interface)
 
     def close(self) -> None:
         self.receiver.close()

@@ -126,6 +126,7 @@ HELLO_AT = (0.0, 1.0, 3.0)  # after start: a peer's sidecar may be starting too;
 RELAY_KEEPALIVE = 20.0  # while direct: under the 30 s a Linux NAT keeps an unanswered mapping
 KEEPALIVE_BYTES = 32  # a WireGuard keepalive: a transport header and tag, no payload
 MAX_PONGS_PER_SECOND = 50  # per peer: an attacker replaying pings cannot make us a reflector
+MAX_PEER_REFLEXIVE = 4  # per attempt: ports the peer's pings came from that it did not offer
 PING_WINDOW = 1024  # a ping this far behind the newest one of its session counts as a replay
 # A relay asked every second (the daemon's RELAY_CHECK) that answered nothing this long is down:
 # four lost answers in a row, and the peers on it are over in well under 10 s.
@@ -1072,7 +1073,22 @@ class Traversal:
         assert link.key is not None
         pong = Probe(PONG, probe.session, probe.seq, source)
         link.counters["pongs"] += 1
-        return [SendProbe(source, encode_probe(pong, link.key))]
+        actions: list[Action] = [SendProbe(source, encode_probe(pong, link.key))]
+        if (
+            link.phase == "probing"
+            and source not in link.remote_candidates
+            and source not in self.candidates
+            and source[0] != link.config.overlay_address  # through the tunnel itself
+            and len(link.remote_candidates) < MAX_CANDIDATES + MAX_PEER_REFLEXIVE
+        ):
+            # The peer's pings leave from a port it did not offer (its NAT gave the flow a
+            # new one: a clash there). Ping that port too, at once (a peer-reflexive candidate,
+            # as in ICE), so this side can validate, and nominate, what actually arrives. An
+            # authentic ping is needed; a pong is still needed from exactly there.
+            link.remote_candidates = (*link.remote_candidates, source)
+            link.counters["peer_reflexive"] += 1
+            actions += self._pings(link, [source], now)
+        return actions
 
     def _on_pong(self, link: PeerLink, probe: Probe, source: Address, now: float) -> list[Action]:
         sent = link.outstanding.get(probe.seq)
