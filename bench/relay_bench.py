@@ -35,6 +35,15 @@ and measures:
 - iperf3 TCP throughput (`end.sum_received`); with --mss (default 0: none) also the same with
   the sender's MSS clamped, for every pair;
 - ping RTT (`ping -c 20 -i 0.2 -q`, the average);
+- forwarding capacity (after the rounds, --capacity-seconds per run, --rounds interleaved
+  rounds): small WireGuard-shaped transport datagrams (72 bytes, a size WireGuard never sends,
+  with the index of the pair's live session from the relay's state file), written by one Python
+  process in hard1 from its WireGuard port (so they leave through WireGuard's NAT mapping and
+  arrive from its confirmed address), through hard1's relay with the kernel path and with the
+  code path only, and the same datagrams sent straight to hard2's address, routed by the lab
+  with no relay (the ceiling); counted, and dropped, on arrival at hard2's NAT router (an
+  iptables rule for that size), so WireGuard never spends CPU on them; the relay's per-site
+  limits raised meanwhile, and restored;
 - CPU (/proc/<pid>/stat utime+stime) during each relayed run of the relay process carrying the
   pair (`meshwright relay`) and, for the tcp relay, of the sidecar on blocked
   (`meshwright-sidecar.service`); the machine's CPU (/proc/stat) during every run; the relay's
@@ -620,6 +629,138 @@ def set_kernel_path(relay: str, on: bool) -> None:
         time.sleep(0.5)
 
 
+# --- forwarding capacity on the lab ------------------------------------------------------------
+
+# Run in the sending site: WireGuard-shaped transport datagrams (type 4, the given receiver
+# index, a counter, filler) written from WireGuard's own port with a raw socket (so they leave
+# through the NAT mapping WireGuard's traffic uses), as fast as one Python process can.
+CAPACITY_SENDER = """
+import os, socket, struct, sys, time
+destination = sys.argv[1]
+port, source_port, index = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+seconds, size = float(sys.argv[5]), int(sys.argv[6])
+sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+datagram = bytearray(struct.pack(">HHHH", source_port, port, 8 + size, 0) + bytes(size))
+struct.pack_into("<BxxxI", datagram, 8, 4, index)
+datagram[24:] = os.urandom(size - 16)
+sent = counter = 0
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    for _ in range(512):
+        counter += 1
+        struct.pack_into("<Q", datagram, 16, counter)
+        try:
+            sock.sendto(datagram, (destination, 0))
+            sent += 1
+        except OSError:
+            pass
+print(sent)
+"""
+# Never a WireGuard message's size (32 + a multiple of 16): the receiver's NAT router counts and
+# drops exactly these on arrival, so WireGuard behind it never spends CPU on them.
+CAPACITY_PAYLOAD = 72
+CAPACITY_LIMITS = {"packets_per_second": 10_000_000, "bytes_per_second": 10_000_000_000}
+
+
+def set_relay_limits(relay: str, limits: dict[str, int] | None, merge: bool) -> Any:
+    """The relay's per-site limits: ``limits`` over the ones it has (``merge``), or exactly
+    ``limits`` (None: none); then a reload. Returns what its configuration held before."""
+    before = json.loads(podman_exec(relay, "cat", RELAY_CONFIG)).get("limits")
+    script = (
+        "import json,sys;p=sys.argv[1];c=json.load(open(p));v=json.loads(sys.argv[2]);"
+        "v={**c.get('limits',{}),**v} if sys.argv[3]=='1' else v;"
+        "c.pop('limits',None) if v is None else c.__setitem__('limits',v);"
+        "open(p,'w').write(json.dumps(c,indent=1,sort_keys=True))"
+    )
+    merged = "1" if merge else "0"
+    podman_exec(relay, "python3", "-c", script, RELAY_CONFIG, json.dumps(limits), merged)
+    podman_exec(relay, "systemctl", "reload", RELAY_UNIT)
+    return before
+
+
+def relay_session(relay: str, owner: str, peer: str) -> tuple[int, tuple[str, int]]:
+    """A proven index that ``peer`` sends to ``owner`` through ``relay``, and owner's
+    confirmed address (the relay's state file)."""
+    state = json.loads(podman_exec(relay, "cat", RELAY_STATE))
+    indices = [i for o, p, i in state.get("sessions", []) if (o, p) == (owner, peer)]
+    confirmed = state["sites"][owner]["confirmed"]
+    if not indices or not confirmed:
+        raise BenchError(f"{relay}: no proven session of {peer} -> {owner} in {RELAY_STATE}")
+    return int(indices[-1]), (str(confirmed[0]), int(confirmed[1]))
+
+
+def counted_at(host: str) -> int:
+    """Capacity datagrams the receiver's NAT router has counted (and dropped) on arrival."""
+    out = podman_exec(host, "iptables", "-t", "raw", "-L", "PREROUTING", "-v", "-x", "-n")
+    for line in out.splitlines():
+        if f"length {20 + 8 + CAPACITY_PAYLOAD}" in line and "DROP" in line:
+            return int(line.split()[0])
+    raise BenchError(f"{host}: the capacity counting rule is gone")
+
+
+def capacity(
+    plan: dict[str, Any], route: Route, seconds: float, rounds: int
+) -> list[tuple[str, ...]]:
+    """Small datagrams a second through the pair's relay, kernel path and code path only, and
+    the same datagrams routed by the lab straight to the receiver (no relay: the ceiling),
+    interleaved for ``rounds``; counted where they arrive, at the receiver's NAT router."""
+    a, b = route.sites
+    assert route.relay is not None
+    rule = ["PREROUTING", "-i", "wan", "-p", "udp", "-m", "length", "--length"]
+    rule += [str(20 + 8 + CAPACITY_PAYLOAD), "-j", "DROP"]
+    podman_exec(f"{b}-nat", "iptables", "-t", "raw", "-I", *rule)
+    limits = set_relay_limits(route.relay, CAPACITY_LIMITS, merge=True)
+    relay_address, a_port = route.endpoints[a].rsplit(":", 1)
+    listen_port = int(plan["sites"][a]["listen_port"])
+    results: dict[str, list[tuple[float, float, float]]] = {}
+    try:
+        for round_number in range(1, rounds + 1):
+            for name in ("kernel path", "code path", "no relay"):
+                if name != "no relay":
+                    set_kernel_path(route.relay, name == "kernel path")
+                # The session's index moves with WireGuard's rekeying: a fresh one, in use.
+                ping(route.hosts[0], route.address)
+                index, b_address = relay_session(route.relay, b, a)
+                target = (relay_address, int(a_port)) if name != "no relay" else b_address
+                pid = unit_pid(route.relay, RELAY_UNIT)
+                before, ticks = counted_at(f"{b}-nat"), cpu_ticks(route.relay, pid)
+                start = time.monotonic()
+                sent = int(
+                    podman_exec(
+                        a, "python3", "-c", CAPACITY_SENDER, target[0], str(target[1]),
+                        str(listen_port), str(index), str(seconds), str(CAPACITY_PAYLOAD),
+                        timeout=seconds + 60,
+                    ).strip()
+                )  # fmt: skip
+                elapsed = time.monotonic() - start
+                time.sleep(0.5)  # the last datagrams in flight
+                received = counted_at(f"{b}-nat") - before
+                cpu = (cpu_ticks(route.relay, pid) - ticks) / CLOCK_TICKS / elapsed * 100
+                results.setdefault(name, []).append((sent / seconds, received / seconds, cpu))
+                log(
+                    f"capacity round {round_number}: {name:<11} sent {sent / seconds:9,.0f}/s "
+                    f"received {received / seconds:9,.0f}/s; relay CPU {cpu:.0f}%"
+                )
+    finally:
+        set_relay_limits(route.relay, limits, merge=False)
+        set_kernel_path(route.relay, True)
+        podman_exec(f"{b}-nat", "iptables", "-t", "raw", "-D", *rule)
+    ceiling = statistics.median(r for _, r, _ in results["no relay"])
+    rows: list[tuple[str, ...]] = [("path", "sent/s", "received/s", "of no relay", "relay CPU %")]
+    for name, runs in results.items():
+        rate = statistics.median(r for _, r, _ in runs)
+        rows.append(
+            (
+                name if name != "no relay" else "no relay: routed by the lab (the ceiling)",
+                f"{statistics.median(x for x, _, _ in runs):,.0f}",
+                f"{rate:,.0f}",
+                f"{rate / ceiling:.2f}",
+                "-" if name == "no relay" else f"{statistics.median(c for _, _, c in runs):.0f}",
+            )
+        )
+    return rows
+
+
 def sidecar_log(host: str) -> str:
     """The sidecar's last counters line in its journal (it logs them every 60 s), or ""."""
     text = podman_exec(
@@ -772,6 +913,12 @@ def bench(args: argparse.Namespace) -> int:
             series[name].rtt_ms.append(rtt)
             log(f"round {round_number}: {name:<10} ping avg {rtt:.3f} ms")
 
+    capacity_rows = (
+        capacity(plan, routes["relay"], args.capacity_seconds, args.rounds)
+        if args.capacity_seconds
+        else []
+    )
+
     rows_out: list[tuple[str, ...]] = [
         (
             "path",
@@ -809,6 +956,17 @@ def bench(args: argparse.Namespace) -> int:
         "Mbit/s, retrans, RTT and CPU are medians; relay and sidecar CPU are % of one core over "
         f"the run, host CPU % of all {os.cpu_count()} of this machine's (everything on it)."
     )
+
+    if capacity_rows:
+        a, b = routes["relay"].sites
+        print(
+            f"Forwarding capacity, {CAPACITY_PAYLOAD}-byte transport datagrams {a} -> {b} (one "
+            f"Python sender in {a}, {args.capacity_seconds:g} s per run, medians), counted on "
+            f"arrival at {b}'s NAT router; no relay: the same datagrams routed by the lab "
+            f"straight to {b}'s address:"
+        )
+        print(table(capacity_rows))
+        print()
 
     direct = series["direct"]
     bits_direct, rtt_direct = statistics.median(direct.bits), statistics.median(direct.rtt_ms)
@@ -875,6 +1033,12 @@ def main() -> int:
         "--mss", type=int, default=0, help="also run with the sender's MSS clamped to this (0: no)"
     )
     parser.add_argument(
+        "--capacity-seconds",
+        type=float,
+        default=3,
+        help="per forwarding-capacity run (default 3; 0: no capacity runs)",
+    )
+    parser.add_argument(
         "--same-pair",
         action="store_true",
         help="also easy1->easy2 direct and through its relay (waits for the pair to go direct)",
@@ -882,6 +1046,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.rounds < 1 or not 1 <= args.seconds <= 60 or args.mss < 0:
         parser.error("--rounds must be >= 1, --seconds 1..60, --mss >= 0")
+    if not 0 <= args.capacity_seconds <= 30:
+        parser.error("--capacity-seconds must be 0..30")
 
     started = time.monotonic()
     status = 2
