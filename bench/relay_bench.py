@@ -608,15 +608,26 @@ def site_public_address(site: str) -> str:
     return str(inventory["mesh_sites"]["hosts"][site]["lab_public_address"])
 
 
+def set_relay_setting(relay: str, key: str, value: Any) -> Any:
+    """One setting of the relay service's configuration (None: removed), then a reload;
+    returns what it was before (None: not there)."""
+    config = json.loads(podman_exec(relay, "cat", RELAY_CONFIG))
+    before = config.get(key)
+    if value is None:
+        config.pop(key, None)
+    else:
+        config[key] = value
+    text = json.dumps(config, indent=1, sort_keys=True)
+    podman_exec(relay, "python3", "-c", "import sys;open(sys.argv[1],'w').write(sys.argv[2])",
+                RELAY_CONFIG, text)  # fmt: skip
+    podman_exec(relay, "systemctl", "reload", RELAY_UNIT)
+    return before
+
+
 def set_kernel_path(relay: str, on: bool) -> None:
     """Turn the relay service's kernel forwarding on or off (its config, then a reload), and
     wait until its nftables table is there with routes, or gone."""
-    script = (
-        "import json,sys;p=sys.argv[1];c=json.load(open(p));c['kernel']=sys.argv[2]=='1';"
-        "open(p,'w').write(json.dumps(c,indent=1,sort_keys=True))"
-    )
-    podman_exec(relay, "python3", "-c", script, RELAY_CONFIG, "1" if on else "0")
-    podman_exec(relay, "systemctl", "reload", RELAY_UNIT)
+    set_relay_setting(relay, "kernel", on)
     deadline = time.monotonic() + 30
     while True:
         routes = podman_exec(
@@ -662,22 +673,6 @@ CAPACITY_PAYLOAD = 72
 CAPACITY_LIMITS = {"packets_per_second": 10_000_000, "bytes_per_second": 10_000_000_000}
 
 
-def set_relay_limits(relay: str, limits: dict[str, int] | None, merge: bool) -> Any:
-    """The relay's per-site limits: ``limits`` over the ones it has (``merge``), or exactly
-    ``limits`` (None: none); then a reload. Returns what its configuration held before."""
-    before = json.loads(podman_exec(relay, "cat", RELAY_CONFIG)).get("limits")
-    script = (
-        "import json,sys;p=sys.argv[1];c=json.load(open(p));v=json.loads(sys.argv[2]);"
-        "v={**c.get('limits',{}),**v} if sys.argv[3]=='1' else v;"
-        "c.pop('limits',None) if v is None else c.__setitem__('limits',v);"
-        "open(p,'w').write(json.dumps(c,indent=1,sort_keys=True))"
-    )
-    merged = "1" if merge else "0"
-    podman_exec(relay, "python3", "-c", script, RELAY_CONFIG, json.dumps(limits), merged)
-    podman_exec(relay, "systemctl", "reload", RELAY_UNIT)
-    return before
-
-
 def relay_session(relay: str, owner: str, peer: str) -> tuple[int, tuple[str, int]]:
     """A proven index that ``peer`` sends to ``owner`` through ``relay``, and owner's
     confirmed address (the relay's state file)."""
@@ -709,7 +704,8 @@ def capacity(
     rule = ["PREROUTING", "-i", "wan", "-p", "udp", "-m", "length", "--length"]
     rule += [str(20 + 8 + CAPACITY_PAYLOAD), "-j", "DROP"]
     podman_exec(f"{b}-nat", "iptables", "-t", "raw", "-I", *rule)
-    limits = set_relay_limits(route.relay, CAPACITY_LIMITS, merge=True)
+    limits = json.loads(podman_exec(route.relay, "cat", RELAY_CONFIG)).get("limits")
+    set_relay_setting(route.relay, "limits", {**(limits or {}), **CAPACITY_LIMITS})
     relay_address, a_port = route.endpoints[a].rsplit(":", 1)
     listen_port = int(plan["sites"][a]["listen_port"])
     results: dict[str, list[tuple[float, float, float]]] = {}
@@ -742,7 +738,7 @@ def capacity(
                     f"received {received / seconds:9,.0f}/s; relay CPU {cpu:.0f}%"
                 )
     finally:
-        set_relay_limits(route.relay, limits, merge=False)
+        set_relay_setting(route.relay, "limits", limits)
         set_kernel_path(route.relay, True)
         podman_exec(f"{b}-nat", "iptables", "-t", "raw", "-D", *rule)
     ceiling = statistics.median(r for _, r, _ in results["no relay"])
