@@ -63,6 +63,7 @@ from meshwright.site.sidecar.messages import (
 )
 from meshwright.site.sidecar.traversal import (
     CLASH_WAIT,
+    MAX_PEER_REFLEXIVE,
     OFFER_TIMEOUT,
     Action,
     Log,
@@ -1759,3 +1760,24 @@ def test_the_side_that_switches_last_says_hello_with_its_new_session() -> None:
     [(reset_at, _)] = actions_of(accepting, ResetSession, start)
     hellos = [t for t, c in controls(accepting, reset_at) if c.type == "hello"]
     assert hellos and hellos[0] == reset_at
+
+
+def test_at_most_four_ports_an_attempt_are_learned_from_pings_and_never_the_overlay() -> None:
+    """Authentic pings from ports bravo never offered: each is pinged back at once, up to
+    MAX_PEER_REFLEXIVE in an attempt; one from bravo's overlay address came through the
+    tunnel and teaches nothing."""
+    core, session, key, _ = _alpha_alone()
+    link = core.links["bravo"]
+    offered = link.remote_candidates
+    tunnel = encode_probe(Probe(PING, session, 1), key)
+    core.on_probe((link.config.overlay_address, WG), tunnel, T0 + 0.31)
+    learned = []
+    for n in range(MAX_PEER_REFLEXIVE + 2):
+        source = ("203.0.113.20", 40000 + n)
+        actions = core.on_probe(source, encode_probe(Probe(PING, session, 2 + n), key), T0 + 0.32)
+        if any(isinstance(a, SendProbe) and a.destination == source and
+               decode_probe(a.data, key).kind == PING for a in actions):  # fmt: skip
+            learned.append(source)
+    assert learned == [("203.0.113.20", 40000 + n) for n in range(MAX_PEER_REFLEXIVE)]
+    assert link.remote_candidates == (*offered, *learned)
+    assert link.counters["peer_reflexive"] == MAX_PEER_REFLEXIVE

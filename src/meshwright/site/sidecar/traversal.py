@@ -242,6 +242,7 @@ class PeerLink:
     start: float = 0.0  # monotonic time probing starts
     agreed: float = 0.0  # the start both sides agreed on, in this side's monotonic time
     late: float | None = None  # how long after that moment this attempt's first pings left
+    reflexive: int = 0  # candidates learned this attempt from the peer's pings
     deadline: float = 0.0
     next_ping: float = 0.0
     seq: int = 0
@@ -602,6 +603,7 @@ class Traversal:
         link.ping_seqs.clear()
         link.first_validated = None
         link.late = None
+        link.reflexive = 0
         link.seq = 0
 
     def _begin_probing(self, link: PeerLink, now: float) -> None:
@@ -940,10 +942,9 @@ class Traversal:
         if message.start_at is not None:  # later when the offer came late; never earlier
             # An answer that comes after the agreed moment starts this side late: the peer's
             # first pings may have reached this side's NAT before its own left (a clash).
-            link.agreed = max(link.agreed, now + message.start_at - wall)
-            link.start = max(
-                link.start, now + min(max(message.start_at - wall, 0.0), OFFER_TIMEOUT)
-            )
+            lead = message.start_at - wall
+            link.agreed = max(link.agreed, now + lead)
+            link.start = max(link.start, now + min(max(lead, 0.0), OFFER_TIMEOUT))
         self._begin_probing(link, now)
         return []
 
@@ -1079,13 +1080,14 @@ class Traversal:
             and source not in link.remote_candidates
             and source not in self.candidates
             and source[0] != link.config.overlay_address  # through the tunnel itself
-            and len(link.remote_candidates) < MAX_CANDIDATES + MAX_PEER_REFLEXIVE
+            and link.reflexive < MAX_PEER_REFLEXIVE
         ):
             # The peer's pings leave from a port it did not offer (its NAT gave the flow a
             # new one: a clash there). Ping that port too, at once (a peer-reflexive candidate,
             # as in ICE), so this side can validate, and nominate, what actually arrives. An
             # authentic ping is needed; a pong is still needed from exactly there.
             link.remote_candidates = (*link.remote_candidates, source)
+            link.reflexive += 1
             link.counters["peer_reflexive"] += 1
             actions += self._pings(link, [source], now)
         return actions
